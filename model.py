@@ -1,0 +1,970 @@
+"""Grok-1 in JAX/Haiku: an 8-expert top-2 mixture-of-experts Transformer with int8 weights.
+
+Reads top to bottom in the order data flows: quantized weights, configs, sharding helpers,
+the building blocks (norm, linear, rotary embedding, attention, MoE), the decoder layer,
+the Transformer, the language model, and finally the parameter tree: its abstract shapes,
+its shardings and random values for tests, demos and benchmarks.
+
+Shapes: B batch, T tokens, S cache length, D width, H query heads, G kv heads, K key size,
+E experts, F expert hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, NamedTuple, Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import kernels
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Quantized weights
+# ---------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class QuantizedWeight8bit:
+    """An int8 weight with bfloat16 scales, as stored in the released checkpoint.
+
+    weight: int8 [..., n_in, n_out]. scales: bf16 [..., n_blocks, n_out]. The input
+    dimension is split into n_blocks equal contiguous blocks; rows
+    [b * n_in / n_blocks, (b + 1) * n_in / n_blocks) use scales[..., b, :].
+    """
+
+    weight: Any
+    scales: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.scales.shape[-2])
+
+    def tree_flatten(self):
+        return (self.weight, self.scales), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+# The released pickles name the class `model.QuantizedWeight8bit`; keep that exact name.
+QuantizedWeight8bit.__module__ = "model"
+
+
+def dequantize(w: QuantizedWeight8bit, dtype: Any = jnp.bfloat16) -> jax.Array:
+    """Return weight * scales by the block rule: one scale row per contiguous input block.
+
+    This is the release's algorithm (a full dequantized copy); the `fast` paths never call
+    it on whole matrices. It depends only on shapes, never on the mesh.
+    """
+    weight, scales = w.weight, w.scales
+    *lead, n_in, n_out = weight.shape
+    nb = scales.shape[-2]
+    if n_in % nb:
+        raise ValueError(
+            f"int8 weight of shape {tuple(weight.shape)} has {nb} scale blocks, which do not "
+            f"divide its input dimension {n_in}."
+        )
+    blocks = weight.reshape(*lead, nb, n_in // nb, n_out).astype(dtype)  # [..., nb, n/nb, N]
+    out = blocks * scales.astype(dtype)[..., :, None, :]
+    return out.reshape(*lead, n_in, n_out)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------
+
+MOE_IMPLS = ("fast", "reference")
+
+
+def ffn_size(emb_size: int, widening_factor: float) -> int:
+    """The expert hidden size: int(widening * D) * 2 // 3, rounded up to a multiple of 8."""
+    f = int(widening_factor * emb_size) * 2 // 3
+    return f + (-f) % 8
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """The decoder stack. Field names and defaults follow the release."""
+
+    emb_size: int
+    key_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    num_layers: int
+    vocab_size: int = 128 * 1024
+    widening_factor: float = 4.0
+    attn_output_multiplier: float = 1.0
+    name: Optional[str] = None
+    num_experts: int = -1
+    capacity_factor: float = 1.0
+    num_selected_experts: int = 1
+    init_scale: float = 1.0
+    shard_activations: bool = False
+    data_axis: str | tuple[str, ...] = "data"
+    model_axis: str | tuple[str, ...] = "model"
+    # Added: "fast" computes only the selected experts with int8 kernels; "reference" is
+    # the release's algorithm (dequantize everything, run all experts on every token).
+    moe_impl: str = "fast"
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def ffn_size(self) -> int:
+        return ffn_size(self.emb_size, self.widening_factor)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for configs that cannot work."""
+        for field in ("emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"TransformerConfig.{field} must be >= 1, got {getattr(self, field)}.")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads={self.num_q_heads} is not divisible by num_kv_heads="
+                f"{self.num_kv_heads}: grouped-query attention needs whole groups."
+            )
+        if self.key_size % 2:
+            raise ValueError(f"key_size={self.key_size} is odd: rotary embeddings rotate halves.")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r}; expected one of {MOE_IMPLS}.")
+
+    def validate_moe(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(
+                f"num_experts={self.num_experts}: Grok-1 is a mixture of experts; set "
+                "num_experts >= 1 (8 for the real model)."
+            )
+        if not 1 <= self.num_selected_experts <= self.num_experts:
+            raise ValueError(
+                f"num_selected_experts={self.num_selected_experts} must be between 1 and "
+                f"num_experts={self.num_experts}."
+            )
+
+    def partition_rules(self) -> tuple[tuple[str, P], ...]:
+        """(regex on 'module_path/param', PartitionSpec) pairs; the first match wins."""
+        d, m = self.data_axis, self.model_axis
+        return (
+            (r"multi_head_attention/(query|key|value)/w$", P(d, m)),
+            (r"multi_head_attention/linear/w$", P(m, d)),
+            (r"moe/(linear|linear_v)/w$", P(None, d, m)),
+            (r"moe/linear_1/w$", P(None, m, d)),
+            (r"router/w$", P(d)),
+            (r"rms_norm(_\d+)?/scale$", P()),
+        )
+
+    def get_memory_sharding(self) -> "Memory":
+        """PartitionSpecs of the KV cache: batch over data, kv heads over model."""
+        kv = KVMemory(
+            k=P(self.data_axis, None, self.model_axis),
+            v=P(self.data_axis, None, self.model_axis),
+            step=P(self.data_axis),
+        )
+        return Memory(layers=[kv] * self.num_layers)
+
+    def make(self, mesh: Optional[Mesh] = None) -> "Transformer":
+        self.validate()
+        self.validate_moe()
+        return Transformer(self, mesh=mesh, name="transformer")
+
+
+@dataclasses.dataclass
+class LanguageModelConfig:
+    """The language model around the Transformer. Field names and defaults follow the release."""
+
+    model: Optional[TransformerConfig]
+    vocab_size: int
+    pad_token: int
+    eos_token: int
+    sequence_len: int
+    model_size: int = 0
+    embedding_init_scale: float = 1.0
+    embedding_multiplier_scale: float = 1.0
+    output_multiplier_scale: float = 1.0
+    name: Optional[str] = None
+    fprop_dtype: Any = jnp.bfloat16
+    model_type: Optional[str] = None
+    init_scale_override: Optional[float] = None
+    shard_embeddings: bool = True
+
+    def initialize(self) -> "LanguageModelConfig":
+        """Sync the Transformer's fields with this config and validate. Returns self."""
+        if self.model is None:
+            raise ValueError("LanguageModelConfig.model is None; give it a TransformerConfig.")
+        self.model.vocab_size = self.vocab_size
+        self.model_size = self.model.emb_size
+        self.model.validate()
+        self.model.validate_moe()
+        if not 0 <= self.pad_token < self.vocab_size or not 0 <= self.eos_token < self.vocab_size:
+            raise ValueError(
+                f"pad_token={self.pad_token} and eos_token={self.eos_token} must lie in "
+                f"[0, vocab_size={self.vocab_size})."
+            )
+        return self
+
+    def partition_rules(self) -> tuple[tuple[str, P], ...]:
+        d, m = self.model.data_axis, self.model.model_axis
+        embed = P(None, (d, m)) if self.shard_embeddings else P()
+        return ((r"in_out_embed/embeddings$", embed),) + self.model.partition_rules()
+
+    def make(self, mesh: Optional[Mesh] = None) -> "LanguageModel":
+        """Build the Haiku module. Call inside hk.transform: lm(tokens, memory, length)."""
+        self.initialize()
+        return LanguageModel(self, model=self.model.make(mesh=mesh), mesh=mesh)
+
+
+def grok_1_config(**overrides: Any) -> LanguageModelConfig:
+    """The released Grok-1 configuration (SPEC section 1). Overrides go to TransformerConfig."""
+    model = dict(
+        emb_size=48 * 128,
+        widening_factor=8,
+        key_size=128,
+        num_q_heads=48,
+        num_kv_heads=8,
+        num_layers=64,
+        attn_output_multiplier=0.08838834764831845,
+        shard_activations=True,
+        num_experts=8,
+        num_selected_experts=2,
+        data_axis="data",
+        model_axis="model",
+    )
+    model.update(overrides)
+    return LanguageModelConfig(
+        vocab_size=128 * 1024,
+        pad_token=0,
+        eos_token=2,
+        sequence_len=8192,
+        embedding_init_scale=1.0,
+        output_multiplier_scale=0.5773502691896257,
+        embedding_multiplier_scale=78.38367176906169,
+        model=TransformerConfig(**model),
+    ).initialize()
+
+
+def tiny_config(vocab_size: int = 512, sequence_len: int = 256, **overrides: Any) -> LanguageModelConfig:
+    """A small random-weight-sized Grok: same structure (8 experts top-2, GQA 2:1, int8)."""
+    model = dict(
+        emb_size=64,
+        widening_factor=2,  # ffn 88
+        key_size=16,
+        num_q_heads=4,
+        num_kv_heads=2,
+        num_layers=2,
+        attn_output_multiplier=0.25,  # 1/sqrt(key_size), as in the real model
+        shard_activations=True,
+        num_experts=8,
+        num_selected_experts=2,
+    )
+    model.update(overrides)
+    return LanguageModelConfig(
+        vocab_size=vocab_size,
+        pad_token=0,
+        eos_token=2,
+        sequence_len=sequence_len,
+        output_multiplier_scale=0.5773502691896257,
+        embedding_multiplier_scale=78.38367176906169,
+        model=TransformerConfig(**model),
+    ).initialize()
+
+
+# ---------------------------------------------------------------------------------------
+# Sharding helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _axis_size(mesh: Mesh, axis: Any) -> int:
+    if axis is None:
+        return 1
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop the mesh axes of `spec` that do not divide their dimension (replicate it there).
+
+    Used for activations, caches and scales, whose sizes (a batch of 1, a scale block
+    dimension of 1) legitimately do not split over every mesh.
+    """
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    return P(*[a if n % _axis_size(mesh, a) == 0 else None for a, n in zip(entries, shape)])
+
+
+def constrain(x: jax.Array, mesh: Optional[Mesh], spec: P) -> jax.Array:
+    """with_sharding_constraint when a mesh is given; a no-op without one."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
+
+
+def spec_for(path: str, rules: Sequence[tuple[str, P]]) -> P:
+    """The PartitionSpec of the first rule whose regex matches 'module_path/param'."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return spec
+    return P()
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+
+
+class RMSNorm(hk.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale, computed in float32; the scale is used as is."""
+
+    def __init__(self, eps: float = 1e-5, name: Optional[str] = None):
+        super().__init__(name=name)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=hk.initializers.Constant(1.0))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: Any, impl: str = "fast", backend: str = "auto") -> jax.Array:
+    """x [..., n_in] @ w [n_in, n_out] -> [..., n_out] in bf16, for float or int8 weights.
+
+    Leading dimensions are kept (release defect 1 flattened them away). With int8 weights,
+    `reference` dequantizes the whole matrix first, as the release does; `fast` multiplies
+    per scale block and scales the block results, so no dequantized copy is made
+    (`backend` picks the kernel; see kernels.py).
+    """
+    if isinstance(w, QuantizedWeight8bit):
+        if impl == "reference":
+            return jnp.dot(x, dequantize(w, x.dtype))
+        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend)
+    return jnp.dot(x, w.astype(x.dtype))
+
+
+class Linear(hk.Module):
+    """A bias-free projection whose weight `w` may be float or QuantizedWeight8bit."""
+
+    def __init__(self, output_size: int, impl: str = "fast", mesh: Optional[Mesh] = None,
+                 name: Optional[str] = None):
+        super().__init__(name=name)
+        self.output_size = output_size
+        self.impl = impl
+        self.mesh = mesh
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
+        return matmul(x, w, self.impl, kernel_backend(self.mesh))
+
+
+def kernel_backend(mesh: Optional[Mesh]) -> str:
+    """Custom kernels run on one device; under a multi-device mesh, plain XLA ops (which
+    the SPMD partitioner can split) are used, or the kernel runs inside a shard_map."""
+    return "auto" if mesh is None or mesh.size == 1 else "xla"
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotate-half RoPE over the whole head. x [B, T, N, K], positions [B, T] -> [B, T, N, K]."""
+    k = x.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
+    phase = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, K/2]
+    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, K]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention with a KV cache
+# ---------------------------------------------------------------------------------------
+
+
+class KVMemory(NamedTuple):
+    """One layer's cache. k, v [B, S, G, K]; step [B]: tokens already written per sequence."""
+
+    k: Optional[jax.Array]
+    v: Optional[jax.Array]
+    step: Optional[jax.Array]
+
+
+class Memory(NamedTuple):
+    """The whole model's cache: one KVMemory per layer."""
+
+    layers: list[KVMemory]
+
+
+def init_layer_memories(
+    batch_size: int, sequence_len: int, num_kv_heads: int, key_size: int, num_layers: int,
+    dtype: Any = jnp.bfloat16,
+) -> Memory:
+    """An empty cache of `sequence_len` positions per sequence, all steps at 0."""
+
+    def layer() -> KVMemory:
+        shape = (batch_size, sequence_len, num_kv_heads, key_size)
+        return KVMemory(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size,), jnp.int32))
+
+    return Memory(layers=[layer() for _ in range(num_layers)])
+
+
+def attention_mask(input_mask: jax.Array, step: jax.Array, cache_len: int) -> jax.Array:
+    """Which keys each query sees. input_mask [B, T] (False = pad), step [B] -> [B, T, S].
+
+    Query t of a sequence sits at position step + t. It sees key position s when s <= step + t
+    (causal) and s is not a pad token of this call. Keys written by earlier calls (s < step)
+    are real tokens.
+    """
+    t = input_mask.shape[1]
+    q_pos = step[:, None] + jnp.arange(t)  # [B, T]
+    k_pos = jnp.arange(cache_len)  # [S]
+    causal = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    offset = k_pos[None, :] - step[:, None]  # [B, S]: index of key s in this call's tokens
+    in_call = (offset >= 0) & (offset < t)
+    key_is_real = jnp.take_along_axis(input_mask, jnp.clip(offset, 0, t - 1), axis=1)
+    key_visible = jnp.where(in_call, key_is_real, offset < 0)  # [B, S]
+    return causal & key_visible[:, None, :]
+
+
+class MultiHeadAttention(hk.Module):
+    """Grouped-query attention with RoPE, a capped float32 softmax and a per-sequence cache."""
+
+    def __init__(self, config: TransformerConfig, mesh: Optional[Mesh], name: str = "multi_head_attention"):
+        super().__init__(name=name)
+        self.config = config
+        self.mesh = mesh
+
+    def __call__(
+        self, x: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory]
+    ) -> tuple[jax.Array, Optional[KVMemory]]:
+        cfg = self.config
+        b, t, _ = x.shape
+        h, g, k = cfg.num_q_heads, cfg.num_kv_heads, cfg.key_size
+        impl = cfg.moe_impl
+        data, model = cfg.data_axis, cfg.model_axis
+
+        q = Linear(h * k, impl, self.mesh, name="query")(x).reshape(b, t, h, k)  # [B, T, H, K]
+        key = Linear(g * k, impl, self.mesh, name="key")(x).reshape(b, t, g, k)  # [B, T, G, K]
+        value = Linear(g * k, impl, self.mesh, name="value")(x).reshape(b, t, g, k)  # [B, T, G, K]
+
+        step = jnp.zeros((b,), jnp.int32) if memory is None else memory.step  # [B]
+        positions = step[:, None] + jnp.arange(t)  # [B, T]
+        q = rotary_embedding(q, positions)
+        key = rotary_embedding(key, positions)
+
+        if memory is None:
+            keys, values, new_memory = key, value, None
+        else:
+            # Write this call's keys at each sequence's own step.
+            write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=0))
+            keys = write(memory.k, key.astype(memory.k.dtype), step)  # [B, S, G, K]
+            values = write(memory.v, value.astype(memory.v.dtype), step)
+            keys = constrain(keys, self.mesh, P(data, None, model))
+            values = constrain(values, self.mesh, P(data, None, model))
+            new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller
+        mask = attention_mask(input_mask, step, keys.shape[1])  # [B, T, S]
+
+        q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
+        logits = jnp.einsum("btgqk,bsgk->bgqts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        logits = logits * cfg.attn_output_multiplier
+        logits = 30.0 * jnp.tanh(logits / 30.0)
+        logits = jnp.where(mask[:, None, None, :, :], logits, -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, G, H/G, T, S]
+        out = jnp.einsum("bgqts,bsgk->btgqk", probs, values.astype(x.dtype)).reshape(b, t, h * k)
+        out = constrain(out, self.mesh, P(data, None, model))
+        return Linear(cfg.emb_size, impl, self.mesh, name="linear")(out), new_memory
+
+
+# ---------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------
+
+
+class Router(hk.Module):
+    """Float32 softmax router. Returns the top-k raw probabilities (not renormalised)."""
+
+    def __init__(self, num_experts: int, num_selected: int, name: str = "router"):
+        super().__init__(name=name)
+        self.num_experts = num_experts
+        self.num_selected = num_selected
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        w = hk.get_parameter("w", [x.shape[-1], self.num_experts], jnp.float32, init=jnp.zeros)
+        logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))  # [..., E]
+        probs = jax.nn.softmax(logits, axis=-1)
+        gates, experts = jax.lax.top_k(probs, self.num_selected)  # [..., k] each
+        return gates, experts.astype(jnp.int32)
+
+
+class ExpertWeight(hk.Module):
+    """Holds one stacked expert weight `w` [E, n_in, n_out] (float or QuantizedWeight8bit)."""
+
+    def __init__(self, shape: Sequence[int], name: str):
+        super().__init__(name=name)
+        self.shape = list(shape)
+
+    def __call__(self) -> Any:
+        return hk.get_parameter("w", self.shape, jnp.float32, init=jnp.zeros)
+
+
+def moe_reference(x, gates, experts, w_in, w_v, w_out, num_experts: int) -> jax.Array:
+    """The release's algorithm: dequantize all weights, run every expert on every token.
+
+    x [N, D], gates/experts [N, k] -> [N, D]. Unselected experts get weight 0.
+    """
+    deq = lambda w: dequantize(w, x.dtype) if isinstance(w, QuantizedWeight8bit) else w.astype(x.dtype)
+    weights = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * gates[..., None], axis=-2)  # [N, E]
+    a = jnp.einsum("nd,edf->nef", x, deq(w_in))
+    b = jnp.einsum("nd,edf->nef", x, deq(w_v))
+    h = jax.nn.gelu(a) * b  # [N, E, F]
+    y = jnp.einsum("nef,efd->ned", h, deq(w_out))  # [N, E, D]
+    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def _unpack(w: Any) -> tuple[jax.Array, jax.Array]:
+    """(int8 weight, scales) of a quantized weight; a float weight gets unit scales."""
+    if isinstance(w, QuantizedWeight8bit):
+        return w.weight, w.scales
+    return w, jnp.ones((*w.shape[:-2], 1, w.shape[-1]), jnp.bfloat16)
+
+
+def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str = "auto",
+             data_axis: Any = None, model_axis: Any = None) -> jax.Array:
+    """Only the selected experts, int8 weights dequantized inside the matmuls.
+
+    x [N, D] (D may be this device's shard), gates/experts [N, k] -> [N, D]. Inside a
+    shard_map the expert weights are local shards: the input projections' partial sums are
+    reduced over `data_axis`, the output projection's over `model_axis`.
+    """
+    plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size))
+    xs = kernels.dispatch(x, plan)  # [M_pad, D]
+    (wi, si), (wv, sv), (wo, so) = _unpack(w_in), _unpack(w_v), _unpack(w_out)
+    if data_axis is None:
+        h = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend)  # [M_pad, F]
+    else:  # the contraction over D is split over the data axis: sum before the gelu
+        a = kernels.grouped_matmul(xs, wi, si, plan, backend=backend, out_dtype=jnp.float32)
+        b = kernels.grouped_matmul(xs, wv, sv, plan, backend=backend, out_dtype=jnp.float32)
+        a, b = jax.lax.psum((a, b), data_axis)
+        h = (jax.nn.gelu(a.astype(x.dtype)) * b.astype(x.dtype))
+    y = kernels.grouped_matmul(h, wo, so, plan, backend=backend,
+                               out_dtype=x.dtype if model_axis is None else jnp.float32)  # [M_pad, D]
+    if model_axis is not None:
+        y = jax.lax.psum(y, model_axis).astype(x.dtype)
+    return kernels.combine(y, gates, plan)
+
+
+class MoELayer(hk.Module):
+    """Top-k gated mixture of tanh-gelu experts: sum_k gate_k * W_1(gelu(x W) * (x W_v))."""
+
+    def __init__(self, config: TransformerConfig, router: Router, mesh: Optional[Mesh], name: str = "moe"):
+        super().__init__(name=name)
+        self.config = config
+        self.router = router
+        self.mesh = mesh
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, t, d = x.shape
+        e, f = cfg.num_experts, cfg.ffn_size
+        gates, experts = self.router(x)  # [B, T, k]
+        w_in = ExpertWeight([e, d, f], name="linear")()
+        w_v = ExpertWeight([e, d, f], name="linear_v")()
+        w_out = ExpertWeight([e, f, d], name="linear_1")()
+        xf, gates, experts = x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1)
+
+        if cfg.moe_impl == "reference":
+            out = moe_reference(xf, gates, experts, w_in, w_v, w_out, e)
+        elif self.mesh is None or self.mesh.size == 1:
+            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e)
+        else:
+            out = self._sharded_fast(xf, gates, experts, w_in, w_v, w_out)
+        return out.reshape(b, t, d)
+
+    def _sharded_fast(self, x, gates, experts, w_in, w_v, w_out) -> jax.Array:
+        """The fast path per device: tokens replicated, experts' D over data and F over model."""
+        cfg, mesh = self.config, self.mesh
+        d, m = cfg.data_axis, cfg.model_axis
+        spec_in, spec_out = P(None, d, m), P(None, m, d)
+
+        def shardable(w, spec):
+            """Give scales as many blocks as input shards, so each shard holds whole blocks."""
+            if not isinstance(w, QuantizedWeight8bit):
+                return w
+            nb, shards = w.scales.shape[-2], _axis_size(mesh, spec[-2])
+            if nb > 1 and nb % shards:
+                w = QuantizedWeight8bit(w.weight, jnp.repeat(w.scales, shards // math.gcd(nb, shards), axis=-2))
+            return w
+
+        def wspec(w, spec):
+            if isinstance(w, QuantizedWeight8bit):
+                return QuantizedWeight8bit(spec, fit_spec(spec, w.scales.shape, mesh))
+            return spec
+
+        w_in, w_v = shardable(w_in, spec_in), shardable(w_v, spec_in)
+        w_out = shardable(w_out, spec_out)
+
+        def body(x, gates, experts, w_in, w_v, w_out):
+            return moe_fast(x, gates, experts, w_in, w_v, w_out, cfg.num_experts, backend="auto",
+                            data_axis=d if _axis_size(mesh, d) > 1 else None,
+                            model_axis=m if _axis_size(mesh, m) > 1 else None)
+
+        return jax.shard_map(
+            body, mesh=mesh,
+            in_specs=(P(None, d), P(), P(), wspec(w_in, spec_in), wspec(w_v, spec_in), wspec(w_out, spec_out)),
+            out_specs=P(None, d), check_vma=False,
+        )(x, gates, experts, w_in, w_v, w_out)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoder layer, Transformer, language model
+# ---------------------------------------------------------------------------------------
+
+
+class DecoderLayer(hk.Module):
+    """h += norm_1(attn(norm(h))); h += norm_3(moe(norm_2(h)))."""
+
+    def __init__(self, config: TransformerConfig, mesh: Optional[Mesh], layer_index: int):
+        super().__init__(name=f"decoder_layer_{layer_index}")
+        self.config = config
+        self.mesh = mesh
+
+    def __call__(
+        self, h: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory]
+    ) -> tuple[jax.Array, Optional[KVMemory]]:
+        cfg, mesh = self.config, self.mesh
+        attn, new_memory = MultiHeadAttention(cfg, mesh)(RMSNorm(name="rms_norm")(h), input_mask, memory)
+        h = h + RMSNorm(name="rms_norm_1")(attn)
+        router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
+        moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2")(h))
+        h = h + RMSNorm(name="rms_norm_3")(moe)
+        return constrain(h, mesh, P(cfg.data_axis, None, cfg.model_axis) if cfg.shard_activations else P()), new_memory
+
+
+class TransformerOutput(NamedTuple):
+    embeddings: jax.Array  # [B, T, D]
+    memory: Optional[Memory]
+
+
+class Transformer(hk.Module):
+    """The stack of decoder layers."""
+
+    def __init__(self, config: TransformerConfig, mesh: Optional[Mesh] = None, name: str = "transformer"):
+        super().__init__(name=name)
+        self.config = config
+        self.mesh = mesh
+
+    def __call__(
+        self, h: jax.Array, input_mask: jax.Array, memory: Optional[Memory] = None,
+        advance: Optional[jax.Array] = None,
+    ) -> TransformerOutput:
+        """h [B, T, D], input_mask [B, T]. `advance` [B]: how far each cache step moves (T)."""
+        cfg = self.config
+        if memory is not None and len(memory.layers) != cfg.num_layers:
+            raise ValueError(f"memory has {len(memory.layers)} layers; the model has {cfg.num_layers}.")
+        new_layers = []
+        for i in range(cfg.num_layers):
+            layer_memory = None if memory is None else memory.layers[i]
+            h, new_memory = DecoderLayer(cfg, self.mesh, i)(h, input_mask, layer_memory)
+            if new_memory is not None:
+                new_memory = new_memory._replace(step=new_memory.step + advance)
+            new_layers.append(new_memory)
+        return TransformerOutput(h, None if memory is None else Memory(layers=new_layers))
+
+    def init_memory(self, batch_size: int, sequence_len: int, dtype: Any = jnp.bfloat16) -> Memory:
+        cfg = self.config
+        return init_layer_memories(batch_size, sequence_len, cfg.num_kv_heads, cfg.key_size, cfg.num_layers, dtype)
+
+
+class LanguageModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32 ([B, 1, V] when `length` is given)
+    model_state: Optional[Memory]
+
+
+class InOutEmbed(hk.Module):
+    """The tied embedding table `embeddings` [V, D] (float32)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, name: str = "in_out_embed"):
+        super().__init__(name=name)
+        self.vocab_size = vocab_size
+        self.embed_dim = embed_dim
+
+    @property
+    def table(self) -> jax.Array:
+        return hk.get_parameter("embeddings", [self.vocab_size, self.embed_dim], jnp.float32, init=jnp.zeros)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.table, tokens, axis=0)  # [B, T, D] float32
+
+    def decode(self, h: jax.Array) -> jax.Array:
+        """h [B, T, D] bf16 -> logits [B, T, V] float32 (bf16 products, float32 sums)."""
+        return jnp.dot(h, self.table.astype(h.dtype).T, preferred_element_type=jnp.float32)
+
+
+class LanguageModel(hk.Module):
+    """Embedding, Transformer, final norm and tied output projection."""
+
+    def __init__(self, config: LanguageModelConfig, model: Transformer, mesh: Optional[Mesh] = None,
+                 name: str = "language_model"):
+        super().__init__(name=name)
+        self.config = config
+        self.model = model
+        self.mesh = mesh
+
+    def __call__(
+        self, tokens: jax.Array, memory: Optional[Memory] = None, *, length: Optional[jax.Array] = None,
+    ) -> LanguageModelOutput:
+        """tokens [B, T] int.
+
+        memory: the KV cache (see init_memory); each sequence continues at its own step.
+        length [B]: the number of real tokens per row in this call. When given, only the
+        logits at position length - 1 are returned ([B, 1, V]) and each cache step advances
+        by length (so right padding is never written into a sequence's history).
+        Without it, logits for all positions and steps advance by T.
+        """
+        cfg = self.config
+        b, t = tokens.shape
+        data, model = cfg.model.data_axis, cfg.model.model_axis
+        input_mask = tokens > cfg.pad_token  # [B, T]
+        embed = InOutEmbed(cfg.vocab_size, cfg.model.emb_size)
+        h = embed(tokens).astype(cfg.fprop_dtype) * jnp.asarray(cfg.embedding_multiplier_scale, cfg.fprop_dtype)
+        h = constrain(h, self.mesh, P(data, None, model) if cfg.model.shard_activations else P())
+
+        advance = jnp.full((b,), t, jnp.int32) if length is None else length.astype(jnp.int32)
+        out = self.model(h, input_mask, memory=memory, advance=advance)
+        h = RMSNorm(name="rms_norm")(out.embeddings)
+
+        if length is not None:  # only the last real token of each row: [B, 1, D]
+            last = jnp.maximum(length.astype(jnp.int32) - 1, 0)
+            h = jnp.take_along_axis(h, last[:, None, None], axis=1)
+        logits = embed.decode(h) * cfg.output_multiplier_scale
+        return LanguageModelOutput(logits=constrain(logits, self.mesh, P(data)), model_state=out.memory)
+
+    def init_memory(self, batch_size: int, seq_len: int, dtype: Any = jnp.bfloat16) -> Memory:
+        """An empty KV cache for `batch_size` sequences of up to `seq_len` tokens."""
+        return self.model.init_memory(batch_size, seq_len, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The parameter tree: abstract shapes, shardings, random values
+# ---------------------------------------------------------------------------------------
+
+# Module paths of int8 weights; "row" weights have one scale row per input block.
+_QUANTIZED = re.compile(r"(multi_head_attention/(query|key|value|linear)|moe/(linear|linear_v|linear_1))$")
+_ROW_BLOCKED = re.compile(r"(multi_head_attention/linear|moe/linear_1)$")
+RELEASE_SCALE_BLOCKS = 8  # the released checkpoint was quantized on an 8-way model axis
+
+
+def _with_impl(config: LanguageModelConfig, impl: str) -> LanguageModelConfig:
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, moe_impl=impl))
+
+
+def param_shapes(config: LanguageModelConfig, scale_blocks: int = RELEASE_SCALE_BLOCKS) -> dict:
+    """The parameter tree as jax.ShapeDtypeStruct leaves, built abstractly (no allocation).
+
+    Matmul weights are QuantizedWeight8bit(int8 [..., n_in, n_out], bf16 [..., nb, n_out]):
+    nb = 1 for column weights, `scale_blocks` for row weights (SPEC section 3).
+    """
+    config = _with_impl(config, "reference").initialize()
+    init = hk.transform(lambda tokens: config.make()(tokens)).init
+    floats = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    tree: dict = {}
+    for module, params in floats.items():
+        tree[module] = {}
+        for name, leaf in params.items():
+            if name == "w" and _QUANTIZED.search(module):
+                *lead, n_in, n_out = leaf.shape
+                nb = scale_blocks if _ROW_BLOCKED.search(module) else 1
+                if n_in % nb:
+                    raise ValueError(f"{module}/w: input dimension {n_in} is not divisible by {nb} scale blocks.")
+                tree[module][name] = QuantizedWeight8bit(
+                    jax.ShapeDtypeStruct(leaf.shape, jnp.int8),
+                    jax.ShapeDtypeStruct((*lead, nb, n_out), jnp.bfloat16),
+                )
+            else:
+                tree[module][name] = jax.ShapeDtypeStruct(leaf.shape, jnp.float32)
+    return tree
+
+
+def _check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
+    for dim, (n, axis) in enumerate(zip(shape, spec)):
+        size = _axis_size(mesh, axis)
+        if n % size:
+            raise ValueError(
+                f"{path}: dimension {dim} has size {n}, which mesh axis {axis!r} (size {size}) "
+                f"does not divide. Use a mesh whose {axis!r} axis divides {n} "
+                f"(mesh now {dict(mesh.shape)})."
+            )
+
+
+def param_shardings(config: LanguageModelConfig, mesh: Mesh, shapes: Optional[dict] = None) -> dict:
+    """NamedShardings for every leaf, from config.partition_rules().
+
+    Weights must split evenly over their mesh axes (a clear error otherwise); scales and
+    other small arrays are replicated along dimensions that do not split.
+    """
+    shapes = param_shapes(config) if shapes is None else shapes
+    rules = config.partition_rules()
+    out: dict = {}
+    for module, params in shapes.items():
+        out[module] = {}
+        for name, leaf in params.items():
+            path = f"{module}/{name}"
+            spec = spec_for(path, rules)
+            if isinstance(leaf, QuantizedWeight8bit):
+                _check_divisible(path, leaf.weight.shape, spec, mesh)
+                out[module][name] = QuantizedWeight8bit(
+                    NamedSharding(mesh, spec), NamedSharding(mesh, fit_spec(spec, leaf.scales.shape, mesh))
+                )
+            else:
+                _check_divisible(path, leaf.shape, spec, mesh)
+                out[module][name] = NamedSharding(mesh, spec)
+    return out
+
+
+def _leaf_kind(path: str) -> str:
+    for kind in ("in_out_embed/embeddings", "rms_norm", "router/w"):
+        if kind in path:
+            return kind
+    return "weight"
+
+
+def _random_leaf(kind: str, key: Any, shape: tuple, emb_mult: float, emb_size: int, xp: Any) -> Any:
+    """One random leaf. `xp` draws numbers: a numpy Generator (host) or _JaxDraws (device)."""
+    if kind == "in_out_embed/embeddings":  # unit RMS after the multiplier, like block outputs
+        return xp.normal(key, shape) / emb_mult
+    if kind == "rms_norm":
+        return xp.uniform(key, shape, 0.5, 1.5)
+    if kind == "router/w":
+        return xp.normal(key, shape) / np.sqrt(emb_size)
+    *lead, n_in, n_out = shape[0]
+    weight = xp.int8(key, shape[0])
+    # Uniform int8 has std ~73.6: aim for an effective weight std of 1/sqrt(n_in).
+    scales = xp.uniform(key + 1, shape[1], 0.5, 1.5) / (73.6 * np.sqrt(n_in))
+    return QuantizedWeight8bit(weight, xp.bf16(scales))
+
+
+class _NumpyDraws:
+    """Host random numbers (fast to start: nothing to compile). key: an int stream id."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def _rng(self, key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, key])
+
+    def normal(self, key, shape):
+        return self._rng(key).standard_normal(shape, np.float32)
+
+    def uniform(self, key, shape, lo, hi):
+        return self._rng(key).uniform(lo, hi, shape).astype(np.float32)
+
+    def int8(self, key, shape):
+        return self._rng(key).integers(-128, 128, shape, np.int8)
+
+    def bf16(self, x):
+        return x.astype(jnp.bfloat16)
+
+
+class _JaxDraws:
+    """Device random numbers: each leaf is generated where it lives, already sharded."""
+
+    def __init__(self, seed: int):
+        self.root = jax.random.key(seed)
+
+    def _key(self, key: int) -> jax.Array:
+        return jax.random.fold_in(self.root, key)
+
+    def normal(self, key, shape):
+        return jax.random.normal(self._key(key), shape, jnp.float32)
+
+    def uniform(self, key, shape, lo, hi):
+        return jax.random.uniform(self._key(key), shape, jnp.float32, lo, hi)
+
+    def int8(self, key, shape):
+        return jax.lax.bitcast_convert_type(jax.random.bits(self._key(key), shape, jnp.uint8), jnp.int8)
+
+    def bf16(self, x):
+        return x.astype(jnp.bfloat16)
+
+
+def init_random_params(
+    config: LanguageModelConfig, seed: int = 0, mesh: Optional[Mesh] = None,
+    scale_blocks: int = RELEASE_SCALE_BLOCKS, on_device: bool = False,
+) -> dict:
+    """A valid random parameter tree in the released layout (int8 + bf16 block scales).
+
+    By default the numbers are drawn on the host with numpy (instant for small models)
+    and then placed, sharded when a mesh is given. With on_device=True each leaf is drawn
+    on the devices where it lives, already sharded: use this at Grok-1 width, where host
+    memory and transfers would dominate. Either way the values depend on the seed only,
+    not on the mesh (the two modes draw different numbers).
+    """
+    shapes = param_shapes(config, scale_blocks)
+    shardings = param_shardings(config, mesh, shapes) if mesh is not None else None
+    emb_mult, emb_size = config.embedding_multiplier_scale, config.model.emb_size
+    out: dict = {}
+    for index, (module, name) in enumerate((m, n) for m in sorted(shapes) for n in sorted(shapes[m])):
+        leaf, path = shapes[module][name], f"{module}/{name}"
+        shape = (leaf.weight.shape, leaf.scales.shape) if isinstance(leaf, QuantizedWeight8bit) else leaf.shape
+        sharding = None if shardings is None else shardings[module][name]
+        kind, key = _leaf_kind(path), 2 * index  # two streams per leaf: weight and scales
+        if on_device:
+            if isinstance(sharding, QuantizedWeight8bit):  # hashable for the compile cache
+                sharding = (sharding.weight, sharding.scales)
+            value = _device_leaf(kind, shape, emb_mult, emb_size, seed, sharding)(key)
+        else:
+            value = _random_leaf(kind, key, shape, emb_mult, emb_size, _NumpyDraws(seed))
+            value = jax.device_put(value, sharding) if sharding is not None else jax.tree_util.tree_map(jnp.asarray, value)
+        out.setdefault(module, {})[name] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _device_leaf(kind: str, shape: tuple, emb_mult: float, emb_size: int, seed: int, sharding: Any):
+    """A compiled generator per distinct leaf: 64 layers share a dozen programs."""
+    if isinstance(sharding, tuple):
+        sharding = QuantizedWeight8bit(*sharding)
+    return jax.jit(lambda key: _random_leaf(kind, key, shape, emb_mult, emb_size, _JaxDraws(seed)),
+                   out_shardings=sharding)
+
+
+def memory_shardings(config: LanguageModelConfig, mesh: Mesh, batch_size: int, seq_len: int) -> Memory:
+    """NamedShardings of a KV cache of this size (axes that do not divide are replicated)."""
+    cfg = config.model
+    spec = cfg.get_memory_sharding().layers[0]
+    kv_shape = (batch_size, seq_len, cfg.num_kv_heads, cfg.key_size)
+    layer = KVMemory(
+        k=NamedSharding(mesh, fit_spec(spec.k, kv_shape, mesh)),
+        v=NamedSharding(mesh, fit_spec(spec.v, kv_shape, mesh)),
+        step=NamedSharding(mesh, fit_spec(spec.step, (batch_size,), mesh)),
+    )
+    return Memory(layers=[layer] * cfg.num_layers)
+
+
+def init_memory(config: LanguageModelConfig, batch_size: int, seq_len: int, mesh: Optional[Mesh] = None) -> Memory:
+    """An empty KV cache, placed on the mesh when one is given (outside of Haiku)."""
+    cfg = config.model
+    shardings = None if mesh is None else memory_shardings(config, mesh, batch_size, seq_len)
+    make = lambda: init_layer_memories(
+        batch_size, seq_len, cfg.num_kv_heads, cfg.key_size, cfg.num_layers, config.fprop_dtype)
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def make_forward(config: LanguageModelConfig, mesh: Optional[Mesh] = None):
+    """A jitted `forward(params, tokens, memory=None, length=None) -> LanguageModelOutput`."""
+
+    def fn(tokens, memory=None, length=None):
+        return config.make(mesh=mesh)(tokens, memory, length=length)
+
+    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply)
