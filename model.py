@@ -961,10 +961,15 @@ def init_memory(config: LanguageModelConfig, batch_size: int, seq_len: int, mesh
     return jax.jit(make, out_shardings=shardings)()
 
 
-def make_forward(config: LanguageModelConfig, mesh: Optional[Mesh] = None):
-    """A jitted `forward(params, tokens, memory=None, length=None) -> LanguageModelOutput`."""
+def make_forward(config: LanguageModelConfig, mesh: Optional[Mesh] = None, donate_memory: bool = False):
+    """A jitted `forward(params, tokens, memory=None, length=None) -> LanguageModelOutput`.
+
+    With donate_memory, the cache passed in is donated and updated in place (do not use
+    it after the call); otherwise every call writes a new copy of the whole cache.
+    """
 
     def fn(tokens, memory=None, length=None):
         return config.make(mesh=mesh)(tokens, memory, length=length)
 
-    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply)
+    apply = hk.without_apply_rng(hk.transform(fn)).apply
+    return jax.jit(apply, donate_argnums=(2,) if donate_memory else ())
