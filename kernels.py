@@ -148,10 +148,10 @@ def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
 
 
 def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan) -> jax.Array:
-    """out[t] = sum_j gates[t, j] * ys[row of (t, j)]: [M_pad, D], [M, k] -> [M, D] bf16.
+    """out[t] = sum_j gates[t, j] * ys[row of (t, j)]: [M_pad, D], [M, k] -> [M, D].
 
     Gates are used as given (Grok-1 does not renormalise the top-k probabilities); the sum
-    is taken in float32.
+    is taken in float32. The result is bf16, or float32 when ys is float32.
     """
     m, k = gates.shape
     if m * k != plan.row_pos.shape[0]:
@@ -159,7 +159,8 @@ def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan) -> jax.Array:
             f"combine: gates {tuple(gates.shape)} do not match the plan's {plan.row_pos.shape[0]} rows."
         )
     rows = jnp.take(ys, plan.row_pos, axis=0).reshape(m, k, ys.shape[-1]).astype(jnp.float32)
-    return jnp.sum(gates.astype(jnp.float32)[..., None] * rows, axis=1).astype(jnp.bfloat16)
+    out_dtype = jnp.float32 if ys.dtype == jnp.float32 else jnp.bfloat16
+    return jnp.sum(gates.astype(jnp.float32)[..., None] * rows, axis=1).astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,13 +187,16 @@ class KernelConfig(NamedTuple):
     dequant: str = "cast"
 
 
-# Tuned on an H100 by kernel_bench.py (see notes/kernels.md). Keys: (op, phase).
+# Chosen by kernel_bench.py on an H100 80GB HBM3 (2026-11-28, jax 0.11.2): no other tiling
+# swept beat these by more than the run-to-run spread; "asm"/"bits" conversion did not beat
+# "cast" (the H100's 3 TB/s leaves the int->float converter enough time). Keys: (op, phase).
 _TUNED = {
     ("gated", "decode"): KernelConfig(block_n=128, block_k=128, num_warps=4, num_stages=4, dequant="cast"),
     ("gated", "prefill"): KernelConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, dequant="cast"),
     ("down", "decode"): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=4, dequant="cast"),
     ("down", "prefill"): KernelConfig(block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3, dequant="cast"),
 }
+_DENSE_PALLAS_MAX_ROWS = 8  # int8_matmul "auto": Pallas below this many rows, XLA from it on
 _NUM_SMS = 132  # H100/H200; only used to choose split_k when it is left at 0 (auto).
 
 
@@ -436,8 +440,9 @@ def _block_scaled_dot(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     """
     m, k = x.shape
     nb, n = s.shape
-    xb = x.astype(jnp.bfloat16).reshape(m, nb, k // nb)
-    wb = w.reshape(nb, k // nb, n).astype(jnp.bfloat16)
+    compute = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16  # float32 in, float32 math
+    xb = x.astype(compute).reshape(m, nb, k // nb)
+    wb = w.reshape(nb, k // nb, n).astype(compute)
     y = jnp.einsum("mbk,bkn->bmn", xb, wb, preferred_element_type=jnp.float32)  # [nb, m, N]
     return jnp.sum(y * s.astype(jnp.float32)[:, None, :], axis=0)
 
@@ -531,6 +536,11 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
 
     Leading dimensions of x are kept. The int8 weight is converted tile by tile inside the
     matmul; each scale block's float32 partial result is scaled and summed.
+
+    backend="auto" on GPU takes the Pallas kernel for fewer than 8 rows and XLA's fused
+    int8 dot otherwise: for a [6144, 6144] weight on an H100, Pallas took 26.5 us at M=1
+    against XLA's 121 us, while XLA was faster at M=8 (19.8 vs 26.6 us) and M=32 (25.7 vs
+    30.7 us).
     """
     _check_weight("int8_matmul", weight, scales, expert_dim=False)
     *lead, k_dim = x.shape
@@ -540,6 +550,8 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
     m = math.prod(lead)
     x2 = x.reshape(m, k_dim)
     resolved = _resolve_backend(backend)
+    if backend == "auto" and m >= _DENSE_PALLAS_MAX_ROWS:
+        resolved = "xla"
     if resolved != "xla" and m > 0:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)

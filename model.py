@@ -350,7 +350,7 @@ def matmul(x: jax.Array, w: Any, impl: str = "fast", backend: str = "auto") -> j
     if isinstance(w, QuantizedWeight8bit):
         if impl == "reference":
             return jnp.dot(x, dequantize(w, x.dtype))
-        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend)
+        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend, out_dtype=x.dtype)
     return jnp.dot(x, w.astype(x.dtype))
 
 
@@ -551,7 +551,7 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
     xs = kernels.dispatch(x, plan)  # [M_pad, D]
     (wi, si), (wv, sv), (wo, so) = _unpack(w_in), _unpack(w_v), _unpack(w_out)
     if data_axis is None:
-        h = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend)  # [M_pad, F]
+        h = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend, out_dtype=x.dtype)  # [M_pad, F]
     else:  # the contraction over D is split over the data axis: sum before the gelu
         a = kernels.grouped_matmul(xs, wi, si, plan, backend=backend, out_dtype=jnp.float32)
         b = kernels.grouped_matmul(xs, wv, sv, plan, backend=backend, out_dtype=jnp.float32)

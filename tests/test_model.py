@@ -87,7 +87,7 @@ def skip_unsupported(impl: str, dtype_name: str):
         pytest.skip("the fast kernels compute in bf16")
 
 
-FAST_KEEPS_FLOAT32 = False
+FAST_KEEPS_FLOAT32 = True
 
 
 def check(got, want, dtype_name: str):

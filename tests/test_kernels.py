@@ -1,0 +1,285 @@
+"""kernels.py against float64 numpy references written from SPEC.md (block-scale rule,
+top-k MoE with raw gates, tanh gelu), for the "xla" backend and the Pallas kernels run with
+interpret=True. Sizes are tiny; the GPU path is checked by kernel_bench.py on the device.
+"""
+
+import functools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+
+BACKENDS = ["xla", "interpret"]
+E = 8
+D, F = 64, 96  # F is no power of two: the column tiling must cut it into 32-wide blocks
+
+
+# ---------------------------------------------------------------------------------------
+# float64 references
+# ---------------------------------------------------------------------------------------
+
+
+def dequant_np(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """weight [..., K, N] * scales [..., nb, N]: rows [b*K/nb, (b+1)*K/nb) use block b."""
+    k, nb = w.shape[-2], s.shape[-2]
+    w, s = np.asarray(w, np.float64), f64(s)
+    return w * np.repeat(s, k // nb, axis=-2)
+
+
+def gelu_np(a: np.ndarray) -> np.ndarray:
+    return 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a**3)))
+
+
+def moe_np(x, idx, gates, w, ws, v, vs, w1, w1s):
+    """Loop over tokens and their k slots: sum_j g * (gelu(x W_e) * (x V_e)) W1_e."""
+    wd, vd, w1d = dequant_np(w, ws), dequant_np(v, vs), dequant_np(w1, w1s)
+    x = x.astype(np.float64)
+    out = np.zeros((x.shape[0], w1.shape[-1]))
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = idx[t, j]
+            h = gelu_np(x[t] @ wd[e]) * (x[t] @ vd[e])
+            out[t] += float(gates[t, j]) * (h @ w1d[e])
+    return out
+
+
+def rel_err(got, want) -> float:
+    got = f64(got)
+    assert not np.isnan(got).any(), "NaN in kernel output"
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+# ---------------------------------------------------------------------------------------
+# Random inputs
+# ---------------------------------------------------------------------------------------
+
+
+def bf16(a) -> jax.Array:
+    """A bf16 device array, rounded on the host (no eager device op to compile)."""
+    return jnp.asarray(np.asarray(a, np.float32).astype(ml_dtypes.bfloat16))
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def quantized(rng, shape, nb):
+    """int8 weight [E, K, N] and bf16 scales [E, nb, N] of varied size per block."""
+    w = jnp.asarray(rng.integers(-127, 128, shape).astype(np.int8))
+    s = bf16(rng.uniform(0.3, 3.0, (*shape[:-2], nb, shape[-1])) / (127 * np.sqrt(shape[-2])))
+    return w, s
+
+
+def routing(rng, m, k, case):
+    """expert_idx [m, k] (distinct per token) and gates [m, k] float32."""
+    if case == "uneven":  # experts 0, 3, 4, 6 get rows in very different numbers; 1, 2, 5, 7 none
+        pool, p = np.array([0, 3, 4, 6]), np.array([0.55, 0.25, 0.15, 0.05])
+    else:
+        pool, p = np.arange(E), np.full(E, 1.0 / E)
+    idx = np.stack([rng.choice(pool, size=k, replace=False, p=p) for _ in range(m)])
+    gates = rng.uniform(0.05, 0.6, (m, k)).astype(np.float32)
+    return jnp.asarray(idx.astype(np.int32)), jnp.asarray(gates)
+
+
+CASES = [(1, "uniform"), (13, "uneven")]  # M=1 (decode), uneven groups with empty experts
+
+# One compiled program per call keeps the suite fast (eager mode compiles every small op).
+make_plan = jax.jit(kernels.make_plan, static_argnums=(1, 2))
+dispatch = jax.jit(kernels.dispatch)
+combine = jax.jit(kernels.combine)
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,k,block_m,case", [(1, 2, 16, "uniform"), (13, 2, 4, "uneven"),
+                                              (40, 2, 8, "uniform"), (7, 1, 2, "uneven")])
+def test_make_plan_groups_rows_by_expert(m, k, block_m, case):
+    rng = np.random.default_rng(m * 10 + k)
+    idx, _ = routing(rng, m, k, case)
+    plan = make_plan(idx, E, block_m)
+    idx = np.asarray(idx).reshape(-1)
+    row_pos, row_token = np.asarray(plan.row_pos), np.asarray(plan.row_token)
+    tile_expert, num_tiles = np.asarray(plan.tile_expert), int(plan.num_tiles)
+
+    counts = np.bincount(idx, minlength=E)
+    used = int(sum(-(-c // block_m) for c in counts))
+    assert plan.block_m == block_m
+    assert num_tiles == used and len(tile_expert) >= used
+    assert row_token.shape == (len(tile_expert) * block_m,)
+    assert len(set(row_pos.tolist())) == m * k  # a permutation into the padded rows
+    np.testing.assert_array_equal(row_token[row_pos], np.arange(m * k) // k)
+    np.testing.assert_array_equal(tile_expert[row_pos // block_m], idx)  # right expert's tile
+    pad = np.setdiff1d(np.arange(len(row_token)), row_pos)
+    assert (row_token[pad] == m).all()
+    assert (tile_expert[used:] == -1).all()
+    for e in range(E):  # ceil(count / block_m) tiles per expert, rows in token order
+        assert (tile_expert[:used] == e).sum() == -(-counts[e] // block_m)
+        pos = row_pos[idx == e]
+        assert (np.diff(pos) > 0).all()
+    assert (np.diff(tile_expert[:used]) >= 0).all()
+
+
+def test_dispatch_and_combine_use_raw_gates():
+    rng = np.random.default_rng(1)
+    m, k = 9, 2
+    idx, gates = routing(rng, m, k, "uneven")
+    plan = make_plan(idx, E, 4)
+    x = bf16(rng.standard_normal((m, D)))
+    xs = dispatch(x, plan)
+    row_token = np.asarray(plan.row_token)
+    want = np.where((row_token < m)[:, None], f64(x)[np.minimum(row_token, m - 1)], 0.0)
+    np.testing.assert_array_equal(f64(xs), want)  # pad rows exactly zero
+
+    ys = bf16(rng.standard_normal(xs.shape))
+    out = combine(ys, gates, plan)
+    ys64, g, ix = f64(ys), np.asarray(gates, np.float64), np.asarray(idx)
+    # Independent of row_pos: find each (token, slot) row as the j-th row of its token in
+    # its expert's tiles, in token order.
+    ref = np.zeros((m, D))
+    tile_expert = np.asarray(plan.tile_expert)
+    for t in range(m):
+        for j in range(k):
+            e = ix[t, j]
+            first = np.argmax(tile_expert == e) * plan.block_m
+            rank = int(((ix == e).any(axis=1)[:t]).sum())
+            ref[t] += g[t, j] * ys64[first + rank]
+    assert rel_err(out, ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# Grouped matmuls
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nb", [1, 8])
+@pytest.mark.parametrize("m,case", CASES)
+def test_grouped_matmul_and_gated(backend, nb, m, case):
+    rng = np.random.default_rng(nb * 100 + m)
+    k = 2
+    idx, _ = routing(rng, m, k, case)
+    plan = make_plan(idx, E, kernels.default_block_m(m * k))
+    x = bf16(rng.standard_normal((m, D)))
+    w, ws = quantized(rng, (E, D, F), nb)
+    v, vs = quantized(rng, (E, D, F), nb)
+    w1, w1s = quantized(rng, (E, F, D), nb)
+
+    @jax.jit
+    def run(x, plan, w, ws, v, vs, w1, w1s):
+        xs = kernels.dispatch(x, plan)
+        h = kernels.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=backend)
+        return h, kernels.grouped_matmul(h, w1, w1s, plan, backend=backend)
+
+    h, y = run(x, plan, w, ws, v, vs, w1, w1s)
+    assert h.shape == (plan.num_padded_rows, F) and h.dtype == jnp.bfloat16
+    assert y.shape == (plan.num_padded_rows, D) and y.dtype == jnp.bfloat16
+
+    wd, vd, w1d = dequant_np(w, ws), dequant_np(v, vs), dequant_np(w1, w1s)
+    ix, x64, h64 = np.asarray(idx).reshape(-1), f64(x), f64(h)
+    row_pos = np.asarray(plan.row_pos)
+    h_ref = np.stack([gelu_np(x64[r // k] @ wd[e]) * (x64[r // k] @ vd[e]) for r, e in enumerate(ix)])
+    # The output layer is checked on the kernel's own (bf16) h, so each op is checked alone.
+    y_ref = np.stack([h64[row_pos[r]] @ w1d[e] for r, e in enumerate(ix)])
+    y64 = f64(y)
+    assert rel_err(h64[row_pos], h_ref) < 1e-2
+    assert rel_err(y64[row_pos], y_ref) < 1e-2
+    pad = np.setdiff1d(np.arange(plan.num_padded_rows), row_pos)
+    assert not h64[pad].any() and not y64[pad].any()
+
+
+@pytest.mark.parametrize("backend,nb,m,case", [("xla", 8, 1, "uniform"), ("interpret", 1, 13, "uneven")])
+def test_sparse_moe_end_to_end(backend, nb, m, case):
+    rng = np.random.default_rng(7 + nb + m)
+    idx, gates = routing(rng, m, 2, case)
+    x = bf16(rng.standard_normal((m, D)))
+    lin, lin_v, lin_1 = quantized(rng, (E, D, F), nb), quantized(rng, (E, D, F), nb), quantized(rng, (E, F, D), nb)
+    out = jax.jit(lambda *a: kernels.sparse_moe(*a, backend=backend))(x, idx, gates, lin, lin_v, lin_1)
+    ref = moe_np(f64(x), np.asarray(idx), np.asarray(gates), *lin, *lin_v, *lin_1)
+    assert out.shape == (m, D) and out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dequant,split_k,nb", [("bits", 2, 8), ("asm", 4, 1), ("cast", 3, 2)])
+def test_pallas_variants_split_k_and_dequant(dequant, split_k, nb):
+    """Split-K partial sums (slices crossing or inside scale blocks) and the bit-trick
+    int8 -> bf16 conversion give the same function (split 3 falls back to a divisor)."""
+    rng = np.random.default_rng(split_k)
+    m, k_dim, n_dim = 6, 128, 64
+    idx, _ = routing(rng, m, 2, "uneven")
+    plan = make_plan(idx, E, 8)
+    w, ws = quantized(rng, (E, k_dim, n_dim), nb)
+    w = np.array(w)
+    w[0, :4, :4] = [-128, 127, 0, -1]  # extremes of int8
+    w = jnp.asarray(w)
+    xs = dispatch(bf16(rng.standard_normal((m, k_dim))), plan)
+    cfg = kernels.KernelConfig(block_n=32, block_k=16, split_k=split_k, dequant=dequant)
+    y = jax.jit(functools.partial(kernels.grouped_matmul, backend="interpret", config=cfg))(xs, w, ws, plan)
+    wd, xs64, te = dequant_np(w, ws), f64(xs), np.asarray(plan.tile_expert)
+    y_ref = np.stack([xs64[p] @ wd[te[p // 8]] if te[p // 8] >= 0 else np.zeros(n_dim)
+                      for p in range(plan.num_padded_rows)])
+    assert rel_err(y, y_ref) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# Dense int8 linear
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nb,lead", [(1, (1,)), (8, (2, 1, 3))])
+def test_int8_matmul_keeps_leading_dims(backend, nb, lead):
+    rng = np.random.default_rng(nb + len(lead))
+    x = bf16(rng.standard_normal((*lead, D)))
+    w, s = quantized(rng, (D, F), nb)
+    y = jax.jit(functools.partial(kernels.int8_matmul, backend=backend))(x, w, s)
+    assert y.shape == (*lead, F) and y.dtype == jnp.bfloat16
+    ref = f64(x).reshape(-1, D) @ dequant_np(w, s)
+    assert rel_err(f64(y).reshape(-1, F), ref) < 1e-2
+
+
+def test_int8_matmul_under_shard_map_with_local_scale_blocks():
+    """K sharded 2 ways with 8 scale blocks: each shard holds 4 whole blocks; psum of the
+    local products equals the full product (what the model does under shard_map)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    rng = np.random.default_rng(3)
+    x = bf16(rng.standard_normal((4, D)))
+    w, s = quantized(rng, (D, F), 8)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
+
+    def local(x, w, s):
+        return jax.lax.psum(kernels.int8_matmul(x, w, s, backend="xla", out_dtype=jnp.float32), "model")
+
+    y = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "model"), P("model", None), P("model", None)),
+                              out_specs=P(), check_vma=False))(x, w, s)
+    assert rel_err(y, f64(x) @ dequant_np(w, s)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem():
+    rng = np.random.default_rng(0)
+    w, s = quantized(rng, (D, F), 8)
+    with pytest.raises(ValueError, match="nb dividing K"):
+        kernels.int8_matmul(bf16(np.ones((1, D))), w, s[:5], backend="xla")  # 5 does not divide 64
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.int8_matmul(bf16(np.ones((1, D))), w, s, backend="cuda")
+    idx, _ = routing(rng, 3, 2, "uniform")
+    plan = make_plan(idx, E, 16)
+    we, se = quantized(rng, (E, D, 24), 1)  # N=24: no power-of-two block >= 16 divides it
+    xs = dispatch(bf16(np.ones((3, D))), plan)
+    with pytest.raises(ValueError, match="backend='xla'"):
+        kernels.grouped_matmul(xs, we, se, plan, backend="pallas")
+    with pytest.raises(ValueError, match="M_pad"):
+        kernels.grouped_matmul(xs[:-1], we, se, plan, backend="xla")
