@@ -37,10 +37,10 @@ def timed(fn: Callable[[], Any], warmup: int = 2, iters: int = 10) -> float:
 
 
 def copy_bandwidth(gbytes: float = 2.0) -> float:
-    """Bytes/s of a device-to-device elementwise pass (bytes read + bytes written)."""
-    n = int(gbytes * 1e9 / 2)
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    """Bytes/s of a device-to-device float32 elementwise pass (bytes read + bytes written)."""
+    n = int(gbytes * 1e9 / 4)
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    f = jax.jit(lambda a: a * 2.0)
     seconds = timed(lambda: f(x), iters=20)
     return 2 * x.nbytes / seconds
 
@@ -129,7 +129,7 @@ def prefill_flops(config: model.LanguageModelConfig, tokens: int) -> float:
 
 
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
-                iters: int = 10, tiny: bool = False) -> dict:
+                iters: int = 10, tiny: bool = False, json_path: str | None = None) -> dict:
     """Decode and prefill timings for each mode, with roofline fractions.
 
     tiny=True swaps in the tiny config and small ceilings: a smoke test for any laptop.
@@ -142,9 +142,9 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
 
     base = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
-    params = model.init_random_params(base, seed=0, on_device=True)
+    params = model.prepare_for_inference(model.init_random_params(base, seed=0, on_device=True), base)
     jax.block_until_ready(params)
-    cache_len = -(-(context + 8) // 128) * 128
+    cache_len = -(-(context + 64) // 128) * 128  # room for the timed steps
     rows, logits = [], {}
     for mode in modes:
         config = dataclasses.replace(base, model=dataclasses.replace(base.model, moe_impl=mode))
@@ -156,8 +156,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
 
             def step():
                 out, experts = forward(params, tokens, state["memory"], length)
-                # Keep the cache at `context` tokens so every step does the same work.
-                state["memory"] = model.Memory([m._replace(step=m.step - 1) for m in out.model_state.layers])
+                state["memory"] = out.model_state  # the context grows by one token a step
                 return out.logits, experts
 
             seconds = timed(step, iters=iters)
@@ -168,6 +167,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
                        roofline_ms=need / bw * 1e3, roofline_pct=100 * need / bw / seconds)
             rows.append(row)
             print(row, flush=True)
+            save(json_path, results, rows)
             del state
 
         forward = model.make_forward(config, donate_memory=True)
@@ -186,6 +186,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
                    roofline_pct=100 * need / flops / seconds)
         rows.append(row)
         print(row, flush=True)
+        save(json_path, results, rows)
 
     if len(modes) > 1:  # the kernels checked against the release's algorithm, end to end
         for batch in batches:
@@ -195,6 +196,13 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             results.setdefault("nan", {})[batch] = bool(np.isnan(a).any() or np.isnan(b).any())
     results["rows"] = rows
     return results
+
+
+def save(path: str | None, results: dict, rows: list) -> None:
+    """Write what has been measured so far (a run cut short still leaves its numbers)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(results, rows=rows), f, indent=1)
 
 
 def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cache_len: int = 8192) -> dict:
@@ -248,7 +256,7 @@ if __name__ == "__main__":
     parser.add_argument("--json", default="bench_model.json")
     args = parser.parse_args()
     res = bench_model(args.layers, [int(b) for b in args.batches.split(",")], args.context, args.prefill,
-                      args.modes.split(","), args.iters, args.tiny)
+                      args.modes.split(","), args.iters, args.tiny, args.json)
     if args.compile_layers:
         res["compile"] = compile_times(args.compile_layers)
     print(format_table(res))

@@ -1,0 +1,410 @@
+"""Benchmarks. Subcommands:
+
+  loader   write a ~N GB checkpoint of random data shaped like a scaled-down Grok, then
+           measure, each pass from a dropped page cache where the kernel allows it:
+           the raw sequential read speed of the files, this project's loader (to devices
+           and to host memory, with and without the /dev/shm copy-through) and the
+           release's method (copy each file to /dev/shm, plain pickle.load, 32 threads).
+
+Each measured pass runs in a fresh child process so that its peak resident memory can be
+reported next to its speed.
+
+  python bench.py loader --dir /tmp/ckpt_bench --size-gb 2 --json bench_out/loader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------
+# loader: the checkpoint
+# ---------------------------------------------------------------------------------------
+
+# A scaled-down Grok layer: width D, ffn F, E experts, grouped-query attention 6:1.
+BENCH_DIMS = dict(d=1536, f=4096, e=8, vocab=32768, q_heads=12, kv_heads=2, key_size=128)
+
+
+def bench_param_shapes(size_gb: float) -> dict:
+    """Params shapes {module: {name: (kind, shape)}} with as many layers as fit size_gb.
+
+    kind "f32" for float32 arrays, ("q", blocks) for int8 weights with bf16 scales of
+    `blocks` rows; the module paths and the quantization blocks are the real model's.
+    """
+    d, f, e, v = BENCH_DIMS["d"], BENCH_DIMS["f"], BENCH_DIMS["e"], BENCH_DIMS["vocab"]
+    hq, hkv, k = BENCH_DIMS["q_heads"], BENCH_DIMS["kv_heads"], BENCH_DIMS["key_size"]
+    layer = {
+        "moe/linear": ("w", ("q", 1), (e, d, f)),
+        "moe/linear_v": ("w", ("q", 1), (e, d, f)),
+        "moe/linear_1": ("w", ("q", 8), (e, f, d)),
+        "multi_head_attention/query": ("w", ("q", 1), (d, hq * k)),
+        "multi_head_attention/key": ("w", ("q", 1), (d, hkv * k)),
+        "multi_head_attention/value": ("w", ("q", 1), (d, hkv * k)),
+        "multi_head_attention/linear": ("w", ("q", 8), (hq * k, d)),
+        "router": ("w", "f32", (d, e)),
+        "rms_norm": ("scale", "f32", (d,)),
+        "rms_norm_1": ("scale", "f32", (d,)),
+        "rms_norm_2": ("scale", "f32", (d,)),
+        "rms_norm_3": ("scale", "f32", (d,)),
+    }
+    per_layer = sum(np.prod(s) * (4 if kind == "f32" else 1) for _, kind, s in layer.values())
+    embed = v * d * 4
+    num_layers = max(1, int(round((size_gb * 1e9 - embed) / per_layer)))
+    tree = {
+        "language_model/in_out_embed": {"embeddings": ("f32", (v, d))},
+        "language_model/rms_norm": {"scale": ("f32", (d,))},
+    }
+    for i in range(num_layers):
+        for module, (name, kind, shape) in layer.items():
+            tree[f"transformer/decoder_layer_{i}/{module}"] = {name: (kind, shape)}
+    return tree
+
+
+def _random_leaf(rng: np.random.Generator, kind: Any, shape: tuple) -> Any:
+    import ml_dtypes
+
+    from model import QuantizedWeight8bit
+
+    if kind == "f32":
+        return rng.standard_normal(shape, dtype=np.float32)
+    blocks = kind[1]
+    weight = np.frombuffer(rng.bytes(int(np.prod(shape))), np.int8).reshape(shape)
+    scales = rng.uniform(0.5, 1.5, (*shape[:-2], blocks, shape[-1])).astype(ml_dtypes.bfloat16)
+    return QuantizedWeight8bit(weight=weight, scales=scales)
+
+
+def write_bench_checkpoint(directory: str, size_gb: float, seed: int = 0) -> dict:
+    """Writes the random checkpoint with checkpoint.save; returns its description."""
+    import checkpoint
+
+    tree = bench_param_shapes(size_gb)
+    rng = np.random.default_rng(seed)
+    params = {m: {n: _random_leaf(rng, kind, shape) for n, (kind, shape) in p.items()}
+              for m, p in tree.items()}
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)
+    start = time.perf_counter()
+    files = checkpoint.save(params, directory)
+    seconds = time.perf_counter() - start
+    size = sum(os.path.getsize(f) for f in files)
+    return {"files": len(files), "bytes": size, "write_seconds": seconds,
+            "num_layers": sum(1 for m in tree if m.endswith("/router"))}
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    names = sorted(n for n in os.listdir(directory) if n.startswith("tensor"))
+    return [os.path.join(directory, n) for n in names]
+
+
+def drop_page_cache(files: list[str]) -> None:
+    """Asks the kernel to evict the files' (clean) pages: POSIX_FADV_DONTNEED per file."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# loader: the measured methods (each runs inside a child process)
+# ---------------------------------------------------------------------------------------
+
+
+def run_raw_read(directory: str) -> int:
+    """Sequential read of every file, one after the other, into one reused buffer."""
+    buf = bytearray(64 * 1024 * 1024)
+    view = memoryview(buf)
+    total = 0
+    for f in checkpoint_files(directory):
+        with open(f, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(view)
+                if not n:
+                    break
+                total += n
+    return total
+
+
+def _shapes_for(directory: str) -> Any:
+    """The checkpoint's params shapes, read back from the file headers (no data read)."""
+    import jax
+
+    import checkpoint
+    from model import QuantizedWeight8bit
+
+    size_gb = sum(os.path.getsize(f) for f in checkpoint_files(directory)) / 1e9
+    tree = bench_param_shapes(size_gb)
+    import ml_dtypes
+
+    def leaf(kind, shape):
+        if kind == "f32":
+            return jax.ShapeDtypeStruct(shape, np.float32)
+        return QuantizedWeight8bit(
+            jax.ShapeDtypeStruct(shape, np.int8),
+            jax.ShapeDtypeStruct((*shape[:-2], kind[1], shape[-1]), ml_dtypes.bfloat16))
+
+    shapes = {m: {n: leaf(*v) for n, v in p.items()} for m, p in tree.items()}
+    n_files = len(checkpoint_files(directory))
+    if len(checkpoint.checkpoint_leaves(shapes)[1]) != n_files:
+        raise SystemExit(f"{directory}: {n_files} files do not match the bench layout")
+    return shapes
+
+
+def run_loader(directory: str, to_devices: bool, use_shm: Any, workers: int) -> int:
+    import jax
+
+    import checkpoint
+
+    shapes = _shapes_for(directory)
+    if to_devices:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+        out = checkpoint.restore(directory, shapes, mesh, num_workers=workers, use_shm=use_shm,
+                                 progress=False)
+    else:
+        paths, leaves, _ = checkpoint.checkpoint_leaves(shapes)
+        out = checkpoint.load_tensors(leaves, directory, paths=paths, num_workers=workers,
+                                      use_shm=use_shm, progress=False)
+    return sum(x.nbytes for x in _leaves(out))
+
+
+def run_release_method(directory: str, to_devices: bool, workers: int = 32) -> int:
+    """The release's loading method, re-implemented: per file a named temporary file in
+    /dev/shm, a file copy into it, a plain pickle.load, then removal; 32 threads."""
+    import model  # noqa: F401  (pickle resolves model.QuantizedWeight8bit)
+
+    def one(path: str) -> Any:
+        fd, tmp = tempfile.mkstemp(dir="/dev/shm")
+        try:
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb") as fh:
+                return pickle.load(fh)
+        finally:
+            os.remove(tmp)
+            os.close(fd)
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        values = list(pool.map(one, checkpoint_files(directory)))
+    if to_devices:
+        import jax
+
+        device = jax.devices()[0]
+        values = jax.block_until_ready(jax.device_put(values, device))
+    return sum(x.nbytes for x in _leaves(values))
+
+
+def _leaves(tree: Any) -> list:
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def _proc_status(key: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (VmHWM, unlike ru_maxrss, starts afresh at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+METHODS = {
+    "raw_read": "raw sequential read (1 thread, 64 MB buffer)",
+    "loader_devices": "this loader: restore() to devices, default use_shm='auto'",
+    "loader_devices_shm": "this loader: restore() to devices, use_shm=True (copy via /dev/shm)",
+    "loader_host": "this loader: load_tensors() to host numpy, default use_shm='auto'",
+    "loader_host_shm": "this loader: load_tensors() to host numpy, use_shm=True",
+    "release_host": "release method: copy to /dev/shm + pickle.load, 32 threads, host numpy",
+    "release_devices": "release method + jax.device_put of all leaves",
+}
+
+
+def loader_child(args: argparse.Namespace) -> None:
+    """One measured pass; prints a JSON line."""
+    import checkpoint  # noqa: F401  (imports jax, model: outside the timed region)
+    import jax
+
+    jax.devices()
+    if args.cold:
+        drop_page_cache(checkpoint_files(args.dir))
+    base_rss = _proc_status("VmRSS")
+    start = time.perf_counter()
+    m = args.method
+    if m == "raw_read":
+        nbytes = run_raw_read(args.dir)
+    elif m.startswith("loader_"):
+        nbytes = run_loader(args.dir, to_devices="devices" in m,
+                            use_shm=True if m.endswith("_shm") else "auto", workers=args.workers)
+    else:
+        nbytes = run_release_method(args.dir, to_devices=m.endswith("devices"))
+    seconds = time.perf_counter() - start
+    peak = _proc_status("VmHWM")
+    print(json.dumps({"method": m, "seconds": seconds, "bytes": nbytes, "base_rss": base_rss,
+                      "peak_rss": peak}))
+
+
+def measure(method: str, directory: str, cold: bool, workers: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "_loader_child", "--dir", directory,
+           "--method", method, "--workers", str(workers)] + (["--cold"] if cold else [])
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode:
+        raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def loader_bench(args: argparse.Namespace) -> dict:
+    directory = os.path.abspath(args.dir)
+    info = None
+    if args.reuse and os.path.isdir(directory) and checkpoint_files(directory):
+        files = checkpoint_files(directory)
+        info = {"files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
+                "write_seconds": None, "reused": True}
+    else:
+        print(f"writing a ~{args.size_gb} GB checkpoint to {directory} ...", flush=True)
+        info = write_bench_checkpoint(directory, args.size_gb, args.seed)
+    files = checkpoint_files(directory)
+    size = info["bytes"]
+    import checkpoint
+
+    fstype = checkpoint.filesystem_type(directory)
+    auto = checkpoint._resolve_use_shm("auto", directory)
+    info.update(filesystem=fstype, auto_uses_shm=auto)
+    print(f"{len(files)} files, {size / 1e9:.3f} GB on {fstype} (use_shm='auto' -> {auto})",
+          flush=True)
+
+    results: dict[str, list[dict]] = {}
+    warm_results: dict[str, list[dict]] = {}
+    # Warm reference read first (pages cached), then every method cold, repeated; methods
+    # interleaved so that a slow phase of the disk hits all of them alike.
+    warm = measure("raw_read", directory, cold=False, workers=args.workers)
+    for _ in range(args.repeats):
+        for method in METHODS:
+            r = measure(method, directory, cold=True, workers=args.workers)
+            results.setdefault(method, []).append(r)
+            print(f"  cold {method:<22} {r['seconds']:7.3f} s  {size / 1e9 / r['seconds']:6.2f} GB/s",
+                  flush=True)
+    if args.warm:  # everything in the page cache: the loaders' own (CPU) cost
+        measure("raw_read", directory, cold=False, workers=args.workers)
+        for _ in range(args.repeats):
+            for method in METHODS:
+                r = measure(method, directory, cold=False, workers=args.workers)
+                warm_results.setdefault(method, []).append(r)
+                print(f"  warm {method:<22} {r['seconds']:7.3f} s", flush=True)
+
+    best = {m: min(rs, key=lambda r: r["seconds"]) for m, rs in results.items()}
+    median = {m: float(np.median([r["seconds"] for r in rs])) for m, rs in results.items()}
+    raw_gbps = size / 1e9 / best["raw_read"]["seconds"]
+    raw_median_gbps = size / 1e9 / median["raw_read"]
+    warm_gbps = size / 1e9 / warm["seconds"]
+    cache_note = (
+        "cold (posix_fadvise DONTNEED took effect: cold raw read is "
+        f"{warm_gbps / raw_gbps:.1f}x slower than warm)"
+        if warm_gbps > 1.3 * raw_gbps else
+        "probably WARM: dropping the page cache with posix_fadvise had no visible effect "
+        f"(cold {raw_gbps:.2f} GB/s vs warm {warm_gbps:.2f} GB/s); the disk below may be "
+        "cached by the host"
+    )
+    rows = []
+    for m in METHODS:
+        r = best[m]
+        gbps = size / 1e9 / r["seconds"]
+        row = {
+            "method": m, "description": METHODS[m], "seconds": r["seconds"], "gb_per_s": gbps,
+            "vs_raw": gbps / raw_gbps,
+            "median_seconds": median[m],
+            "median_vs_raw_median": (size / 1e9 / median[m]) / raw_median_gbps,
+            # Per round raw time / method time (measured minutes apart at most), then the
+            # median: robust to slow phases of a shared machine.
+            "paired_vs_raw": float(np.median([r["seconds"] / x["seconds"] for r, x in
+                                              zip(results["raw_read"], results[m])])),
+            "vs_release_host": best["release_host"]["seconds"] / r["seconds"],
+            "peak_rss_over_size": max((x["peak_rss"] - x["base_rss"]) for x in results[m]) / size,
+            "all_seconds": [x["seconds"] for x in results[m]],
+        }
+        if warm_results:
+            ws = min(x["seconds"] for x in warm_results[m])
+            row.update(warm_seconds=ws, warm_gb_per_s=size / 1e9 / ws,
+                       warm_vs_raw=min(x["seconds"] for x in warm_results["raw_read"]) / ws)
+        rows.append(row)
+    print()
+    print(f"checkpoint: {len(files)} files, {size / 1e9:.3f} GB in {directory} ({fstype}, "
+          f"use_shm='auto' -> {auto}); page cache: {cache_note}")
+    print(f"warm raw read: {warm_gbps:.2f} GB/s; {args.repeats} cold passes per method: best, "
+          "median (vs raw's median), paired (median over rounds of raw s / method s); "
+          "peak RSS over the checkpoint size (worst pass)")
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"on {os.cpu_count()} CPUs")
+    print(f"{'method':<22} {'best s':>7} {'GB/s':>7} {'x raw':>7} {'median s':>9} {'x raw':>7} "
+          f"{'paired':>7} {'x release':>9} {'RSS/size':>9}"
+          + ("  warm GB/s  x raw" if warm_results else ""))
+    for row in rows:
+        print(f"{row['method']:<22} {row['seconds']:7.3f} {row['gb_per_s']:7.2f} "
+              f"{row['vs_raw']:7.2f} {row['median_seconds']:9.3f} {row['median_vs_raw_median']:7.2f} "
+              f"{row['paired_vs_raw']:7.2f} {row['vs_release_host']:9.2f} {row['peak_rss_over_size']:9.2f}"
+              + (f"  {row['warm_gb_per_s']:9.2f} {row['warm_vs_raw']:6.2f}" if warm_results else ""))
+    report = {"checkpoint": {**info, "dir": directory, "dims": BENCH_DIMS}, "cache": cache_note,
+              "warm_raw_gb_per_s": warm_gbps, "repeats": args.repeats, "workers": args.workers,
+              "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(), "rows": rows}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    if not args.keep:
+        shutil.rmtree(directory)
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("loader", help="checkpoint loading speed vs raw reads and the release")
+    p.add_argument("--dir", required=True, help="where to write the bench checkpoint (local disk)")
+    p.add_argument("--size-gb", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=2, help="cold passes per method (best is reported)")
+    p.add_argument("--workers", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--reuse", action="store_true", help="reuse a checkpoint already in --dir")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    p.add_argument("--warm", action="store_true",
+                   help="also measure every method with the files in the page cache")
+    p.set_defaults(func=loader_bench)
+
+    c = sub.add_parser("_loader_child", help=argparse.SUPPRESS)
+    c.add_argument("--dir", required=True)
+    c.add_argument("--method", choices=sorted(METHODS), required=True)
+    c.add_argument("--workers", type=int, default=32)
+    c.add_argument("--cold", action="store_true")
+    c.set_defaults(func=loader_child)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

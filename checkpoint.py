@@ -1,0 +1,1404 @@
+"""Load and save Grok-1 checkpoints in the released on-disk format, safely and fast.
+
+The format (SPEC section 4): a directory of files `tensor{i:05d}_{h:03d}`, one per leaf of
+`TrainingState(params=...)` flattened by `jax.tree_util` (dict keys sorted as strings), a
+`QuantizedWeight8bit` being one leaf and one file; `h` is the host shard (the release has
+only `000`). Each file is one pickle of a numpy array or of a `model.QuantizedWeight8bit`
+holding an int8 weight and bfloat16 scales.
+
+This module reads top to bottom in the order a load runs:
+  errors -> safe unpickling (an allowlist; nothing in a file can run code) -> reading a file
+  (through /dev/shm without ever leaving a temporary file behind, or directly) -> leaf order
+  and file naming -> checking a leaf against what the code expects -> placing it on devices
+  -> the threaded loader with a memory budget -> rename/exclude rules -> `restore` ->
+  `save` -> the `--inspect` command line.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import io
+import logging
+import math
+import os
+import pickle
+import re
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model import QuantizedWeight8bit
+
+logger = logging.getLogger(__name__)
+
+# Where the copy-through-RAM-disk path puts its (always anonymous) temporary files.
+SHM_DIR = "/dev/shm"
+# Files are read and copied in chunks of this size; between chunks a load checks for
+# cancellation and advances the progress bar.
+_CHUNK_BYTES = 64 * 1024 * 1024
+# Keep this much of the RAM disk free for others when deciding to copy a file through it.
+_SHM_MARGIN_BYTES = 256 * 1024 * 1024
+# Create RAM-disk files with O_TMPFILE (no name ever exists). Tests turn it off to exercise
+# the create-then-unlink fallback used where O_TMPFILE is not supported.
+_USE_O_TMPFILE = True
+# Array payloads at least this big are read straight into 64-byte-aligned numpy buffers
+# owned by this module instead of the unpickler's bytes object (see _Reader.readinto).
+_DIVERT_MIN_BYTES = 1 << 20
+# Written into each bytes object whose read was diverted, to recognise it reliably later.
+_DIVERT_NONCE = secrets.token_bytes(16)
+# Test hook: called as hook(file_path, nbytes) after every chunk read or copied.
+_chunk_hook: Optional[Callable[[str, int], None]] = None
+
+_TENSOR_NAME = re.compile(r"^tensor(\d{5})_(\d{3})$")
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+class CheckpointError(Exception):
+    """Base class of every error this module raises about a checkpoint."""
+
+
+class MissingCheckpointFileError(CheckpointError, FileNotFoundError):
+    """A tensor file (or the checkpoint directory) the load needs does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file is truncated, garbled, or holds something other than an array / quantized weight."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A file asks the unpickler for a global or an operation outside the format's allowlist."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint's tensors or parameter names differ from what the code expects."""
+
+
+class _Cancelled(Exception):
+    """Raised inside workers once another worker has failed."""
+
+
+class TrainingState(NamedTuple):
+    """The released checkpoint's top-level state: only the parameters."""
+
+    params: Any
+
+
+def _is_qw(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight8bit)
+
+
+# ---------------------------------------------------------------------------------------
+# Safe unpickling
+#
+# A numpy array pickles (protocol 2-4) as
+#   numpy._core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')  + BUILD (1, shape,
+#   numpy.dtype('f4', False, True) + BUILD (3, '<', None, None, None, -1, -1, 0), fortran, bytes)
+# with `numpy.core.multiarray` instead under numpy 1.x, and the dtype spec being the class
+# `ml_dtypes.bfloat16` for bfloat16. Protocol 5 uses numpy._core.numeric._frombuffer(buffer,
+# dtype, shape, order). A QuantizedWeight8bit dataclass pickles as NEWOBJ of the class with
+# no arguments + BUILD of its {'weight': ..., 'scales': ...} dict.
+#
+# The allowlist never hands the unpickler a real numpy callable or class: every allowed
+# global resolves to a small object of this module that accepts exactly the call pattern
+# above and validates it, and the real arrays are built afterwards from checked parts.
+# Nothing else is reachable, so no byte sequence in a file can run code.
+# ---------------------------------------------------------------------------------------
+
+_ARRAY_RECONSTRUCT_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+_FROMBUFFER_MODULES = ("numpy.core.numeric", "numpy._core.numeric")
+_QW_MODULES = ("model", QuantizedWeight8bit.__module__, "__main__")
+
+# Numeric dtypes a checkpoint may hold (numpy type codes); bfloat16 comes from ml_dtypes.
+_ALLOWED_DTYPE_CODES = frozenset(
+    "?,b1,i1,i2,i4,i8,u1,u2,u4,u8,f2,f4,f8,c8,c16".split(",")
+)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class _Refused:
+    """Stands for an allowed global that may only appear as an argument, never be called."""
+
+    def __init__(self, label: str, file: str):
+        self._label, self._file = label, file
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafeCheckpointError(
+            f"{self._file}: refused a call to {self._label}; the format only passes it as an "
+            "argument to numpy's array reconstruction"
+        )
+
+    def __reduce__(self):  # never re-pickle a marker
+        raise TypeError("not picklable")
+
+
+class _DtypeSpec:
+    """What `numpy.dtype(spec, align, copy)` + BUILD(state) build: a checked numeric dtype."""
+
+    def __init__(self, dtype: np.dtype, file: str):
+        self.dtype, self._file, self._built = dtype, file, False
+
+    def __setstate__(self, state):
+        if self._built:
+            raise UnsafeCheckpointError(f"{self._file}: dtype state set twice")
+        self._built = True
+        ok = (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[0] in (3, 4)
+            and state[1] in ("<", ">", "|", "=")
+            and state[2] is None  # no sub-array
+            and state[3] is None  # no field names (structured dtypes can hide objects)
+            and state[4] is None  # no fields
+            and (len(state) == 8 or not state[8])  # no metadata
+        )
+        if not ok:
+            raise UnsafeCheckpointError(
+                f"{self._file}: refused dtype state {state!r:.200}; only plain numeric "
+                "dtypes are allowed"
+            )
+        elsize = state[5]
+        if isinstance(elsize, int) and elsize > 0 and elsize != self.dtype.itemsize:
+            raise CorruptCheckpointError(
+                f"{self._file}: dtype {self.dtype} has item size {self.dtype.itemsize}, "
+                f"the file says {elsize}"
+            )
+        if state[1] in ("<", ">") and self.dtype.itemsize > 1:
+            ordered = self.dtype.newbyteorder(state[1])
+            self.dtype = self.dtype if ordered.isnative else ordered
+
+
+def _make_dtype(file: str):
+    def numpy_dtype(spec, align=False, copy=True):
+        if spec is _BF16_TOKEN:
+            dtype = _BF16
+        elif isinstance(spec, str) and spec in _ALLOWED_DTYPE_CODES:
+            dtype = np.dtype(spec)
+        else:
+            what = "an object dtype" if spec in ("O", "O8", "O4") else f"dtype spec {spec!r:.80}"
+            raise UnsafeCheckpointError(
+                f"{file}: refused {what}; only numeric dtypes and ml_dtypes.bfloat16 are allowed"
+            )
+        if align not in (False, 0) or copy not in (True, 1):
+            raise UnsafeCheckpointError(
+                f"{file}: refused numpy.dtype arguments {align!r}, {copy!r}")
+        return _DtypeSpec(dtype, file)
+
+    return numpy_dtype
+
+
+_BF16_TOKEN = object()  # the class ml_dtypes.bfloat16 as the unpickler sees it
+
+
+def _address(buf) -> int:
+    return np.frombuffer(buf, np.uint8).ctypes.data if len(buf) else 0
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """uint8[nbytes] starting on a 64-byte boundary (jax on CPU then aliases, no copy)."""
+    base = np.empty(nbytes + 64, np.uint8)
+    start = (-base.ctypes.data) % 64
+    return base[start: start + nbytes]
+
+
+def _payload(data, diverted: dict[int, np.ndarray]) -> Any:
+    """The real bytes of an array payload: the aligned buffer its read was diverted to,
+    or `data` itself (small payloads), or both merged if the unpickler had already taken
+    a prefix from its own buffer."""
+    if not diverted or len(data) < _DIVERT_MIN_BYTES:
+        return data
+    start = _address(data)
+    end = start + len(data)
+    inside = [a for a, v in diverted.items() if start <= a and a + len(v) <= end
+              and bytes(data[a - start: a - start + 16]) == _DIVERT_NONCE]
+    if inside == [start] and len(diverted[start]) == len(data):
+        return diverted.pop(start)
+    if not inside:
+        return data
+    merged = _aligned_empty(len(data))
+    merged[:] = np.frombuffer(data, np.uint8)
+    for a in inside:
+        v = diverted.pop(a)
+        merged[a - start: a - start + len(v)] = v
+    return merged
+
+
+def _array_from_parts(file: str, shape, dtype, fortran, data,
+                      diverted: Optional[dict] = None) -> np.ndarray:
+    """Builds the array a pickle describes, after checking every part. No copy of `data`."""
+    if not isinstance(dtype, _DtypeSpec):
+        raise UnsafeCheckpointError(f"{file}: array dtype is {type(dtype).__name__}, not a dtype")
+    if isinstance(data, list):
+        raise UnsafeCheckpointError(f"{file}: refused an object array (its data is a list)")
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafeCheckpointError(f"{file}: array data is {type(data).__name__}, not bytes")
+    if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CorruptCheckpointError(f"{file}: bad array shape {shape!r:.200}")
+    count = math.prod(shape)
+    if len(data) != count * dtype.dtype.itemsize:
+        raise CorruptCheckpointError(
+            f"{file}: array {dtype.dtype}{list(shape)} needs {count * dtype.dtype.itemsize} "
+            f"bytes of data, the file holds {len(data)}"
+        )
+    array = np.frombuffer(_payload(data, diverted), dtype=dtype.dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+class _ArraySpec:
+    """What `_reconstruct(ndarray, (0,), b'b')` + BUILD(state) build."""
+
+    def __init__(self, file: str, diverted: Optional[dict] = None):
+        self._file, self.array, self._diverted = file, None, diverted
+
+    def __setstate__(self, state):
+        if self.array is not None:
+            raise UnsafeCheckpointError(f"{self._file}: array state set twice")
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise UnsafeCheckpointError(f"{self._file}: refused array state {state!r:.200}")
+        if len(state) == 5:
+            if state[0] != 1:
+                raise CorruptCheckpointError(f"{self._file}: array state version {state[0]!r}")
+            state = state[1:]
+        shape, dtype, fortran, data = state
+        if fortran not in (True, False):
+            raise CorruptCheckpointError(f"{self._file}: bad fortran flag {fortran!r:.80}")
+        self.array = _array_from_parts(self._file, shape, dtype, bool(fortran), data,
+                                       self._diverted)
+
+
+def _make_reconstruct(file: str, ndarray_marker: _Refused, diverted: dict):
+    def reconstruct(subtype, shape, typecode):
+        if subtype is not ndarray_marker or shape != (0,) or typecode not in (b"b", "b"):
+            raise UnsafeCheckpointError(
+                f"{file}: refused _reconstruct({subtype!r:.80}, {shape!r:.80}, "
+                f"{typecode!r:.80}); only plain numpy.ndarray reconstruction is allowed"
+            )
+        return _ArraySpec(file, diverted)
+
+    return reconstruct
+
+
+def _make_frombuffer(file: str, diverted: dict):
+    def frombuffer(buffer, dtype, shape, order):
+        if order not in ("C", "F"):
+            raise CorruptCheckpointError(f"{file}: bad array order {order!r:.80}")
+        spec = _ArraySpec(file)
+        spec.array = _array_from_parts(file, tuple(shape) if isinstance(shape, tuple) else shape,
+                                       dtype, order == "F", buffer, diverted)
+        return spec
+
+    return frombuffer
+
+
+class _QuantizedSpec:
+    """What NEWOBJ(model.QuantizedWeight8bit) + BUILD({'weight', 'scales'}) build."""
+
+    _file = "?"  # set on the per-load subclass
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise UnsafeCheckpointError(
+                f"{cls._file}: refused model.QuantizedWeight8bit called with arguments "
+                f"{args!r:.120}; the format only rebuilds it from its field state"
+            )
+        obj = super().__new__(cls)
+        obj.fields = None
+        return obj
+
+    def __setstate__(self, state):
+        if self.fields is not None:
+            raise UnsafeCheckpointError(f"{self._file}: QuantizedWeight8bit state set twice")
+        if not (isinstance(state, dict) and set(state) == {"weight", "scales"}):
+            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise UnsafeCheckpointError(
+                f"{self._file}: refused QuantizedWeight8bit state {shown!r:.200}; "
+                "expected exactly the fields 'weight' and 'scales'"
+            )
+        for key, value in state.items():
+            if not isinstance(value, _ArraySpec) or value.array is None:
+                raise UnsafeCheckpointError(
+                    f"{self._file}: QuantizedWeight8bit.{key} is {type(value).__name__}, "
+                    "not a numpy array"
+                )
+        self.fields = {k: v.array for k, v in state.items()}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the format's globals, to checked stand-ins."""
+
+    def __init__(self, stream, file: str):
+        super().__init__(stream)
+        self._file = file
+        self._diverted = getattr(stream, "diverted", {})
+        self._ndarray = _Refused("numpy.ndarray", file)
+        self._qw_class = type("QuantizedWeight8bit", (_QuantizedSpec,), {"_file": file})
+
+    def find_class(self, module: str, name: str):
+        if module in _ARRAY_RECONSTRUCT_MODULES and name == "_reconstruct":
+            return _make_reconstruct(self._file, self._ndarray, self._diverted)
+        if module in _FROMBUFFER_MODULES and name == "_frombuffer":
+            return _make_frombuffer(self._file, self._diverted)
+        if module == "numpy" and name == "ndarray":
+            return self._ndarray
+        if module == "numpy" and name == "dtype":
+            return _make_dtype(self._file)
+        if (module == "ml_dtypes" or module.startswith("ml_dtypes.")) and name == "bfloat16":
+            return _BF16_TOKEN
+        if module in _QW_MODULES and name == "QuantizedWeight8bit":
+            return self._qw_class
+        raise UnsafeCheckpointError(
+            f"{self._file}: refused global '{module}.{name}'. A checkpoint file may only use "
+            "numpy array reconstruction, numpy.dtype, numpy.ndarray, ml_dtypes.bfloat16 and "
+            "model.QuantizedWeight8bit; this file is not a Grok-1 tensor file or was tampered with"
+        )
+
+    def persistent_load(self, pid):
+        raise UnsafeCheckpointError(f"{self._file}: refused a persistent id {pid!r:.80}")
+
+
+def _finish(obj: Any, file: str) -> Any:
+    """Turns the unpickled stand-in into a numpy array or a QuantizedWeight8bit of arrays."""
+
+    def native(a: np.ndarray) -> np.ndarray:
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+    if isinstance(obj, _ArraySpec) and obj.array is not None:
+        return native(obj.array)
+    if isinstance(obj, _QuantizedSpec) and obj.fields is not None:
+        return QuantizedWeight8bit(
+            weight=native(obj.fields["weight"]), scales=native(obj.fields["scales"])
+        )
+    raise CorruptCheckpointError(
+        f"{file}: holds a {type(obj).__name__}, expected a numpy array or a "
+        "QuantizedWeight8bit"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Reading one file: directly, or copied through the RAM disk
+# ---------------------------------------------------------------------------------------
+
+
+class _LoadControl:
+    """Shared by the workers of one load: cancellation, progress, first error."""
+
+    def __init__(self, progress_update: Optional[Callable[[int], None]] = None):
+        self.cancelled = threading.Event()
+        self._update = progress_update
+        self._lock = threading.Lock()
+        self.first_error: Optional[BaseException] = None
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise _Cancelled()
+
+    def advance(self, nbytes: int, file: str) -> None:
+        if self._update is not None and nbytes:
+            with self._lock:
+                self._update(nbytes)
+        if _chunk_hook is not None:
+            _chunk_hook(file, nbytes)
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.first_error is None:
+                self.first_error = error
+        self.cancelled.set()
+
+
+class _Reader:
+    """The unpickler's view of a file: exact reads, big ones in chunks (progress, cancel).
+
+    Large reads are array payloads (the pickler writes them outside frames, and the C
+    unpickler reads each with one readinto into a bytes object it just allocated). They
+    are diverted into a 64-byte-aligned numpy buffer of ours, keyed by the address of the
+    unpickler's buffer, which stays untouched but for a nonce in its first 16 bytes (so it
+    costs no resident memory). The arrays are then built on our buffers: writable, and
+    placed on CPU devices without a copy.
+
+    With skip_data, large reads seek instead of reading: `--inspect` uses it to learn
+    dtypes and shapes without reading the data.
+    """
+
+    def __init__(self, raw: io.RawIOBase, size: int, file: str, control: _LoadControl,
+                 count_progress: bool, skip_data: bool = False):
+        self._raw, self._size, self._file = raw, size, file
+        self._control, self._count, self._skip = control, count_progress, skip_data
+        self.diverted: dict[int, np.ndarray] = {}
+
+    def _exact(self, view: memoryview) -> int:
+        done = 0
+        while done < len(view):
+            self._control.check()
+            n = self._raw.readinto(view[done: done + _CHUNK_BYTES])
+            if not n:
+                break
+            done += n
+            if self._count:
+                self._control.advance(n, self._file)
+        return done
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        if self._skip and len(view) >= 4096:
+            pos = self._raw.tell()
+            n = max(0, min(len(view), self._size - pos))
+            self._raw.seek(pos + n)
+            return n
+        if len(view) >= _DIVERT_MIN_BYTES and not self._skip:
+            target = _aligned_empty(len(view))
+            got = self._exact(memoryview(target))
+            if got < len(view):  # truncated file: hand over what there is, the unpickler fails
+                view[:got] = target[:got]
+                return got
+            view[:16] = _DIVERT_NONCE
+            self.diverted[_address(view)] = target
+            return got
+        return self._exact(view)
+
+    def read(self, n: int = -1) -> bytes:
+        # Never allocate more than the file still holds: a damaged frame length must not
+        # make us zero-fill gigabytes.
+        left = max(0, self._size - self._raw.tell())
+        n = left if n is None or n < 0 else min(n, left)
+        buf = bytearray(n)
+        got = self._exact(memoryview(buf))
+        del buf[got:]
+        return bytes(buf)
+
+    def readline(self) -> bytes:  # only protocol-0 pickles use it
+        out = bytearray()
+        while True:
+            c = self._raw.read(1)
+            out += c
+            if not c or c == b"\n":
+                return bytes(out)
+
+
+_shm_lock = threading.Lock()
+_shm_reserved = [0]  # bytes of RAM disk this process is about to fill
+
+
+# Filesystems on which the release's copy-through-RAM-disk path pays off ("auto" mode).
+_NETWORK_FS = frozenset((
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "9p",
+    "beegfs", "panfs", "afs", "ncpfs", "orangefs", "wekafs", "cvmfs",
+))
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding `path` ('ext4', 'nfs4', 'fuse.gcsfuse', ...),
+    from the mount with the longest matching mount point; 'unknown' if not found."""
+    real = os.path.realpath(path)
+    try:
+        with open(_MOUNTINFO) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "unknown"
+    best, fstype = None, "unknown"
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) >= len(best)):
+            best, fstype = mount, right.split()[0]
+    return fstype
+
+
+def _resolve_use_shm(use_shm: Any, directory: str) -> bool:
+    """use_shm "auto": copy through the RAM disk only from network / FUSE filesystems, where
+    one large sequential copy helps; on local disks it only adds a memory pass."""
+    if use_shm == "auto":
+        fstype = filesystem_type(directory)
+        return fstype in _NETWORK_FS or fstype.startswith("fuse")
+    if isinstance(use_shm, bool):
+        return use_shm
+    raise ValueError(f"use_shm must be True, False or 'auto', not {use_shm!r}")
+
+
+def _shm_has_room(shm_dir: str, size: int) -> bool:
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return False
+    with _shm_lock:
+        free = st.f_bavail * st.f_frsize - _shm_reserved[0]
+    return free >= size + _SHM_MARGIN_BYTES
+
+
+def _anonymous_shm_file(shm_dir: str) -> int:
+    """A read-write fd on a RAM-disk file that has no name, so nothing can outlive us."""
+    if _USE_O_TMPFILE and hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(shm_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+    fd, path = tempfile.mkstemp(prefix=".grok1-ckpt-", dir=shm_dir)
+    os.unlink(path)  # unlinked at once: the data lives only as long as the descriptor
+    return fd
+
+
+def _copy_fd(src: int, dst: int, size: int, file: str, control: _LoadControl,
+             copied: list[int]) -> None:
+    """Copies `size` bytes src -> dst in chunks; copied[0] counts the progress reported."""
+    offset = 0
+    use_sendfile = True
+    while offset < size:
+        control.check()
+        n = min(_CHUNK_BYTES, size - offset)
+        if use_sendfile:
+            try:
+                sent = os.sendfile(dst, src, offset, n)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                use_sendfile = False
+                continue
+        else:
+            chunk = os.pread(src, n, offset)
+            sent = os.write(dst, chunk) if chunk else 0
+        if sent <= 0:
+            raise CorruptCheckpointError(f"{file}: file shrank while being read")
+        offset += sent
+        copied[0] += sent
+        control.advance(sent, file)
+
+
+def _open_tensor_file(path: str, control: _LoadControl, use_shm: bool,
+                      shm_dir: Optional[str]) -> tuple[io.FileIO, int, bool]:
+    """Opens `path` for unpickling; returns (raw file, size, whether progress was counted).
+
+    Through the RAM disk when asked and it has room: the file is copied into an anonymous
+    RAM-disk file (this is the release's method, which helps on network filesystems), then
+    read from there. Any failure of that path falls back to reading the file directly.
+    """
+    try:
+        src = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise MissingCheckpointFileError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e}") from e
+    try:
+        size = os.fstat(src).st_size
+        shm_dir = shm_dir or SHM_DIR
+        if (
+            use_shm
+            and os.path.isdir(shm_dir)
+            and not os.path.abspath(path).startswith(os.path.abspath(shm_dir) + os.sep)
+            and _shm_has_room(shm_dir, size)
+        ):
+            with _shm_lock:
+                _shm_reserved[0] += size
+            tmp = -1
+            copied = False
+            progressed = [0]
+            try:
+                tmp = _anonymous_shm_file(shm_dir)
+                _copy_fd(src, tmp, size, path, control, progressed)
+                os.lseek(tmp, 0, os.SEEK_SET)
+                copied = True
+            except OSError as e:  # e.g. the RAM disk filled up meanwhile (ENOSPC)
+                logger.debug("%s: RAM-disk copy failed (%s); reading directly", path, e)
+            finally:
+                with _shm_lock:
+                    _shm_reserved[0] -= size
+                if not copied and tmp >= 0:
+                    os.close(tmp)
+            if copied:
+                os.close(src)
+                src = -1
+                return io.FileIO(tmp, "rb", closefd=True), size, True
+            control.advance(-progressed[0], path)  # the direct read counts the bytes again
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        raw = io.FileIO(src, "rb", closefd=True)
+        src = -1
+        return raw, size, False
+    finally:
+        if src >= 0:
+            os.close(src)
+
+
+def _unpickle_file(path: str, control: _LoadControl, use_shm: bool = True,
+                   shm_dir: Optional[str] = None, skip_data: bool = False) -> tuple[Any, int]:
+    """Reads one tensor file; returns (numpy array or QuantizedWeight8bit, file size)."""
+    raw, size, counted = _open_tensor_file(path, control, use_shm and not skip_data, shm_dir)
+    with raw:
+        reader = _Reader(raw, size, path, control, count_progress=not counted,
+                         skip_data=skip_data)
+        try:
+            obj = _SafeUnpickler(reader, path).load()
+        except (CheckpointError, _Cancelled):
+            raise
+        except MemoryError:
+            raise CorruptCheckpointError(
+                f"{path}: out of memory while unpickling (a damaged length field, or too "
+                "little RAM for this tensor)"
+            ) from None
+        except Exception as e:  # truncated / garbled pickle streams raise many types
+            at = raw.tell()
+            what = "truncated" if at >= size else "corrupt"
+            raise CorruptCheckpointError(
+                f"{path}: {what} pickle ({type(e).__name__}: {e}) at byte {at} of {size}"
+            ) from None
+        trailing = size - raw.tell()
+        if trailing:
+            raise CorruptCheckpointError(
+                f"{path}: {trailing} unexpected bytes after the end of the pickle"
+            )
+    return _finish(obj, path), size
+
+
+def fast_unpickle(path: str, *, use_shm: Any = "auto", shm_dir: Optional[str] = None) -> Any:
+    """Safely unpickles one checkpoint file: a numpy array or a QuantizedWeight8bit of arrays.
+
+    use_shm: True copies the file through the RAM disk first (the release's method), False
+    reads it directly, "auto" does the former only on network / FUSE filesystems.
+
+    Arrays of 1 MB and more are writable and 64-byte aligned; smaller ones are read-only.
+    Raises CorruptCheckpointError / UnsafeCheckpointError / MissingCheckpointFileError.
+    """
+    path = os.fspath(path)
+    use_shm = _resolve_use_shm(use_shm, os.path.dirname(os.path.abspath(path)))
+    return _unpickle_file(path, _LoadControl(), use_shm, shm_dir)[0]
+
+
+def fast_pickle(obj: Any, path: str) -> None:
+    """Writes `obj` as one pickle (protocol 4, like the release) atomically at `path`.
+
+    The data goes to a temporary file in the same directory, is fsynced, then renamed, so a
+    crash never leaves a half-written tensor file under the final name.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as umask allows
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(obj, f, protocol=4)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# Leaf order, parameter paths and file names
+# ---------------------------------------------------------------------------------------
+
+
+def path_tuple_to_string(path: tuple) -> str:
+    """'params/transformer/decoder_layer_0/moe/linear/w' for a jax key path (release style:
+    dict keys and attribute names joined by '/', sequence indices dropped)."""
+    pieces = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            pieces.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            pieces.append(key.name)
+    return "/".join(pieces)
+
+
+def _is_state(tree: Any) -> bool:
+    """A TrainingState: this module's, or any NamedTuple whose one field is `params` (the
+    release defines its own in runners.py)."""
+    return isinstance(tree, tuple) and getattr(tree, "_fields", None) == ("params",)
+
+
+def _as_state(tree: Any) -> TrainingState:
+    return TrainingState(params=tree.params if _is_state(tree) else tree)
+
+
+def checkpoint_leaves(state_or_params: Any) -> tuple[list[str], list[Any], Any]:
+    """(paths, leaves, treedef) of TrainingState(params=...) in checkpoint file order.
+
+    Leaf i is stored in file tensor{i:05d}_{h:03d}. A QuantizedWeight8bit is one leaf.
+    """
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(
+        _as_state(state_or_params), is_leaf=_is_qw
+    )
+    return [path_tuple_to_string(p) for p, _ in with_path], [x for _, x in with_path], treedef
+
+
+def checkpoint_leaves_of(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Like checkpoint_leaves, but for a tree as given (not wrapped in TrainingState)."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qw)
+    return [path_tuple_to_string(p) for p, _ in with_path], [x for _, x in with_path], treedef
+
+
+def tensor_filename(index: int, host: int = 0) -> str:
+    return f"tensor{index:05d}_{host:03d}"
+
+
+def _scan_directory(directory: str) -> dict[int, set[int]]:
+    """{host shard: set of tensor indices} of the tensor files in `directory`."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        raise MissingCheckpointFileError(f"{directory}: checkpoint directory not found") from None
+    shards: dict[int, set[int]] = {}
+    for name in names:
+        m = _TENSOR_NAME.match(name)
+        if m:
+            shards.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    return shards
+
+
+def _pick_host_shard(directory: str, shards: dict[int, set[int]], host_index: int,
+                     num_hosts: int) -> int:
+    """The host shard this process reads: its own index if the checkpoint has one, else 000
+    when that is the only shard (every process then reads the same files)."""
+    if host_index in shards:
+        return host_index
+    if set(shards) == {0}:
+        return 0
+    if not shards:
+        raise MissingCheckpointFileError(
+            f"{directory}: no tensor files (tensor#####_###) in this directory"
+        )
+    raise MissingCheckpointFileError(
+        f"{directory}: process {host_index} of {num_hosts} has no host shard "
+        f"_{host_index:03d}; the checkpoint holds shards {sorted(shards)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Checking a loaded leaf against the expected one
+# ---------------------------------------------------------------------------------------
+
+
+def _describe(x: Any) -> str:
+    if _is_qw(x):
+        return f"QuantizedWeight8bit(weight {_describe(x.weight)}, scales {_describe(x.scales)})"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{np.dtype(x.dtype).name}{list(x.shape)}"
+    return type(x).__name__
+
+
+def _same(a: Any, b: Any) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and np.dtype(a.dtype) == np.dtype(b.dtype)
+
+
+def _check_leaf(found: Any, expected: Any, file: str, path: str) -> None:
+    """Raises CheckpointMismatchError unless `found` is what `expected` describes.
+
+    expected: ShapeDtypeStruct / array, or a QuantizedWeight8bit of them. A float-shaped
+    expected leaf also accepts a QuantizedWeight8bit of that weight shape: the release's
+    code describes quantized weights by their float32 shape.
+    """
+    ok = False
+    if _is_qw(expected):
+        ok = _is_qw(found) and _same(found.weight, expected.weight) and _same(
+            found.scales, expected.scales)
+    elif _is_qw(found):
+        w, s = found.weight, found.scales
+        ok = (
+            tuple(w.shape) == tuple(expected.shape)
+            and np.issubdtype(np.dtype(expected.dtype), np.floating)
+            and w.ndim >= 2 and s.ndim == w.ndim
+            and tuple(s.shape[:-2]) == tuple(w.shape[:-2]) and s.shape[-1] == w.shape[-1]
+            and s.shape[-2] > 0 and w.shape[-2] % s.shape[-2] == 0
+        )
+    else:
+        ok = isinstance(found, np.ndarray) and _same(found, expected)
+    if not ok:
+        raise CheckpointMismatchError(
+            f"{file}: parameter {path}: expected {_describe(expected)}, found {_describe(found)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Placing a host value on devices
+# ---------------------------------------------------------------------------------------
+
+
+def _scales_sharding(sharding: jax.sharding.Sharding, scales_shape: tuple) -> Any:
+    """The weight's NamedSharding adapted to the scales: mesh axes that do not divide a
+    scales dimension (e.g. the size-1 input dimension of column scales) are dropped."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (len(scales_shape) - len(sharding.spec))
+    out = []
+    for dim, axes in zip(scales_shape, spec[: len(scales_shape)]):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes is not None else ()
+        size = math.prod(sharding.mesh.shape[a] for a in names)
+        out.append(axes if size > 0 and dim % size == 0 else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*out))
+
+
+def _place(value: Any, sharding: Any) -> Any:
+    """Host value -> global jax array(s); each device receives only its own slice."""
+
+    def put(a: np.ndarray, s: jax.sharding.Sharding) -> jax.Array:
+        return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+
+    if _is_qw(value):
+        if _is_qw(sharding):
+            ws, ss = sharding.weight, sharding.scales
+        else:
+            ws, ss = sharding, _scales_sharding(sharding, value.scales.shape)
+        out = QuantizedWeight8bit(weight=put(value.weight, ws), scales=put(value.scales, ss))
+    else:
+        s = sharding.weight if _is_qw(sharding) else sharding
+        out = put(value, s)
+    jax.block_until_ready(out)  # the host buffer may be dropped once this returns
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The threaded loader
+# ---------------------------------------------------------------------------------------
+
+
+class _ByteBudget:
+    """Bounds the bytes held in flight (host buffers and RAM-disk copies) across workers.
+
+    One job is always admitted when nothing else is in flight, so a file larger than the
+    budget still loads.
+    """
+
+    def __init__(self, limit: int, control: _LoadControl):
+        self.limit, self.in_use, self.peak = limit, 0, 0
+        self._cond = threading.Condition()
+        self._control = control
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            while self.in_use and self.in_use + n > self.limit:
+                self._control.check()
+                self._cond.wait(0.05)
+            self._control.check()
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.in_use -= n
+            self._cond.notify_all()
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checkpoint",
+        disable=not (enabled and sys.stderr.isatty()), leave=False, file=sys.stderr,
+    )
+
+
+def load_tensors(
+    shaped_arrays: Sequence[Any],
+    directory: str,
+    mesh_config: Any = None,
+    tensor_indices: Optional[Sequence[int]] = None,
+    *,
+    shardings: Optional[Sequence[Any]] = None,
+    paths: Optional[Sequence[str]] = None,
+    host_index: Optional[int] = None,
+    num_hosts: Optional[int] = None,
+    num_workers: int = 32,
+    use_shm: Any = "auto",
+    shm_dir: Optional[str] = None,
+    max_inflight_bytes: Optional[int] = None,
+    progress: bool = True,
+    _stats: Optional[dict] = None,
+) -> list[Any]:
+    """Loads the tensor files for `shaped_arrays` (a flat list) from `directory`.
+
+    Leaf k is read from tensor{tensor_indices[k] (default k):05d}_{h:03d} where h is this
+    process's host shard (its process index, or 000 when that is the checkpoint's only
+    shard), checked against shaped_arrays[k] (shape and dtype; a QuantizedWeight8bit of
+    them, or a float leaf that the file may hold quantized) and, when `shardings` is given,
+    placed on devices with shardings[k] (a Sharding, or a QuantizedWeight8bit of two).
+    Returns numpy values (QuantizedWeight8bit of numpy) without shardings, jax arrays with.
+
+    use_shm: True copies each file through the RAM disk (`shm_dir`, default /dev/shm)
+    before unpickling, as the release does, whenever it exists and has room (an anonymous
+    file: nothing can outlive the process); False reads directly; "auto" (default) copies
+    only from network / FUSE filesystems, where it helps, and reads local disks directly.
+
+    Memory: host buffers and RAM-disk copies in flight stay under `max_inflight_bytes`
+    (default 10% of the total, at least one file), each freed as soon as its leaf is placed.
+    On any error all workers stop, nothing is returned, and the first error is raised.
+    mesh_config is accepted for compatibility with the release and not needed.
+    """
+    del mesh_config
+    directory = os.fspath(directory)
+    n = len(shaped_arrays)
+    indices = list(range(n)) if tensor_indices is None else [int(i) for i in tensor_indices]
+    if len(indices) != n or (shardings is not None and len(shardings) != n):
+        raise ValueError("shaped_arrays, tensor_indices and shardings must have equal lengths")
+    paths = list(paths) if paths is not None else [f"leaf {i}" for i in indices]
+    host_index = jax.process_index() if host_index is None else host_index
+    num_hosts = jax.process_count() if num_hosts is None else num_hosts
+
+    shard = _pick_host_shard(directory, _scan_directory(directory), host_index, num_hosts)
+    files = [os.path.join(directory, tensor_filename(i, shard)) for i in indices]
+    sizes, missing = [], []
+    for f, p in zip(files, paths):
+        try:
+            sizes.append(os.stat(f).st_size)
+        except FileNotFoundError:
+            missing.append(f"{os.path.basename(f)} ({p})")
+    if missing:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        shown = ", ".join(missing[:10]) + more
+        raise MissingCheckpointFileError(
+            f"{directory}: {len(missing)} tensor file(s) missing: {shown}"
+        )
+
+    total = sum(sizes)
+    use_shm = _resolve_use_shm(use_shm, directory)
+    per_byte = 2 if use_shm else 1  # a RAM-disk copy and the host buffer coexist briefly
+    largest = max(sizes, default=0) * per_byte
+    limit = max(int(0.1 * total), largest) if max_inflight_bytes is None else max(
+        int(max_inflight_bytes), 1)
+    bar = _progress_bar(total, progress)
+    control = _LoadControl(bar.update)
+    budget = _ByteBudget(limit, control)
+    results: list[Any] = [None] * n
+
+    def work(k: int) -> None:
+        try:
+            control.check()
+            cost = sizes[k] * per_byte
+            budget.acquire(cost)
+            try:
+                value, _ = _unpickle_file(files[k], control, use_shm, shm_dir)
+                _check_leaf(value, shaped_arrays[k], files[k], paths[k])
+                if shardings is not None:
+                    control.check()
+                    try:
+                        value = _place(value, shardings[k])
+                    except Exception as e:
+                        raise CheckpointError(
+                            f"{files[k]}: parameter {paths[k]}: placing {_describe(value)} "
+                            f"with {shardings[k]} failed: {e}"
+                        ) from e
+                results[k] = value
+            finally:
+                budget.release(cost)
+        except _Cancelled:
+            raise
+        except CheckpointError as e:
+            if paths[k] not in str(e):
+                e = type(e)(f"{e} (parameter {paths[k]})")
+            control.fail(e)
+            raise e from None
+        except BaseException as e:
+            control.fail(e)
+            raise
+
+    start = time.perf_counter()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_workers, n)))
+    try:
+        futures = [pool.submit(work, k) for k in range(n)]
+        for fut in concurrent.futures.as_completed(futures):
+            if fut.exception() is not None:
+                break
+    finally:
+        # Stops the other workers at their next chunk if anything failed or the caller was
+        # interrupted; after a success every job is done and this changes nothing.
+        control.cancelled.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    if control.first_error is not None:
+        results.clear()
+        raise control.first_error
+    seconds = time.perf_counter() - start
+    logger.info(
+        "Loaded %d tensors, %.2f GB in %.2f s (%.2f GB/s) from %s%s",
+        n, total / 1e9, seconds, total / 1e9 / max(seconds, 1e-9), directory,
+        " through the RAM disk" if use_shm else "",
+    )
+    if _stats is not None:
+        _stats.update(bytes=total, seconds=seconds, peak_inflight=budget.peak, limit=limit,
+                      use_shm=use_shm)
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Rename / exclude rules
+# ---------------------------------------------------------------------------------------
+
+
+def get_load_path_str(init_path_str: str, load_rename_rules=None,
+                      load_exclude_rules=None) -> Optional[str]:
+    """The checkpoint path to load the code's parameter `init_path_str` from.
+
+    None when an exclude rule (regex, re.search) matches; otherwise the path after the first
+    rename rule (pattern, replacement) whose pattern matches, or unchanged.
+    """
+    for pattern in load_exclude_rules or ():
+        if re.search(pattern, init_path_str):
+            return None
+    for pattern, replacement in load_rename_rules or ():
+        if re.search(pattern, init_path_str):
+            return re.sub(pattern, replacement, init_path_str)
+    return init_path_str
+
+
+def _leaf_shape(x: Any) -> tuple:
+    return tuple(x.weight.shape) if _is_qw(x) else tuple(getattr(x, "shape", ()))
+
+
+def _merge(init_state: Any, load_map: dict[str, Any], rename, exclude) -> Any:
+    paths, leaves, treedef = checkpoint_leaves_of(init_state)
+    out = []
+    for path, init_leaf in zip(paths, leaves):
+        src = get_load_path_str(path, rename, exclude)
+        if src is None:
+            logger.info("Excluded from restore: %s", path)
+            out.append(init_leaf)
+        elif src in load_map:
+            value = load_map[src]
+            if _leaf_shape(value) != _leaf_shape(init_leaf):
+                raise CheckpointMismatchError(
+                    f"parameter {path} (loaded from {src}): expected {_describe(init_leaf)}, "
+                    f"found {_describe(value)}"
+                )
+            out.append(value)
+        else:
+            logger.warning("Not found in checkpoint, keeping the initial value: %s", path)
+            out.append(init_leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def replace_with_load_state(init_state: Any, load_state: Any, load_rename_rules=None,
+                            load_exclude_rules=None, mesh_config: Any = None) -> Any:
+    """init_state with each leaf replaced by the load_state leaf at its (renamed) path.
+
+    Paths are strings like 'params/transformer/decoder_layer_0/router/w'. Excluded leaves
+    and leaves the load state lacks keep their init value (the latter logged as a warning).
+    A replaced leaf whose shape differs raises CheckpointMismatchError.
+    """
+    del mesh_config
+    load_paths, load_leaves, _ = checkpoint_leaves_of(load_state)
+    return _merge(init_state, dict(zip(load_paths, load_leaves)), load_rename_rules,
+                  load_exclude_rules)
+
+
+# ---------------------------------------------------------------------------------------
+# restore
+# ---------------------------------------------------------------------------------------
+
+
+def _resolve_sharding(s: Any, mesh: Optional[jax.sharding.Mesh]) -> Any:
+    if _is_qw(s):
+        return QuantizedWeight8bit(weight=_resolve_sharding(s.weight, mesh),
+                                   scales=_resolve_sharding(s.scales, mesh))
+    if isinstance(s, jax.sharding.Sharding):
+        return s
+    if s is None or isinstance(s, PartitionSpec):
+        if mesh is None:
+            if s is None or s == PartitionSpec():
+                return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            raise ValueError(f"a PartitionSpec {s} needs a mesh")
+        return NamedSharding(mesh, s if s is not None else PartitionSpec())
+    raise TypeError(f"not a sharding: {s!r}")
+
+
+def _sharding_leaves(state_sharding: Any, treedef: Any, paths: list[str],
+                     mesh: Optional[jax.sharding.Mesh]) -> list[Any]:
+    """One resolved sharding per leaf of the tree `treedef` describes."""
+    if state_sharding is None:
+        return [_resolve_sharding(None, mesh)] * len(paths)
+    state_sharding = _as_state(state_sharding)
+    try:
+        flat = treedef.flatten_up_to(state_sharding)
+    except (ValueError, TypeError) as e:
+        is_leaf = lambda x: x is None or isinstance(  # noqa: E731
+            x, (jax.sharding.Sharding, PartitionSpec, QuantizedWeight8bit))
+        with_path, _ = jax.tree_util.tree_flatten_with_path(state_sharding, is_leaf=is_leaf)
+        have = {path_tuple_to_string(p) for p, _ in with_path}
+        want = set(paths)
+        raise CheckpointMismatchError(
+            "Parameters in the code do not match the checkpoint's parameters.\n"
+            f"Missing in the shardings (code): {sorted(want - have)}\n"
+            f"Missing in the checkpoint shapes: {sorted(have - want)}\n({e})"
+        ) from None
+    return [_resolve_sharding(s, mesh) for s in flat]
+
+
+def resolve_checkpoint_dir(checkpoint_path: str) -> str:
+    """`checkpoint_path/ckpt-0` when it exists (the release's layout), else the path itself."""
+    sub = os.path.join(checkpoint_path, "ckpt-0")
+    return sub if os.path.isdir(sub) else checkpoint_path
+
+
+def restore(
+    checkpoint_path: str,
+    state_shapes: Any,
+    mesh: Optional[jax.sharding.Mesh],
+    between_hosts_config: Any = None,
+    params_only: bool = True,
+    state_sharding: Any = None,
+    init_state: Any = None,
+    *,
+    rename_rules: Sequence[tuple[str, str]] = (),
+    exclude_rules: Sequence[str] = (),
+    num_workers: int = 32,
+    use_shm: Any = "auto",
+    progress: bool = True,
+    shm_dir: Optional[str] = None,
+    max_inflight_bytes: Optional[int] = None,
+) -> Any:
+    """Restores a checkpoint as global jax arrays placed with the given shardings.
+
+    checkpoint_path: the tensor directory, or its parent holding `ckpt-0` (release layout).
+    state_shapes: the checkpoint's tree, TrainingState(params=tree) or the bare params tree;
+      leaves are jax.ShapeDtypeStruct / arrays, quantized weights a QuantizedWeight8bit of
+      them (or, as in the release, a float32 leaf of the weight's shape).
+    mesh: used for PartitionSpec / None shardings (None: replicated over the mesh).
+    between_hosts_config: the release's host mesh shape; its product must equal the number
+      of processes. Each process reads its own host shard (or _000 if it is the only one).
+    state_sharding: Shardings / PartitionSpecs matching state_shapes (or init_state when
+      given); a QuantizedWeight8bit leaf takes a QuantizedWeight8bit of two, or one used for
+      the weight and adapted to the scales. None replicates everything over `mesh`.
+    init_state: the code's tree when it differs from the checkpoint's: its leaves are
+      loaded from the checkpoint path given by rename_rules / exclude_rules (see
+      get_load_path_str); excluded and absent ones keep their init value. Checkpoint
+      tensors nobody uses are not read.
+    use_shm / num_workers / max_inflight_bytes / progress: see load_tensors.
+    Returns the params tree when params_only (the release's default use), else the state.
+    """
+    if between_hosts_config is not None and math.prod(between_hosts_config) != jax.process_count():
+        raise ValueError(
+            f"between_hosts_config {tuple(between_hosts_config)} implies "
+            f"{math.prod(between_hosts_config)} processes, but jax runs {jax.process_count()}"
+        )
+    directory = resolve_checkpoint_dir(os.fspath(checkpoint_path))
+    paths, leaves, treedef = checkpoint_leaves(state_shapes)
+
+    shards = _scan_directory(directory)
+    host = _pick_host_shard(directory, shards, jax.process_index(), jax.process_count())
+    extra = sorted(i for i in shards.get(host, ()) if i >= len(leaves))
+    if extra:
+        raise CheckpointMismatchError(
+            f"{directory}: the checkpoint holds {len(shards[host])} tensors for host {host:03d} "
+            f"but the code's parameter tree has {len(leaves)} leaves (extra files from "
+            f"{tensor_filename(extra[0], host)}); the code's and the checkpoint's parameters differ"
+        )
+    common = dict(host_index=jax.process_index(), num_hosts=jax.process_count(),
+                  num_workers=num_workers, use_shm=use_shm, shm_dir=shm_dir,
+                  max_inflight_bytes=max_inflight_bytes, progress=progress)
+
+    if init_state is None:
+        if rename_rules or exclude_rules:
+            raise ValueError("rename_rules / exclude_rules need init_state (the code's tree)")
+        shardings = _sharding_leaves(state_sharding, treedef, paths, mesh)
+        values = load_tensors(leaves, directory, shardings=shardings, paths=paths, **common)
+        params = jax.tree_util.tree_unflatten(treedef, values).params
+        return _result(params, state_shapes, params_only)
+
+    # The code's tree differs: load only what init_state's leaves map to.
+    init = _as_state(init_state)
+    init_paths, init_leaves, init_def = checkpoint_leaves_of(init)
+    init_shardings = _sharding_leaves(state_sharding, init_def, init_paths, mesh)
+    index_of = {p: i for i, p in enumerate(paths)}
+    wanted: dict[int, Any] = {}
+    for ipath, ileaf, isharding in zip(init_paths, init_leaves, init_shardings):
+        src = get_load_path_str(ipath, rename_rules, exclude_rules)
+        if src is None or src not in index_of:
+            continue
+        k = index_of[src]
+        if _leaf_shape(leaves[k]) != _leaf_shape(ileaf):
+            raise CheckpointMismatchError(
+                f"parameter {ipath} (checkpoint {src}, {tensor_filename(k, host)}): the code "
+                f"expects {_describe(ileaf)}, the checkpoint tree says {_describe(leaves[k])}"
+            )
+        wanted.setdefault(k, isharding)
+    order = sorted(wanted)
+    values = load_tensors([leaves[k] for k in order], directory, tensor_indices=order,
+                          shardings=[wanted[k] for k in order],
+                          paths=[paths[k] for k in order], **common)
+    merged = _merge(init, {paths[k]: v for k, v in zip(order, values)}, rename_rules,
+                    exclude_rules)
+    # Leaves kept from init_state go to devices too, so the whole result is placed.
+    merged_leaves = [_place_kept(x, s) for x, s in zip(checkpoint_leaves_of(merged)[1],
+                                                       init_shardings)]
+    params = jax.tree_util.tree_unflatten(init_def, merged_leaves).params
+    return _result(params, init_state, params_only)
+
+
+def _result(params: Any, like: Any, params_only: bool) -> Any:
+    """The params, or a state of the caller's own TrainingState class around them."""
+    return type(like)(params=params) if _is_state(like) and not params_only else params
+
+
+def _place_kept(x: Any, sharding: Any) -> Any:
+    """An init_state leaf kept by restore: placed with its sharding unless already placed."""
+    if isinstance(x.weight if _is_qw(x) else x, jax.Array):
+        return x
+    if _is_qw(x):
+        return _place(QuantizedWeight8bit(np.asarray(x.weight), np.asarray(x.scales)), sharding)
+    return _place(np.asarray(x), sharding)
+
+
+# ---------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------
+
+
+def _to_host(x: Any, path: str) -> Any:
+    if _is_qw(x):
+        return QuantizedWeight8bit(weight=_to_host(x.weight, path), scales=_to_host(x.scales, path))
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        raise ValueError(f"{path}: array is not fully addressable from this process; gather "
+                         "it first (save writes one host's complete tensors)")
+    a = np.asarray(x)
+    if a.dtype.hasobject or a.dtype.kind not in "biufc" and a.dtype != _BF16:
+        raise ValueError(f"{path}: dtype {a.dtype} cannot be stored in a checkpoint")
+    return a
+
+
+def save(state_or_params: Any, directory: str, host_index: int = 0, *, num_workers: int = 8,
+         overwrite: bool = False) -> list[str]:
+    """Writes a params tree (or TrainingState) in the released format; returns the files.
+
+    Leaves: numpy / jax arrays and QuantizedWeight8bit of them. File i holds leaf i of the
+    flattened TrainingState(params=...) as a protocol-4 pickle, named tensor{i:05d}_{h:03d}
+    with h = host_index. An existing checkpoint for this host is refused unless overwrite,
+    which first removes that host's old tensor files. To produce the release's layout pass
+    `<dir>/ckpt-0`.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    paths, leaves, _ = checkpoint_leaves(state_or_params)
+    old = [n for n in os.listdir(directory)
+           if _TENSOR_NAME.match(n) and int(n[-3:]) == host_index]
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{directory}: already holds {len(old)} tensor files for host {host_index:03d}; "
+            "pass overwrite=True to replace them"
+        )
+    for name in old:
+        os.unlink(os.path.join(directory, name))
+    files = [os.path.join(directory, tensor_filename(i, host_index)) for i in range(len(leaves))]
+
+    def write(i: int) -> None:
+        fast_pickle(_to_host(leaves[i], paths[i]), files[i])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        for fut in [pool.submit(write, i) for i in range(len(leaves))]:
+            fut.result()
+    return files
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: --inspect
+# ---------------------------------------------------------------------------------------
+
+
+def _config_shapes(name: str) -> Any:
+    import model
+
+    if name == "grok-1":
+        config = model.grok_1_config()
+    elif name == "tiny":
+        config = model.tiny_config()
+    else:
+        raise ValueError(f"unknown config {name!r}")
+    return model.param_shapes(config)
+
+
+def inspect_checkpoint(directory: str, config: Optional[str] = None, host: Optional[int] = None,
+                       out=sys.stdout) -> int:
+    """Prints every tensor of a checkpoint and checks completeness; returns 0 if complete."""
+    directory = resolve_checkpoint_dir(directory)
+    shards = _scan_directory(directory)
+    problems: list[str] = []
+    expected_paths: Optional[list[str]] = None
+    expected_leaves: list[Any] = []
+    if config:
+        expected_paths, expected_leaves, _ = checkpoint_leaves(_config_shapes(config))
+    if not shards:
+        print(f"{directory}: no tensor files", file=out)
+        return 1
+    counts = {h: len(ix) for h, ix in shards.items()}
+    if len(set(counts.values())) > 1:
+        problems.append(f"host shards hold different numbers of tensors: {counts}")
+    for h in sorted(shards) if host is None else [host]:
+        present = shards.get(h, set())
+        n = max(present, default=-1) + 1
+        if expected_paths is not None:
+            n = max(n, len(expected_paths))
+        missing = [i for i in range(n) if i not in present]
+        if missing:
+            problems.append(f"host {h:03d}: missing {len(missing)} file(s): "
+                            + ", ".join(tensor_filename(i, h) for i in missing[:10]))
+        if expected_paths is not None and n > len(expected_paths):
+            problems.append(f"host {h:03d}: {n - len(expected_paths)} file(s) beyond the "
+                            f"{len(expected_paths)} parameters of config {config}")
+        print(f"host {h:03d}: {len(present)} tensor files in {directory}", file=out)
+        print(f"{'index':>5}  {'parameter':<56} {'dtype':<9} {'shape':<22} {'scales':<22} bytes",
+              file=out)
+        total = 0
+        for i in sorted(present):
+            f = os.path.join(directory, tensor_filename(i, h))
+            path = expected_paths[i] if expected_paths and i < len(expected_paths) else "-"
+            try:
+                value, size = _unpickle_file(f, _LoadControl(), use_shm=False, skip_data=True)
+            except CheckpointError as e:
+                problems.append(str(e))
+                print(f"{i:>5}  {path:<56} ERROR: {e}", file=out)
+                continue
+            total += size
+            if _is_qw(value):
+                dtype, shape = value.weight.dtype.name, list(value.weight.shape)
+                scales = f"{value.scales.dtype.name}{list(value.scales.shape)}"
+            else:
+                dtype, shape, scales = value.dtype.name, list(value.shape), "-"
+            print(f"{i:>5}  {path:<56} {dtype:<9} {str(shape):<22} {scales:<22} {size}", file=out)
+            if expected_paths is not None and i < len(expected_paths):
+                try:
+                    _check_leaf(value, expected_leaves[i], f, path)
+                except CheckpointMismatchError as e:
+                    problems.append(str(e))
+        print(f"host {h:03d}: {total / 1e9:.3f} GB", file=out)
+    if problems:
+        print(f"INCOMPLETE or MISMATCHED checkpoint ({len(problems)} problem(s)):", file=out)
+        for p in problems:
+            print(f"  - {p}", file=out)
+        return 1
+    print("checkpoint complete", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Grok-1 checkpoint tools")
+    parser.add_argument("--inspect", metavar="DIR", required=True,
+                        help="list a checkpoint's tensors and check that it is complete")
+    parser.add_argument("--config", choices=("grok-1", "tiny"),
+                        help="infer parameter paths and check shapes against this config")
+    parser.add_argument("--host", type=int, help="only this host shard")
+    args = parser.parse_args(argv)
+    return inspect_checkpoint(args.inspect, args.config, args.host)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
