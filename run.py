@@ -1,0 +1,274 @@
+"""Generate text with Grok-1, or with a tiny random model that runs anywhere (--tiny).
+
+    python run.py                      # the released model: ./checkpoints/ckpt-0, ./tokenizer.model
+    python run.py --tiny               # a demo on any machine, CPU included, in well under a minute
+    python run.py --prompt "Hello" --prompt "Once upon a time" --max-len 50 --temperature 0.7
+
+The default does what the release's run.py does: the Grok-1 config, the checkpoint, the
+tokenizer, 100 tokens at temperature 0.01 from the test prompt. The mesh defaults to the
+devices present. --tiny saves a small random model in the released checkpoint format,
+trains a small SentencePiece tokenizer (ids 0 [PAD], 1 [BOS], 2 [EOS], 3 [UNK]) from
+data/tiny_corpus.txt, loads both back through the same restore path and generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
+DEFAULT_CHECKPOINT = "./checkpoints/ckpt-0"
+DEFAULT_TOKENIZER = "./tokenizer.model"
+TINY_CORPUS = os.path.join(REPO_ROOT, "data", "tiny_corpus.txt")
+TINY_VOCAB = 512  # model and tokenizer vocabulary of the demo
+TINY_SEQUENCE_LEN = 256
+TINY_PAD_SIZES = (32, 128)
+EXIT_USAGE = 2  # missing files, bad flags: the user has something to fix
+
+DOWNLOAD_HELP = """\
+To run the real model, download the weights and the tokenizer from the Hugging Face repo
+xai-org/grok-1: the files ckpt-0/* (770 files, about 318 GB) and tokenizer.model, e.g.
+
+    pip install huggingface_hub[hf_transfer]
+    huggingface-cli download xai-org/grok-1 --repo-type model \\
+        --include "ckpt-0/*" "tokenizer.model" --local-dir checkpoints
+
+then run:  python run.py --checkpoint checkpoints/ckpt-0 --tokenizer checkpoints/tokenizer.model
+
+Memory: the int8 weights need about 320 GB of GPU memory in total (e.g. 8 GPUs of 80 GB,
+mesh 1x8), plus room for the KV cache.
+
+To try the code without the weights, on any machine:  python run.py --tiny"""
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'1x8' -> (1, 8): the local mesh (data, model)."""
+    try:
+        data, model = (int(part) for part in text.lower().split("x"))
+        if data < 1 or model < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 1x8") from None
+    return data, model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Generate text with Grok-1 (default) or a tiny random demo model (--tiny).",
+        epilog=DOWNLOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true",
+                   help="run the demo: a small random model saved in the released checkpoint format and "
+                        "a tokenizer trained from data/tiny_corpus.txt, loaded back and sampled; the "
+                        "output is random text. Runs on CPU in well under a minute.")
+    p.add_argument("--tiny-dir", default=None,
+                   help="with --tiny: where to write the demo checkpoint (DIR/ckpt-0) and tokenizer "
+                        "(DIR/tokenizer.model); default a temporary directory, removed afterwards.")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"a prompt; repeat for several, which run at once in separate slots "
+                        f"(default: {DEFAULT_PROMPT!r}).")
+    p.add_argument("--max-len", type=int, default=100, help="most tokens to generate per prompt (default 100).")
+    p.add_argument("--temperature", type=float, default=0.01,
+                   help="sampling temperature; 0 is greedy (default 0.01, as the release).")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p in (0, 1] (default 1).")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed of the first prompt; prompt i uses seed + i (default 42).")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help=f"checkpoint directory of tensor files, or its parent holding ckpt-0 "
+                        f"(default {DEFAULT_CHECKPOINT}).")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                   help=f"SentencePiece tokenizer.model (default {DEFAULT_TOKENIZER}).")
+    p.add_argument("--mesh", type=parse_mesh, default=None,
+                   help="local device mesh DATAxMODEL, e.g. 1x8; default: chosen from the devices present.")
+    p.add_argument("--moe-impl", choices=("fast", "reference"), default="fast",
+                   help="mixture-of-experts implementation: 'fast' runs only the chosen experts with int8 "
+                        "kernels; 'reference' is the release's algorithm (default fast).")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated.")
+    return p
+
+
+# ---------------------------------------------------------------------------------------
+# The tiny demo's model and tokenizer
+# ---------------------------------------------------------------------------------------
+
+
+def tiny_demo_config(moe_impl: str = "fast"):
+    """The demo's model: Grok-1's structure (8 experts top-2, GQA, int8) at toy size."""
+    import model
+
+    return model.tiny_config(vocab_size=TINY_VOCAB, sequence_len=TINY_SEQUENCE_LEN, moe_impl=moe_impl)
+
+
+def train_tiny_tokenizer(directory: str, corpus: str = TINY_CORPUS, vocab_size: int = TINY_VOCAB) -> str:
+    """Train a SentencePiece model with Grok-1's special ids on `corpus`; returns its path."""
+    import sentencepiece
+
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, "tokenizer")
+    sentencepiece.SentencePieceTrainer.train(
+        input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        pad_piece="[PAD]", bos_piece="[BOS]", eos_piece="[EOS]", unk_piece="[UNK]",
+        num_threads=1, minloglevel=2)
+    return prefix + ".model"
+
+
+def tiny_demo_params(config, seed: int = 0) -> dict:
+    """Random parameters (model.init_random_params), rescaled so the text depends on context.
+
+    Plain random weights leave the residual stream dominated by the current token's
+    embedding, so greedy decoding repeats one token. Scaling the embedding table by 20 (this
+    sharpens the output distribution) and the two post-block norm scales by 60 lets each
+    layer's output outweigh the embedding. The weights are still random.
+    """
+    import model
+
+    params = model.init_random_params(config, seed)
+    out = dict(params)
+    out["language_model/in_out_embed"] = {"embeddings": params["language_model/in_out_embed"]["embeddings"] * 20.0}
+    for module, leaves in params.items():
+        if module.endswith(("/rms_norm_1", "/rms_norm_3")):
+            out[module] = {"scale": leaves["scale"] * 60.0}
+    return out
+
+
+def build_tiny_demo(directory: str, config=None, seed: int = 0) -> tuple[str, str]:
+    """Write a random tiny model (DIR/ckpt-0, released format) and a tokenizer (DIR/tokenizer.model).
+
+    Returns (checkpoint directory, tokenizer path).
+    """
+    import checkpoint
+
+    config = config if config is not None else tiny_demo_config()
+    tokenizer = train_tiny_tokenizer(directory)
+    ckpt = os.path.join(directory, "ckpt-0")
+    checkpoint.save(tiny_demo_params(config, seed), ckpt, overwrite=True)
+    return ckpt, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------
+
+
+def missing_files(checkpoint_path: str, tokenizer_path: str) -> list[str]:
+    """What of the real model is not where the flags say."""
+    import checkpoint
+
+    missing = []
+    directory = checkpoint.resolve_checkpoint_dir(checkpoint_path)
+    if not os.path.isfile(os.path.join(directory, checkpoint.tensor_filename(0))):
+        missing.append(f"checkpoint: no tensor files (tensor00000_000, ...) in {checkpoint_path!r}")
+    if not os.path.isfile(tokenizer_path):
+        missing.append(f"tokenizer: {tokenizer_path!r} does not exist")
+    return missing
+
+
+def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_path: str,
+             pad_sizes: Sequence[int]) -> None:
+    """Build the runner the release's way, then generate for every prompt at once."""
+    import jax
+
+    import runners
+
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    requests = [runners.Request(prompt=p, temperature=args.temperature, nucleus_p=args.top_p,
+                                rng_seed=args.seed + i, max_len=args.max_len) for i, p in enumerate(prompts)]
+    for request in requests:  # bad flags fail now, not after loading the weights
+        runners.check_request(request)
+    mesh = args.mesh or runners.auto_mesh_config(config, jax.local_device_count())
+    devices = mesh[0] * mesh[1]
+    runner = runners.InferenceRunner(
+        pad_sizes=tuple(pad_sizes),
+        runner=runners.ModelRunner(model=config, bs_per_device=len(prompts) / devices,
+                                   checkpoint_path=checkpoint_path),
+        name="local", load=checkpoint_path, tokenizer_path=tokenizer_path,
+        local_mesh_config=mesh, between_hosts_config=(1, 1))
+    start = time.perf_counter()
+    runner.initialize()
+    print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}, "
+          f"{runner.batch_size} slot(s).", flush=True)
+
+    start, count, done = time.perf_counter(), 0, {}
+    live = args.stream and len(prompts) == 1
+    if live:
+        print(f"Output for prompt: {prompts[0]}", end="", flush=True)
+    for event in runner.stream(requests):
+        count += 1
+        if live:
+            print(event.text, end="", flush=True)
+        elif args.stream:
+            print(f"[{event.request_id}] {event.token_id:>6} {event.prob:6.3f} {event.text!r}", flush=True)
+        if event.finished:
+            done[event.request_id] = event.completion
+    if live:
+        print()
+    seconds = time.perf_counter() - start
+    for i, prompt in enumerate(prompts):
+        c = done[i]
+        if not live:
+            print(f"Output for prompt: {prompt}", c.text)
+        print(f"  ({len(c.tokens)} tokens, stopped at {c.finish_reason})")
+    print(f"{count} tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tokens/s, "
+          "compilation included).")
+
+
+def run_tiny(args: argparse.Namespace) -> None:
+    config = tiny_demo_config(args.moe_impl)
+    with contextlib.ExitStack() as stack:
+        directory = args.tiny_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="grok1-tiny-"))
+        start = time.perf_counter()
+        checkpoint_path, tokenizer_path = build_tiny_demo(directory, config)
+        print(f"Tiny demo: a random {config.model.num_layers}-layer model (8 experts, top-2, int8 weights) "
+              f"saved in the released checkpoint format at {checkpoint_path}, and a {TINY_VOCAB}-piece "
+              f"tokenizer trained from {os.path.relpath(TINY_CORPUS)} at {tokenizer_path} "
+              f"({time.perf_counter() - start:.1f} s). Loading both back through checkpoint.restore.",
+              flush=True)
+        generate(args, config, checkpoint_path, tokenizer_path, TINY_PAD_SIZES)
+        print("The weights are random, so the text above is random too: this shows that the code path "
+              "works, not what Grok-1 says. For the real model see `python run.py --help`.")
+
+
+def run_real(args: argparse.Namespace) -> int:
+    missing = missing_files(args.checkpoint, args.tokenizer)
+    if missing:
+        print("Cannot run Grok-1:\n  " + "\n  ".join(missing) + "\n\n" + DOWNLOAD_HELP, file=sys.stderr)
+        return EXIT_USAGE
+    import model
+
+    generate(args, model.grok_1_config(moe_impl=args.moe_impl), args.checkpoint, args.tokenizer, (1024,))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import checkpoint
+    import runners
+
+    try:
+        if args.tiny:
+            run_tiny(args)
+            return 0
+        return run_real(args)
+    except (runners.InvalidRequestError, runners.MeshConfigError, checkpoint.CheckpointError,
+            FileNotFoundError) as e:  # things the user fixes: say what, no traceback
+        print(f"Error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,910 @@
+"""Batched text generation with Grok-1: the release's runner API, with its defects fixed.
+
+Reads top to bottom in the order a request flows:
+  meshes (make_mesh, auto_mesh_config) -> ModelRunner (mesh, batch size, parameters from a
+  checkpoint or random) -> Request and its checks -> sampling (temperature, token mask,
+  nucleus, greedy, the probability / top-8 report) -> the compiled prefill and decode steps
+  -> _Engine (slots, one decode step for all active slots, streamed text) ->
+  InferenceRunner (initialize, stream, generate, the release-style run() generator) ->
+  sample_from_model.
+
+What differs from the release (SPEC section 7): every slot keeps its own tokens, settings
+and seed; a request stops at the end-of-sequence token or at max_len; temperature 0 is
+greedy; cut prompts and cut lengths are warned about; bad settings raise
+InvalidRequestError; any number of devices works and a batch never rounds to 0.
+
+Shapes: B batch (slots), T tokens, S sequence_len (the cache of a slot), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import sys
+import warnings
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import checkpoint as xai_checkpoint
+import model as grok_model
+from model import LanguageModelConfig
+
+logger = logging.getLogger(__name__)
+
+TOP_K = 8  # how many of the most likely tokens every step reports, as in the release
+
+
+# ---------------------------------------------------------------------------------------
+# Errors and warnings
+# ---------------------------------------------------------------------------------------
+
+
+class InvalidRequestError(ValueError):
+    """A Request that cannot be run: empty prompt, or a setting outside its range."""
+
+
+class MeshConfigError(ValueError):
+    """A mesh that does not fit the devices present or the model's dimensions."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt or a max_len was cut to fit the pad buckets or the context."""
+
+
+def _warn(message: str, category: type = PromptTruncatedWarning) -> None:
+    """warnings.warn attributed to the first caller outside this module."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+# ---------------------------------------------------------------------------------------
+# Meshes
+# ---------------------------------------------------------------------------------------
+
+
+def model_axis_dims(config: LanguageModelConfig) -> dict[str, int]:
+    """Every parameter dimension the model axis splits: {'path[dim]': size}.
+
+    These sizes must all be divisible by the model axis size (times the data axis size
+    where a dimension is split over both, as the embedding table's width is). Layers are
+    all alike, so a one-layer copy of the config is traced (64 layers take seconds).
+    """
+    one_layer = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=1))
+    model_axis = config.model.model_axis
+    names = set(model_axis if isinstance(model_axis, tuple) else (model_axis,))
+    rules = config.partition_rules()
+    dims: dict[str, int] = {}
+    for module, params in grok_model.param_shapes(one_layer).items():
+        for name, leaf in params.items():
+            path = f"{module}/{name}"
+            shape = leaf.weight.shape if isinstance(leaf, grok_model.QuantizedWeight8bit) else leaf.shape
+            for d, axis in enumerate(grok_model.spec_for(path, rules)):
+                axes = set(axis if isinstance(axis, tuple) else (axis,))
+                if axes & names:
+                    dims[f"{path}[{d}]"] = int(shape[d])
+    return dims
+
+
+def auto_mesh_config(config: LanguageModelConfig, num_devices: int) -> tuple[int, int]:
+    """The local mesh (data, model) = (1, n) to use when none is given.
+
+    n is the largest divisor of num_devices that divides every dimension the model axis
+    splits (see model_axis_dims), so the parameters shard evenly; with 8 GPUs and Grok-1
+    this is (1, 8), on a CPU (1, 1).
+    """
+    if num_devices < 1:
+        raise MeshConfigError(f"num_devices={num_devices}: need at least one device.")
+    sizes = set(model_axis_dims(config).values())
+    for n in range(num_devices, 0, -1):
+        if num_devices % n == 0 and all(size % n == 0 for size in sizes):
+            return (1, n)
+    return (1, 1)  # unreachable: n = 1 always fits
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise MeshConfigError(f"{name}={value!r}: expected two integers (data, model), e.g. (1, 8).") from None
+    if a < 1 or b < 1:
+        raise MeshConfigError(f"{name}={value!r}: both sizes must be >= 1.")
+    return a, b
+
+
+def make_mesh(
+    local_mesh_config: Optional[Sequence[int]] = None,
+    between_hosts_config: Optional[Sequence[int]] = None,
+    *,
+    config: Optional[LanguageModelConfig] = None,
+    devices: Optional[Sequence[Any]] = None,
+) -> Mesh:
+    """A ("data", "model") mesh over this host's devices (and the other hosts', if any).
+
+    local_mesh_config (data, model): the mesh of one host. None picks one: (1, n) from
+    auto_mesh_config when `config` is given, else (1, all local devices). A smaller mesh
+    than the devices present uses the first ones; a larger one is an error.
+    between_hosts_config (data, model): how hosts are arranged; its product must equal the
+    number of processes. The mesh's shape is the elementwise product of the two.
+    """
+    hosts = _pair(between_hosts_config or (1, 1), "between_hosts_config")
+    if math.prod(hosts) != jax.process_count():
+        raise MeshConfigError(
+            f"between_hosts_config={hosts} describes {math.prod(hosts)} hosts, but jax runs "
+            f"{jax.process_count()} process(es). Use (1, {jax.process_count()}) or start the "
+            "matching number of processes."
+        )
+    local_devices = list(devices) if devices is not None else jax.local_devices()
+    if local_mesh_config is None:
+        local = auto_mesh_config(config, len(local_devices)) if config is not None else (1, len(local_devices))
+    else:
+        local = _pair(local_mesh_config, "local_mesh_config")
+    need = math.prod(local)
+    if need > len(local_devices):
+        raise MeshConfigError(
+            f"local_mesh_config={local} needs {need} devices per host but "
+            f"{len(local_devices)} are present ({local_devices[0].platform}). Pass a mesh whose "
+            f"product is at most {len(local_devices)}, or None to choose one automatically."
+        )
+    if need < len(local_devices):
+        logger.info("Mesh %s uses %d of the %d local devices.", local, need, len(local_devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * 2
+    if math.prod(hosts) == 1:
+        grid = np.array(local_devices[:need], dtype=object).reshape(local)
+    else:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(local, hosts, devices=jax.devices())
+    return Mesh(grid, ("data", "model"), axis_types=axis_types)
+
+
+def _check_mesh_fits(config: LanguageModelConfig, mesh: Mesh) -> None:
+    """Raise MeshConfigError naming the first parameter whose dimension the mesh cannot split."""
+    one_layer = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=1))
+    try:
+        grok_model.param_shardings(one_layer, mesh)  # layers are all alike
+    except ValueError as e:
+        best = auto_mesh_config(config, mesh.devices.size)
+        raise MeshConfigError(
+            f"The mesh {dict(mesh.shape)} does not fit this model: {e} "
+            f"For {mesh.devices.size} device(s), (data, model) = {best} fits; or pass None "
+            "(run.py: leave out --mesh) to choose automatically."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# ModelRunner: mesh, batch size, parameters
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelRunner:
+    """Holds the model config and produces the mesh, batch size and parameters.
+
+    bs_per_device: slots per device; batch = bs_per_device * devices in the mesh (at least 1,
+      where the release crashed on 0). load_rename_rules / load_exclude_rules: regex rules
+      mapping the code's parameter paths to the checkpoint's (see checkpoint.restore).
+    rng_seed: the seed of random parameters when no checkpoint is given.
+    transform_forward: accepted for compatibility with the release; unused.
+    checkpoint_path: the checkpoint directory (or its parent holding ckpt-0); "" means
+      random parameters.
+    """
+
+    model: LanguageModelConfig
+    bs_per_device: float = 2.0
+    load_rename_rules: Optional[list[tuple[str, str]]] = None
+    load_exclude_rules: Optional[list[str]] = None
+    rng_seed: int = 42
+    transform_forward: bool = False
+    checkpoint_path: str = ""
+
+    def initialize(
+        self,
+        init_data: Any = None,
+        local_mesh_config: Optional[Sequence[int]] = None,
+        between_hosts_config: Optional[Sequence[int]] = None,
+    ) -> None:
+        """Build the mesh (checked against the model) and the batch size.
+
+        init_data is accepted for compatibility with the release and not needed.
+        """
+        del init_data
+        self.model.initialize()
+        self.between_hosts_config = tuple(between_hosts_config or (1, 1))
+        self.mesh = make_mesh(local_mesh_config, self.between_hosts_config, config=self.model)
+        _check_mesh_fits(self.model, self.mesh)
+        local_devices = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+        wanted = self.bs_per_device * local_devices
+        self.local_batch_size = int(math.floor(wanted + 1e-6))
+        if self.local_batch_size < 1:
+            logger.info("bs_per_device=%s x %d devices rounds to %.3f slots; using 1.",
+                        self.bs_per_device, local_devices, wanted)
+            self.local_batch_size = 1
+        self.batch_size = self.local_batch_size * jax.process_count()
+        logger.info("Mesh %s, batch size %d.", dict(self.mesh.shape), self.batch_size)
+
+    def load_or_init(self, init_data: Any = None, from_checkpoint: bool = True) -> dict:
+        """The parameters, placed on the mesh: restored from checkpoint_path, else random."""
+        del init_data
+        if not hasattr(self, "mesh"):
+            raise RuntimeError("ModelRunner.initialize() must run before load_or_init().")
+        config = self.model
+        shapes = grok_model.param_shapes(config)
+        shardings = grok_model.param_shardings(config, self.mesh, shapes)
+        if not (from_checkpoint and self.checkpoint_path):
+            logger.warning("No checkpoint given: using random parameters (seed %d).", self.rng_seed)
+            return grok_model.init_random_params(config, self.rng_seed, self.mesh)
+        init_state = None
+        if self.load_rename_rules or self.load_exclude_rules:
+            # Parameters the rules exclude keep these values.
+            init_state = grok_model.init_random_params(config, self.rng_seed, self.mesh)
+        return xai_checkpoint.restore(
+            self.checkpoint_path, shapes, self.mesh,
+            between_hosts_config=self.between_hosts_config,
+            params_only=True, state_sharding=shardings, init_state=init_state,
+            rename_rules=tuple(self.load_rename_rules or ()),
+            exclude_rules=tuple(self.load_exclude_rules or ()),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request (the release's fields, plus an optional token mask).
+
+    temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
+    nucleus_p: top-p in (0, 1]; 1 keeps every token. rng_seed: the request's own seed (the
+    same seed gives the same sample, whatever else runs beside it). max_len: the most
+    tokens to generate; generation also stops at the end-of-sequence token.
+    token_mask: optional [V] booleans, True where a token may be sampled (ANDed with the
+      default mask, which excludes the pad id and ids beyond the tokenizer).
+    """
+
+    prompt: str
+    temperature: float = 1.0
+    nucleus_p: float = 1.0
+    rng_seed: int = 42
+    max_len: int = 100
+    token_mask: Optional[Any] = None
+
+
+def check_request(request: Request, vocab_size: Optional[int] = None) -> None:
+    """Raise InvalidRequestError (a ValueError) naming the field of a request that cannot run."""
+    if not isinstance(request, Request):
+        raise TypeError(f"expected a runners.Request, got {type(request).__name__}")
+    if not isinstance(request.prompt, str):
+        raise InvalidRequestError(f"prompt must be a str, got {type(request.prompt).__name__}.")
+    if not request.prompt:
+        raise InvalidRequestError("prompt is empty: give at least one token of text.")
+    t = request.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not math.isfinite(t) or t < 0:
+        raise InvalidRequestError(f"temperature={t!r}: must be a finite number >= 0 (0 = greedy).")
+    p = request.nucleus_p
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.number)) or not 0 < p <= 1:
+        raise InvalidRequestError(f"nucleus_p (top_p)={p!r}: must lie in (0, 1]; 1 keeps every token.")
+    m = request.max_len
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise InvalidRequestError(f"max_len={m!r}: must be an integer >= 1.")
+    if isinstance(request.rng_seed, bool) or not isinstance(request.rng_seed, (int, np.integer)):
+        raise InvalidRequestError(f"rng_seed={request.rng_seed!r}: must be an integer.")
+    if request.token_mask is not None:
+        mask = np.asarray(request.token_mask)
+        if mask.ndim != 1 or (vocab_size is not None and mask.shape[0] != vocab_size):
+            raise InvalidRequestError(
+                f"token_mask has shape {mask.shape}; expected ({vocab_size},), one flag per token.")
+        if not mask.astype(bool).any():
+            raise InvalidRequestError("token_mask allows no token at all.")
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A checked request, tokenized and fitted to a pad bucket and the context."""
+
+    request_id: Any
+    request: Request
+    tokens: list[int]  # the prompt after any left truncation
+    bucket: int
+    max_len: int  # after any cut to the context
+    mask: np.ndarray  # [V] bool
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling (inside jit, float32)
+# ---------------------------------------------------------------------------------------
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Nucleus filtering as in the release. logits [B, V] float32, top_p [B] -> [B, V].
+
+    Sort ascending; find the first index where the cumulative probability reaches
+    1 - top_p; keep the logits >= the logit there, set the rest to -inf. (If rounding keeps
+    the sum from reaching 1 - top_p, only the largest logit is kept.)
+    """
+    sorted_logits = jnp.sort(logits, axis=-1)  # [B, V] ascending
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    reached = cum >= (1.0 - top_p)[:, None]
+    first = jnp.where(jnp.any(reached, axis=-1), jnp.argmax(reached, axis=-1), logits.shape[-1] - 1)
+    threshold = jnp.take_along_axis(sorted_logits, first[:, None], axis=-1)  # [B, 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """The sampled token of each row and the report about it."""
+
+    token: jax.Array  # [B] int32
+    prob: jax.Array  # [B] float32: probability of the token under the distribution used
+    top_ids: jax.Array  # [B, k] int32
+    top_probs: jax.Array  # [B, k] float32
+
+
+jax.tree_util.register_dataclass(Draw, data_fields=["token", "prob", "top_ids", "top_probs"], meta_fields=[])
+
+
+def sample_tokens(
+    logits: jax.Array, mask: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array,
+    top_k: int = TOP_K,
+) -> Draw:
+    """One token per row. logits [B, V], mask [B, V] bool, temperature/top_p [B], keys [B].
+
+    Float32 throughout: logits / temperature, disallowed tokens to -inf, nucleus filter,
+    categorical sample. Rows with temperature 0 take the argmax of the allowed logits (no
+    division by zero); their reported probabilities are those at temperature 1 (after the
+    row's top-p filter).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = temperature <= 0
+    t = jnp.where(greedy, 1.0, jnp.maximum(temperature, 1e-20)).astype(jnp.float32)
+    allowed = jnp.where(mask, logits, -jnp.inf)
+    filtered = top_p_filter(allowed / t[:, None], top_p.astype(jnp.float32))  # [B, V]
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
+    token = jnp.where(greedy, jnp.argmax(allowed, axis=-1), sampled).astype(jnp.int32)
+    probs = jax.nn.softmax(filtered, axis=-1)
+    prob = jnp.take_along_axis(probs, token[:, None], axis=-1)[:, 0]
+    top_probs, top_ids = jax.lax.top_k(probs, min(top_k, probs.shape[-1]))
+    return Draw(token, prob, top_ids.astype(jnp.int32), top_probs)
+
+
+def request_keys(seed: jax.Array, count: jax.Array) -> jax.Array:
+    """The key of a request's token number `count`: fold_in(key(seed), count). [B] -> [B]."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled steps: prefill a request into its slot, decode all slots by one token
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Per-slot state kept on the devices. All [B] except mask [B, V]."""
+
+    token: jax.Array  # int32: the last sampled token, fed at the next step
+    count: jax.Array  # int32: tokens generated so far (also the sampling key counter)
+    max_len: jax.Array  # int32
+    temperature: jax.Array  # float32
+    top_p: jax.Array  # float32
+    seed: jax.Array  # uint32
+    mask: jax.Array  # bool [B, V]
+
+
+jax.tree_util.register_dataclass(
+    SlotState, data_fields=["token", "count", "max_len", "temperature", "top_p", "seed", "mask"],
+    meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one step hands back to the host: the draw of every row and which rows finished."""
+
+    draw: Draw
+    done: jax.Array  # [B] bool: the row's request ended with this token
+
+
+jax.tree_util.register_dataclass(StepOutput, data_fields=["draw", "done"], meta_fields=[])
+
+
+def _empty_state(batch: int, vocab: int) -> SlotState:
+    zeros = np.zeros((batch,), np.int32)
+    return SlotState(token=zeros, count=zeros, max_len=np.ones((batch,), np.int32),
+                     temperature=np.zeros((batch,), np.float32), top_p=np.ones((batch,), np.float32),
+                     seed=np.zeros((batch,), np.uint32), mask=np.ones((batch, vocab), bool))
+
+
+def _insert_cache(big: grok_model.Memory, small: grok_model.Memory, slot: jax.Array) -> grok_model.Memory:
+    """Put a one-sequence cache [1, bucket, G, K] into row `slot` of [B, S, G, K], zero-padded."""
+    layers = []
+    for b, s in zip(big.layers, small.layers):
+        pad = ((0, 0), (0, b.k.shape[1] - s.k.shape[1]), (0, 0), (0, 0))
+        k = jnp.pad(s.k.astype(b.k.dtype), pad)
+        v = jnp.pad(s.v.astype(b.v.dtype), pad)
+        layers.append(grok_model.KVMemory(
+            k=jax.lax.dynamic_update_slice_in_dim(b.k, k, slot, axis=0),
+            v=jax.lax.dynamic_update_slice_in_dim(b.v, v, slot, axis=0),
+            step=jax.lax.dynamic_update_slice_in_dim(b.step, s.step.astype(b.step.dtype), slot, axis=0),
+        ))
+    return grok_model.Memory(layers=layers)
+
+
+def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int):
+    """The jitted (prefill, decode) pair. Both donate the cache and the slot state.
+
+    prefill(params, memory, state, tokens [1, bucket], length [1], slot, temperature, top_p,
+            seed, max_len, mask [V]) -> (memory, state, StepOutput of one row)
+      runs the prompt through a fresh cache of its bucket's size, samples the first token,
+      and writes cache, step (= prompt length) and settings into row `slot`.
+      Compiles once per bucket.
+    decode(params, memory, state, active [B] bool) -> (memory, state, StepOutput of B rows)
+      feeds every active slot its last token; inactive slots' caches do not advance.
+      Compiles once.
+    """
+    cfg = config.model
+    seq_len = config.sequence_len
+
+    def apply(tokens, memory, length):
+        return config.make(mesh=mesh)(tokens, memory, length=length)
+
+    lm = hk.without_apply_rng(hk.transform(apply)).apply
+
+    def finished(token, count, max_len):
+        return (token == config.eos_token) | (count >= max_len)
+
+    def prefill(params, memory, state, tokens, length, slot, temperature, top_p, seed, max_len, mask):
+        bucket = tokens.shape[1]
+        small = grok_model.init_layer_memories(1, bucket, cfg.num_kv_heads, cfg.key_size, cfg.num_layers,
+                                               config.fprop_dtype)
+        out = lm(params, tokens, small, length)
+        logits = out.logits[:, 0, :]  # [1, V]
+        keys = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
+        draw = sample_tokens(logits, mask[None], temperature[None], top_p[None], keys)
+        memory = _insert_cache(memory, out.model_state, slot)
+        set_row = lambda a, v: a.at[slot].set(v)  # noqa: E731
+        state = SlotState(
+            token=set_row(state.token, draw.token[0]), count=set_row(state.count, 1),
+            max_len=set_row(state.max_len, max_len), temperature=set_row(state.temperature, temperature),
+            top_p=set_row(state.top_p, top_p), seed=set_row(state.seed, seed),
+            mask=set_row(state.mask, mask),
+        )
+        return memory, state, StepOutput(draw, finished(draw.token, jnp.ones((1,), jnp.int32), max_len))
+
+    def decode(params, memory, state, active):
+        length = active.astype(jnp.int32)  # 0 leaves a free slot's cache where it is
+        tokens = jnp.where(active, state.token, config.pad_token)[:, None]  # [B, 1]
+        out = lm(params, tokens, memory, length)
+        keys = request_keys(state.seed, state.count)
+        draw = sample_tokens(out.logits[:, 0, :], state.mask, state.temperature, state.top_p, keys)
+        count = state.count + length
+        state = dataclasses.replace(state, token=jnp.where(active, draw.token, state.token), count=count)
+        return out.model_state, state, StepOutput(
+            draw, active & finished(draw.token, count, state.max_len))
+
+    memory_sharding = grok_model.memory_shardings(config, mesh, batch_size, seq_len)
+    replicated = NamedSharding(mesh, P())
+    prefill_jit = jax.jit(prefill, donate_argnums=(1, 2), out_shardings=(memory_sharding, replicated, replicated))
+    decode_jit = jax.jit(decode, donate_argnums=(1, 2), out_shardings=(memory_sharding, replicated, replicated))
+    return prefill_jit, decode_jit
+
+
+# ---------------------------------------------------------------------------------------
+# What the runner hands back: token events, completions
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request. tokens / probs / top_k exclude the end-of-sequence token."""
+
+    request_id: Any
+    request: Request
+    prompt_tokens: list[int]  # as run (after any truncation)
+    tokens: list[int]
+    text: str
+    probs: list[float]  # probability of each generated token
+    top_k: list[tuple[tuple[int, float], ...]]  # the 8 most likely (token, prob) per step
+    finish_reason: str  # "eos" or "max_len"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request, as soon as it is sampled.
+
+    text is the new piece of decoded text (may be "" while a multi-byte character is
+    incomplete, and is "" for the end-of-sequence token). On the last event of a request
+    finished is True and completion holds the whole result.
+    """
+
+    request_id: Any
+    index: int  # position of this token in the request's output
+    token_id: int
+    text: str
+    prob: float
+    top_k: tuple[tuple[int, float], ...]
+    finished: bool
+    finish_reason: Optional[str] = None
+    completion: Optional[Completion] = None
+
+
+class GeneratedText(str):
+    """What run() yields: the decoded text (a str, as in the release) with its Completion."""
+
+    completion: Completion
+
+    def __new__(cls, completion: Completion) -> "GeneratedText":
+        obj = super().__new__(cls, completion.text)
+        obj.completion = completion
+        return obj
+
+
+class _TextStream:
+    """Turns a growing token list into text pieces (SentencePiece decodes whole sequences)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+
+    def _advance(self, final: bool) -> str:
+        full = self.tokenizer.decode(self.tokens)
+        if (not final and full.endswith("\ufffd")) or not full.startswith(self.text):
+            return ""  # an incomplete byte sequence, or decoding changed earlier text
+        piece, self.text = full[len(self.text):], full
+        return piece
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        return self._advance(final=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The engine: slots, prefill, decode steps
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Slot:
+    prepared: _Prepared
+    owner: object
+    stream: _TextStream
+    probs: list[float] = dataclasses.field(default_factory=list)
+    top_k: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
+
+
+def _to_host(tree: Any) -> Any:
+    """numpy copies of replicated outputs (one local copy: also works with several hosts)."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+class _Engine:
+    """The batch cache [B, S] and B slots; admits prepared requests and steps all of them.
+
+    One consumer (a stream() or a run() generator, the `owner`) may hold slots at a time,
+    so that nobody receives another's tokens.
+    """
+
+    def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.memory = grok_model.init_memory(config, batch_size, config.sequence_len, mesh)
+        self.state = jax.device_put(_empty_state(batch_size, config.vocab_size), NamedSharding(mesh, P()))
+        self.prefill, self.decode = make_step_functions(config, mesh, batch_size)
+        self.slots: list[Optional[_Slot]] = [None] * batch_size
+
+    def free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is None]
+
+    def num_active(self, owner: object = None) -> int:
+        return sum(s is not None and (owner is None or s.owner is owner) for s in self.slots)
+
+    def release(self, owner: object) -> None:
+        """Free every slot `owner` holds (its requests are dropped)."""
+        for i, s in enumerate(self.slots):
+            if s is not None and s.owner is owner:
+                self.slots[i] = None
+
+    def admit(self, prepared: _Prepared, owner: object) -> TokenEvent:
+        """Prefill a request into a free slot; returns the event of its first token."""
+        if any(s is not None and s.owner is not owner for s in self.slots):
+            raise RuntimeError(
+                "Another stream() / run() generator still has requests in flight on this "
+                "InferenceRunner; exhaust or close() it first.")
+        free = self.free_slots()
+        if not free:
+            raise RuntimeError("no free slot")  # callers check free_slots() first
+        slot, req = free[0], prepared.request
+        n = len(prepared.tokens)
+        tokens = np.zeros((1, prepared.bucket), np.int32)  # right-padded with the pad id 0
+        tokens[0, :n] = prepared.tokens
+        tokens[0, n:] = self.config.pad_token
+        self.memory, self.state, out = self.prefill(
+            self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
+            np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
+            np.int32(prepared.max_len), prepared.mask)
+        self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer))
+        return self._emit(slot, _to_host(out), 0)
+
+    def step(self) -> list[TokenEvent]:
+        """One decode step of every active slot; returns one event per active slot."""
+        active = np.array([s is not None for s in self.slots])
+        if not active.any():
+            return []
+        self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
+        out = _to_host(out)
+        return [self._emit(i, out, i) for i in np.flatnonzero(active)]
+
+    def _emit(self, slot: int, out: StepOutput, row: int) -> TokenEvent:
+        rec = self.slots[slot]
+        token, done = int(out.draw.token[row]), bool(out.done[row])
+        prob = float(out.draw.prob[row])
+        top = tuple((int(i), float(p)) for i, p in zip(out.draw.top_ids[row], out.draw.top_probs[row]))
+        index = len(rec.stream.tokens)
+        is_eos = token == self.config.eos_token
+        if is_eos:
+            piece = rec.stream.finish()
+        else:
+            rec.probs.append(prob)
+            rec.top_k.append(top)
+            piece = rec.stream.push(token) + (rec.stream.finish() if done else "")
+        if not done:
+            return TokenEvent(rec.prepared.request_id, index, token, piece, prob, top, False)
+        self.slots[slot] = None
+        reason = "eos" if is_eos else "max_len"
+        p = rec.prepared
+        completion = Completion(p.request_id, p.request, list(p.tokens), list(rec.stream.tokens),
+                                self.tokenizer.decode(rec.stream.tokens), rec.probs, rec.top_k, reason)
+        return TokenEvent(p.request_id, index, token, piece, prob, top, True, reason, completion)
+
+
+# ---------------------------------------------------------------------------------------
+# InferenceRunner
+# ---------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str) -> Any:
+    """A SentencePieceProcessor for `path`, with a message saying where to get one."""
+    import sentencepiece
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Tokenizer {path!r} not found. The Grok-1 tokenizer is tokenizer.model in the "
+            "Hugging Face repo xai-org/grok-1; `python run.py --tiny` makes a small one for a demo.")
+    return sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+
+
+@dataclasses.dataclass
+class InferenceRunner:
+    """Serves generation requests with a ModelRunner's model. Call initialize() first.
+
+    load: the checkpoint path (used when runner.checkpoint_path is empty). local_mesh_config
+    (data, model): None chooses from the devices present (see auto_mesh_config).
+    pad_sizes: prompt buckets; each compiles one prefill program. Prompts are right-padded
+    to the smallest bucket that holds them.
+    """
+
+    name: str
+    runner: ModelRunner
+    load: str
+    tokenizer_path: str = "/tmp/xai_data/tokenizer.model"
+    local_mesh_config: Optional[tuple[int, int]] = None
+    between_hosts_config: Optional[tuple[int, int]] = None
+    pad_sizes: tuple[int, ...] = (1024,)
+
+    # ----- setup -----
+
+    def initialize(self) -> None:
+        """Load the tokenizer, build the mesh, load the parameters, allocate the batch cache."""
+        config = self.runner.model.initialize()
+        if not self.runner.checkpoint_path and self.load:
+            self.runner.checkpoint_path = self.load
+        self._ensure_tokenizer()
+        self.buckets = self._check_pad_sizes(config)
+        self.runner.initialize(None, self.local_mesh_config, self.between_hosts_config)
+        self.mesh = self.runner.mesh
+        self.batch_size = self.runner.batch_size
+        params = self.runner.load_or_init()
+        self._engine = _Engine(config, self.mesh, params, self.batch_size, self.tokenizer)
+        logger.info("%s: %d slot(s), buckets %s, mesh %s.", self.name, self.batch_size, self.buckets,
+                    dict(self.mesh.shape))
+
+    def _ensure_tokenizer(self) -> Any:
+        if getattr(self, "tokenizer", None) is None:
+            config = self.runner.model
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
+            n = self.tokenizer.vocab_size()
+            if n > config.vocab_size:
+                raise ValueError(
+                    f"Tokenizer {self.tokenizer_path!r} has {n} pieces but the model's vocab_size is "
+                    f"{config.vocab_size}: they do not belong together.")
+            if (self.tokenizer.pad_id(), self.tokenizer.eos_id()) != (config.pad_token, config.eos_token):
+                _warn(f"Tokenizer pad/eos ids ({self.tokenizer.pad_id()}, {self.tokenizer.eos_id()}) differ "
+                      f"from the model config's ({config.pad_token}, {config.eos_token}).", UserWarning)
+            # Never sampled: ids the tokenizer cannot decode, and the pad id (fed back, the
+            # model would treat it as padding and ignore it).
+            self._vocab_mask = np.arange(config.vocab_size) < n
+            self._vocab_mask[config.pad_token] = False
+        return self.tokenizer
+
+    def _check_pad_sizes(self, config: LanguageModelConfig) -> list[int]:
+        sizes = sorted({int(s) for s in self.pad_sizes})
+        if not sizes or sizes[0] < 1:
+            raise ValueError(f"pad_sizes={self.pad_sizes!r}: need at least one bucket, all >= 1.")
+        if sizes[-1] > config.sequence_len:
+            _warn(f"pad_sizes {tuple(s for s in sizes if s > config.sequence_len)} exceed the model's "
+                  f"sequence_len {config.sequence_len}; using {config.sequence_len} as the largest bucket.")
+            sizes = sorted({min(s, config.sequence_len) for s in sizes})
+        return sizes
+
+    @property
+    def params(self) -> Any:
+        """The model parameters (set by initialize(); assign new ones of the same shapes and
+        shardings to swap weights without recompiling)."""
+        return self._engine.params if hasattr(self, "_engine") else getattr(self, "_params", None)
+
+    @params.setter
+    def params(self, value: Any) -> None:
+        self._params = value
+        if hasattr(self, "_engine"):
+            self._engine.params = value
+
+    def _require_initialized(self) -> _Engine:
+        if not hasattr(self, "_engine"):
+            raise RuntimeError("InferenceRunner.initialize() must run first.")
+        return self._engine
+
+    # ----- requests -----
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """The prompt's token ids, as the runner feeds them (no BOS, as in the release)."""
+        return list(self._ensure_tokenizer().encode(prompt))
+
+    def prepare(self, request: Union[Request, str], request_id: Any = 0) -> _Prepared:
+        """Check and tokenize a request, fit it to a bucket and the context (warning on cuts)."""
+        if isinstance(request, str):
+            request = Request(prompt=request)
+        config = self.runner.model
+        check_request(request, config.vocab_size)
+        tokens = self.tokenize(request.prompt)
+        if not tokens:
+            raise InvalidRequestError(f"prompt {request.prompt!r} encodes to no tokens.")
+        buckets = getattr(self, "buckets", None) or self._check_pad_sizes(config)
+        seq_len = config.sequence_len
+        limit = min(buckets[-1], seq_len - 1)  # keep room for at least one generated token
+        if len(tokens) > limit:
+            _warn(f"Request {request_id!r}: the prompt has {len(tokens)} tokens, more than fit "
+                  f"(largest pad bucket {buckets[-1]}, context {seq_len}); dropped its first "
+                  f"{len(tokens) - limit} tokens and kept the last {limit}.")
+            tokens = tokens[-limit:]
+        max_len = int(request.max_len)
+        if len(tokens) + max_len > seq_len:
+            _warn(f"Request {request_id!r}: prompt ({len(tokens)} tokens) + max_len ({max_len}) exceeds "
+                  f"the context of {seq_len} tokens; max_len cut to {seq_len - len(tokens)}.")
+            max_len = seq_len - len(tokens)
+        mask = self._vocab_mask.copy()
+        if request.token_mask is not None:
+            mask &= np.asarray(request.token_mask).astype(bool)
+            if not mask.any():
+                raise InvalidRequestError("token_mask allows no token the tokenizer can decode.")
+        bucket = next(b for b in buckets if b >= len(tokens))
+        return _Prepared(request_id, request, tokens, bucket, max_len, mask)
+
+    # ----- generation -----
+
+    def stream(self, requests: Union[Request, str, Iterable[Union[Request, str]]]) -> Iterator[TokenEvent]:
+        """Generate for several requests at once, yielding each token as it is produced.
+
+        Requests take free slots in order, each as soon as one is free; events carry
+        request_id = the request's index in `requests`. A list is checked whole before
+        anything runs; other iterables are read lazily. Closing the iterator frees its slots.
+        """
+        engine = self._require_initialized()
+        if isinstance(requests, (Request, str)):
+            requests = [requests]
+        if isinstance(requests, (list, tuple)):
+            items: Iterator[_Prepared] = iter([self.prepare(r, i) for i, r in enumerate(requests)])
+        else:
+            items = (self.prepare(r, i) for i, r in enumerate(requests))
+        return self._stream(engine, items)
+
+    def _stream(self, engine: _Engine, items: Iterator[_Prepared]) -> Iterator[TokenEvent]:
+        owner = object()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and engine.free_slots():
+                    prepared = next(items, None)
+                    if prepared is None:
+                        exhausted = True
+                    else:
+                        yield engine.admit(prepared, owner)
+                if engine.num_active(owner) == 0:
+                    if exhausted:
+                        return
+                    continue
+                yield from engine.step()
+        finally:
+            engine.release(owner)
+
+    def generate(
+        self, prompts: Union[str, Sequence[Union[str, Request]]], max_len: int = 100, temperature: float = 0.0,
+        nucleus_p: float = 1.0, rng_seed: int = 42,
+    ) -> list[Completion]:
+        """Complete each prompt (str, using the keyword settings, or a Request); in input order."""
+        if isinstance(prompts, (str, Request)):
+            prompts = [prompts]
+        requests = [p if isinstance(p, Request) else Request(p, temperature, nucleus_p, rng_seed, max_len)
+                    for p in prompts]
+        done: dict[int, Completion] = {}
+        for event in self.stream(requests):
+            if event.finished:
+                done[event.request_id] = event.completion
+        return [done[i] for i in range(len(requests))]
+
+    def run(self) -> Iterator[Optional[GeneratedText]]:
+        """The release's generator protocol, on the same engine.
+
+        `next(gen)` yields None: ready for a request. `gen.send(Request(...))` queues it;
+        while slots are free it yields None again (send more, or send None to start
+        decoding), otherwise it decodes until some request finishes and yields that
+        request's text (a GeneratedText: a str with .completion). Call next() or send() again
+        to continue. With one slot (the release's setup) send(request) returns the text.
+        An invalid request raises from send() and ends the generator.
+        """
+        engine = self._require_initialized()
+        owner = object()
+        pending: collections.deque[_Prepared] = collections.deque()
+        outputs: collections.deque[GeneratedText] = collections.deque()
+        counter = iter(range(1 << 62))
+        want_more = True
+
+        def take(sent: Any) -> bool:
+            if sent is None:
+                return False
+            pending.append(self.prepare(sent, next(counter)))
+            return True
+
+        try:
+            while True:
+                while pending and engine.free_slots():
+                    event = engine.admit(pending.popleft(), owner)
+                    if event.finished:
+                        outputs.append(GeneratedText(event.completion))
+                if outputs:
+                    sent = yield outputs.popleft()
+                    want_more = True
+                    take(sent)
+                elif want_more and engine.free_slots() and not pending:
+                    sent = yield None
+                    want_more = take(sent)
+                elif engine.num_active(owner) == 0 and not pending:
+                    want_more = True  # nothing to decode: ask for requests again
+                else:
+                    for event in engine.step():
+                        if event.finished:
+                            outputs.append(GeneratedText(event.completion))
+        finally:
+            engine.release(owner)
+
+
+def sample_from_model(server: Iterator, prompt: str, max_len: int, temperature: float) -> str:
+    """Send one request to a run() generator and return its text (top_p 1, seed 42)."""
+    next(server)
+    out = server.send(Request(prompt=prompt, temperature=temperature, nucleus_p=1.0, rng_seed=42, max_len=max_len))
+    while out is None:  # more slots than requests: tell it to start decoding
+        out = server.send(None)
+    return out

@@ -1,0 +1,453 @@
+"""Tests of runners.py: batching, slots, stopping, sampling, bad inputs, compiles, meshes.
+
+The model is a tiny random Grok (2 layers, 8 experts top-2, int8 weights) saved in the
+released checkpoint format and loaded back through the runner, with a SentencePiece
+tokenizer trained from data/tiny_corpus.txt (both made by run.py's demo helpers). Sampling
+is checked against float64 numpy written from SPEC section 6.
+"""
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+import run
+import runners
+from runners import InferenceRunner, InvalidRequestError, ModelRunner, Request
+
+SEQ_LEN = 64
+PAD_SIZES = (16, 32)
+PROMPTS = [  # three lengths, in two buckets
+    "The river",
+    "The answer to life the universe and everything is of course",
+    "On a clear night far from the lights of a town the sky is crowded with stars",
+]
+SPEC_PROMPT_IDS = [422, 3033, 356, 1180, 333, 9072, 360, 2175, 391, 359, 1805]
+
+
+def tiny_config(**overrides):
+    return model.tiny_config(vocab_size=run.TINY_VOCAB, sequence_len=SEQ_LEN, **overrides)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(checkpoint dir, tokenizer path, params as saved) of the tiny model."""
+    directory = str(tmp_path_factory.mktemp("tiny"))
+    ckpt, tok = run.build_tiny_demo(directory, tiny_config())
+    return ckpt, tok, run.tiny_demo_params(tiny_config())
+
+
+def make_runner(assets, bs_per_device=2, mesh=(1, 1), config=None, pad_sizes=PAD_SIZES):
+    ckpt, tok, _ = assets
+    r = InferenceRunner(
+        name="test", runner=ModelRunner(model=config or tiny_config(), bs_per_device=bs_per_device,
+                                        checkpoint_path=ckpt),
+        load=ckpt, tokenizer_path=tok, local_mesh_config=mesh, pad_sizes=pad_sizes)
+    r.initialize()
+    return r
+
+
+@pytest.fixture(scope="module")
+def runner(assets):
+    """Two slots on one device: three requests must reuse a slot."""
+    return make_runner(assets)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def test_parameters_come_back_from_the_checkpoint(runner, assets):
+    saved = assets[2]
+    got = runner.params
+    np.testing.assert_array_equal(np.asarray(got["language_model/in_out_embed"]["embeddings"]),
+                                  np.asarray(saved["language_model/in_out_embed"]["embeddings"]))
+    q = got["transformer/decoder_layer_1/multi_head_attention/linear"]["w"]
+    q_saved = saved["transformer/decoder_layer_1/multi_head_attention/linear"]["w"]
+    assert isinstance(q, model.QuantizedWeight8bit) and q.weight.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(q.weight), np.asarray(q_saved.weight))
+    np.testing.assert_array_equal(np.asarray(q.scales.astype(jnp.float32)),
+                                  np.asarray(q_saved.scales.astype(jnp.float32)))
+    assert runner.batch_size == 2 and dict(runner.runner.mesh.shape) == {"data": 1, "model": 1}
+
+
+# ---------------------------------------------------------------------------------------
+# Batching and slots
+# ---------------------------------------------------------------------------------------
+
+
+def test_concurrent_greedy_requests_equal_each_alone(runner):
+    prompts_tokens = [runner.tokenize(p) for p in PROMPTS]
+    assert len({len(t) for t in prompts_tokens}) == 3 and max(map(len, prompts_tokens)) > 16
+    together = runner.generate(PROMPTS, max_len=12, temperature=0.0)  # 3 requests, 2 slots
+    alone = [runner.generate([p], max_len=12, temperature=0.0)[0] for p in PROMPTS]
+    for t, a in zip(together, alone):
+        assert t.tokens == a.tokens and t.text == a.text
+        assert len(t.tokens) == 12 and t.finish_reason == "max_len"
+    # The outputs depend on the prompt (so mixing slots up could not go unnoticed).
+    assert len({tuple(c.tokens) for c in together}) == 3
+    assert all(len(set(c.tokens)) > 1 for c in together)
+
+
+def test_greedy_tokens_and_probabilities_match_a_full_forward_pass(runner):
+    """The cache path (bucket prefill, slot insert, decode) against one no-cache forward."""
+    config = tiny_config()
+    forward = model.make_forward(config)
+    done = runner.generate(PROMPTS, max_len=8, temperature=0.0)
+    # One batch, right-padded with the pad id (causal: padding never changes earlier positions).
+    seqs = np.zeros((len(done), PAD_SIZES[-1] + 8), np.int32)
+    for row, c in zip(seqs, done):
+        row[:len(c.prompt_tokens) + len(c.tokens)] = c.prompt_tokens + c.tokens
+    all_logits = np.asarray(forward(runner.params, jnp.asarray(seqs)).logits, np.float64)
+    for c, logits in zip(done, all_logits):
+        n = len(c.prompt_tokens)
+        for i, token in enumerate(c.tokens):
+            row = logits[n - 1 + i].copy()  # predicts generated token i
+            row[0] = -np.inf  # the runner never samples the pad id
+            # bf16 rounding may swap near-ties only; the chosen token is (nearly) the max.
+            assert row[token] >= row.max() - 0.05, (i, row[token], row.max())
+            probs = np.exp(row - row.max())
+            probs /= probs.sum()
+            top_ids = [t for t, _ in c.top_k[i]]
+            top_probs = [p for _, p in c.top_k[i]]
+            np.testing.assert_allclose(top_probs, probs[top_ids], rtol=0.05, atol=2e-3)
+            np.testing.assert_allclose(sorted(top_probs, reverse=True), np.sort(probs)[::-1][:8],
+                                       rtol=0.05, atol=2e-3)
+            assert c.probs[i] == pytest.approx(probs[token], rel=0.05, abs=2e-3)
+
+
+def test_sampled_request_does_not_depend_on_its_neighbours(runner):
+    req = Request(PROMPTS[1], temperature=1.0, nucleus_p=0.9, rng_seed=7, max_len=10)
+    alone = runner.generate([req])[0]
+    together = runner.generate([Request(PROMPTS[0], 1.0, 0.9, 1, 10), req, Request(PROMPTS[2], 0.0, 1.0, 2, 5)])
+    assert together[1].tokens == alone.tokens
+
+
+def test_same_seed_same_sample_and_other_seeds_differ(runner):
+    a = runner.generate([Request(PROMPTS[2], 1.0, 1.0, 123, 16)])[0]
+    b = runner.generate([Request(PROMPTS[2], 1.0, 1.0, 123, 16)])[0]
+    c = runner.generate([Request(PROMPTS[2], 1.0, 1.0, 124, 16)])[0]
+    assert a.tokens == b.tokens and a.probs == b.probs
+    assert a.tokens != c.tokens
+    greedy = [runner.generate(PROMPTS[2], max_len=10)[0].tokens for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_stops_at_the_end_of_sequence_token(runner, assets):
+    """Make the EOS row of the tied embedding equal token X's: EOS then wins exactly where
+    X would (argmax takes the lower id on a tie), so generation must stop there."""
+    eos = runner.runner.model.eos_token
+    original = runner.params
+    free = runner.generate(PROMPTS[0], max_len=12)[0].tokens
+    x = free[3]
+    stop = free.index(x)
+    table = np.asarray(original["language_model/in_out_embed"]["embeddings"]).copy()
+    table[eos] = table[x]
+    patched = dict(original)
+    patched["language_model/in_out_embed"] = {"embeddings": jax.device_put(
+        table, original["language_model/in_out_embed"]["embeddings"].sharding)}
+    runner.params = patched
+    try:
+        events = list(runner.stream([Request(PROMPTS[0], 0.0, 1.0, 0, 12)]))
+    finally:
+        runner.params = original
+    last = events[-1]
+    assert last.finished and last.finish_reason == "eos" and last.token_id == eos and last.text == ""
+    assert [e.finished for e in events] == [False] * stop + [True]
+    c = last.completion
+    assert c.tokens == free[:stop] and c.finish_reason == "eos"
+    assert c.text == runner.tokenizer.decode(free[:stop])
+
+
+def test_default_mask_excludes_the_pad_id(runner):
+    mask = runner.prepare(Request("The river", max_len=4)).mask
+    assert not mask[0] and mask[1:].all()  # the tokenizer has all 512 ids
+    c = runner.generate([Request(PROMPTS[0], 5.0, 1.0, 11, 40)])[0]  # near uniform sampling
+    assert 0 not in c.tokens and len(set(c.tokens)) > 20
+
+
+def test_token_mask_limits_the_sampled_tokens(runner):
+    allowed = [5, 17, 42, 99, 300]
+    mask = np.zeros(run.TINY_VOCAB, bool)
+    mask[allowed] = True
+    for temperature in (0.0, 1.5):
+        c = runner.generate([Request(PROMPTS[1], temperature, 1.0, 3, 12, token_mask=mask)])[0]
+        assert set(c.tokens) <= set(allowed) and len(c.tokens) == 12
+        for top in c.top_k:
+            assert {t for t, p in top if p > 0} <= set(allowed)
+            assert sum(p for _, p in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_streaming_pieces_add_up_to_the_text(runner):
+    events = list(runner.stream([Request(p, 0.8, 0.95, i, 9) for i, p in enumerate(PROMPTS)]))
+    for rid in range(3):
+        mine = [e for e in events if e.request_id == rid]
+        n = len(mine)
+        assert [e.index for e in mine] == list(range(n))
+        assert [e.finished for e in mine] == [False] * (n - 1) + [True]
+        c = mine[-1].completion
+        if c.finish_reason == "max_len":
+            assert n == 9 and [e.token_id for e in mine] == c.tokens
+        else:  # sampling may draw the end-of-sequence token (seed 2 does, at index 7)
+            assert c.finish_reason == "eos" and mine[-1].token_id == 2 and mine[-1].text == ""
+            assert [e.token_id for e in mine[:-1]] == c.tokens
+        assert "".join(e.text for e in mine) == c.text == runner.tokenizer.decode(c.tokens)
+        assert [e.prob for e in mine[:len(c.tokens)]] == c.probs
+        assert all(0 < e.prob <= 1 and len(e.top_k) == 8 for e in mine)
+    assert {e.completion.finish_reason for e in events if e.finished} == {"eos", "max_len"}
+    # Two slots: the third request starts only when one of the first two has finished.
+    first_of_third = next(i for i, e in enumerate(events) if e.request_id == 2)
+    assert any(e.finished for e in events[:first_of_third])
+
+
+def test_run_generator_keeps_the_release_protocol(runner):
+    expected = runner.generate(PROMPTS, max_len=6)
+    gen = runner.run()
+    assert next(gen) is None
+    assert gen.send(Request(PROMPTS[0], 0.0, 1.0, 42, 6)) is None  # a slot is still free
+    text = gen.send(Request(PROMPTS[1], 0.0, 1.0, 42, 6))  # slots full: decodes
+    texts = {text}
+    assert isinstance(text, runners.GeneratedText) and isinstance(text, str)
+    nxt = next(gen)  # the other request's text, or None (ready)
+    while nxt is None or nxt not in texts and len(texts) < 2:
+        nxt = gen.send(None) if nxt is None else nxt
+        if nxt is not None:
+            texts.add(nxt)
+            if len(texts) == 2:
+                break
+    assert texts == {expected[0].text, expected[1].text}
+    gen.close()
+    gen = runner.run()
+    assert runners.sample_from_model(gen, PROMPTS[2], max_len=6, temperature=0.0) == expected[2].text
+    assert runners.sample_from_model(gen, PROMPTS[0], max_len=6, temperature=0.0) == expected[0].text
+    gen.close()
+
+
+def test_one_consumer_at_a_time(runner):
+    first = runner.stream([Request(p, 0.0, 1.0, 0, 5) for p in PROMPTS[:2]])
+    next(first)
+    with pytest.raises(RuntimeError, match="in flight"):
+        list(runner.stream(Request(PROMPTS[2], 0.0, 1.0, 0, 5)))
+    first.close()  # frees its slots
+    assert runner._engine.num_active() == 0
+    assert len(runner.generate(PROMPTS[2], max_len=3)[0].tokens) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Bad inputs and cut prompts
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_, message", [
+    (Request("", 0.0, 1.0, 0, 5), "prompt is empty"),
+    (Request("hi", -0.1, 1.0, 0, 5), "temperature=-0.1"),
+    (Request("hi", float("nan"), 1.0, 0, 5), "temperature=nan"),
+    (Request("hi", 1.0, 0.0, 0, 5), r"nucleus_p \(top_p\)=0.0"),
+    (Request("hi", 1.0, 1.5, 0, 5), r"nucleus_p \(top_p\)=1.5"),
+    (Request("hi", 1.0, 1.0, 0, 0), "max_len=0"),
+    (Request("hi", 1.0, 1.0, 0, 5, token_mask=np.zeros(run.TINY_VOCAB, bool)), "allows no token"),
+    (Request("hi", 1.0, 1.0, 0, 5, token_mask=np.ones(7, bool)), r"token_mask has shape \(7,\)"),
+])
+def test_bad_requests_raise_clear_errors(runner, request_, message):
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        runner.generate([request_])
+    assert isinstance(info.value, ValueError)
+    assert runner._engine.num_active() == 0
+
+
+def test_bad_request_in_a_list_fails_before_anything_runs(runner):
+    calls = runner._engine.decode._cache_size(), runner._engine.num_active()
+    with pytest.raises(InvalidRequestError, match="max_len=-1"):
+        runner.generate([Request(PROMPTS[0], 0.0, 1.0, 0, 4), Request(PROMPTS[1], 0.0, 1.0, 0, -1)])
+    assert (runner._engine.decode._cache_size(), runner._engine.num_active()) == calls
+
+
+def test_long_prompt_is_left_truncated_with_a_warning(runner):
+    long_prompt = " ".join(PROMPTS * 3)
+    n = len(runner.tokenize(long_prompt))
+    assert n > PAD_SIZES[-1]
+    with pytest.warns(runners.PromptTruncatedWarning, match=f"has {n} tokens.*dropped its first {n - 32}"):
+        c = runner.generate(long_prompt, max_len=4)[0]
+    assert c.prompt_tokens == runner.tokenize(long_prompt)[-32:]
+    assert len(c.tokens) == 4
+
+
+def test_prompt_plus_max_len_beyond_the_context_warns_and_cuts(runner):
+    n = len(runner.tokenize(PROMPTS[2]))
+    with pytest.warns(runners.PromptTruncatedWarning, match=f"max_len cut to {SEQ_LEN - n}"):
+        c = runner.generate(PROMPTS[2], max_len=SEQ_LEN)[0]
+    assert len(c.tokens) == SEQ_LEN - n and c.finish_reason == "max_len"
+
+
+def test_no_warning_for_requests_that_fit(runner):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.generate(PROMPTS, max_len=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Compilation
+# ---------------------------------------------------------------------------------------
+
+
+def test_each_bucket_and_the_decode_step_compile_once(runner):
+    compiles, listening = [], [True]
+
+    def listener(event, duration, **kwargs):
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    runner.generate(PROMPTS, max_len=3)  # both buckets and the decode step are warm now
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        runner.generate(PROMPTS, max_len=5, temperature=0.7)
+        runner.generate([Request(PROMPTS[0], 0.0, 0.5, 9, 4), Request("Bread and water", 1.3, 1.0, 1, 7)])
+        list(runner.stream([Request(p, 0.5, 0.9, 4, 3) for p in PROMPTS[::-1]]))
+        runners.sample_from_model(runner.run(), PROMPTS[1], 4, 0.01)
+        jax.jit(lambda x: x * 3 + 1)(np.arange(3))  # a probe: the listener does see compiles
+    finally:
+        listening[0] = False
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:  # jax >= 0.7.1
+            unregister(listener)
+    assert len(compiles) == 1  # the probe's, none of the runner's
+    assert runner._engine.prefill._cache_size() == len(PAD_SIZES)
+    assert runner._engine.decode._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling against float64 numpy (SPEC section 6)
+# ---------------------------------------------------------------------------------------
+
+
+def softmax64(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x[np.isfinite(x)].max())
+    e[~np.isfinite(x)] = 0
+    return e / e.sum()
+
+
+def nucleus_keep64(logits, top_p):
+    """Sort ascending; keep logits >= the one at the first index where the cumulative
+    probability reaches 1 - top_p. Returns (keep mask, margin of the cumulative sum there)."""
+    s = np.sort(logits)
+    cum = np.cumsum(softmax64(s))
+    idx = int(np.argmax(cum >= 1 - top_p))
+    margin = min(abs(cum[idx] - (1 - top_p)), abs(cum[idx - 1] - (1 - top_p)) if idx else 1.0)
+    if idx == len(s) - 1 or top_p == 1:
+        margin = 1.0  # float32 rounding cannot change these: keep only the largest / keep all
+    return logits >= s[idx], margin
+
+
+def test_top_p_filter_matches_the_release_rule():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32) * 2
+    top_p = np.array([1.0, 0.95, 0.8, 0.5, 0.2, 1e-6], np.float32)
+    got = np.asarray(runners.top_p_filter(jnp.asarray(logits), jnp.asarray(top_p)))
+    for row, p, out in zip(logits, top_p, got):
+        keep, margin = nucleus_keep64(row, float(p))
+        assert margin > 1e-4  # the case is not on a rounding boundary
+        np.testing.assert_array_equal(np.isfinite(out), keep)
+        np.testing.assert_array_equal(out[keep], row[keep])
+    assert np.isfinite(got[0]).all() and np.isfinite(got[-1]).sum() == 1
+
+
+def test_samples_follow_the_filtered_distribution():
+    logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0], np.float32)
+    mask = np.ones(8, bool)
+    mask[7] = False  # the largest logit is not allowed
+    temperature, top_p, n = 0.7, 0.9, 20000
+    allowed = np.where(mask, logits, -np.inf) / temperature
+    keep, margin = nucleus_keep64(allowed, top_p)
+    assert margin > 1e-3
+    ref = softmax64(np.where(keep, allowed, -np.inf))
+
+    sample = jax.jit(runners.sample_tokens)
+    keys = runners.request_keys(jnp.full((n,), 5, jnp.uint32), jnp.arange(n, dtype=jnp.int32))
+    draw = sample(jnp.tile(logits, (n, 1)), jnp.tile(mask, (n, 1)), jnp.full((n,), temperature),
+                  jnp.full((n,), top_p), keys)
+    tokens = np.asarray(draw.token)
+    freq = np.bincount(tokens, minlength=8) / n
+    assert freq[~keep].sum() == 0  # outside the nucleus or masked: never drawn
+    np.testing.assert_array_less(np.abs(freq - ref), 4 * np.sqrt(ref * (1 - ref) / n) + 1e-3)
+    np.testing.assert_allclose(np.asarray(draw.prob), ref[tokens], rtol=1e-5)
+    order = np.argsort(-ref, kind="stable")[:8]
+    np.testing.assert_allclose(np.asarray(draw.top_probs[0]), ref[order], rtol=1e-5, atol=1e-7)
+    assert set(np.asarray(draw.top_ids[0])[ref[order] > 0]) == set(order[ref[order] > 0])
+
+
+def test_temperature_zero_is_argmax_of_the_allowed_tokens():
+    logits = jnp.asarray([[0.1, 5.0, 3.0, -1.0], [0.1, 5.0, 3.0, -1.0]], jnp.float32)
+    mask = jnp.asarray([[True, True, True, True], [True, False, True, True]])
+    keys = runners.request_keys(jnp.zeros((2,), jnp.uint32), jnp.zeros((2,), jnp.int32))
+    draw = jax.jit(runners.sample_tokens)(logits, mask, jnp.zeros(2), jnp.full((2,), 0.5), keys)
+    assert np.asarray(draw.token).tolist() == [1, 2]
+    assert np.all(np.isfinite(np.asarray(draw.prob)))
+
+
+# ---------------------------------------------------------------------------------------
+# Meshes and batch size
+# ---------------------------------------------------------------------------------------
+
+
+def test_auto_mesh_uses_the_largest_divisor_that_splits_the_model():
+    assert runners.auto_mesh_config(tiny_config(), 8) == (1, 8)
+    odd = tiny_config(emb_size=36)  # width 36, ffn 48, heads 4x16: 4 splits all, 8 does not
+    assert runners.auto_mesh_config(odd, 8) == (1, 4)
+    assert runners.auto_mesh_config(odd, 6) == (1, 2)
+    assert runners.auto_mesh_config(odd, 1) == (1, 1)
+    grok = model.grok_1_config()
+    assert runners.auto_mesh_config(grok, 8) == (1, 8)
+    assert runners.auto_mesh_config(grok, 6) == (1, 2)  # 6144 % 3 == 0 but 1024 % 3 != 0
+
+
+def test_model_runner_mesh_errors_and_batch_rounding():
+    odd = tiny_config(emb_size=36)
+    with pytest.raises(runners.MeshConfigError, match=r"size 36.*\(1, 4\) fits"):
+        ModelRunner(model=odd).initialize(local_mesh_config=(1, 8))
+    with pytest.raises(runners.MeshConfigError, match="needs 16 devices per host but 8 are present"):
+        ModelRunner(model=tiny_config()).initialize(local_mesh_config=(2, 8))
+    r = ModelRunner(model=odd, bs_per_device=0.125)
+    r.initialize()  # automatic mesh
+    assert dict(r.mesh.shape) == {"data": 1, "model": 4}
+    assert r.batch_size == 1  # 0.125 * 4 rounds to 0 in the release
+    r = ModelRunner(model=tiny_config(), bs_per_device=0.5)
+    r.initialize(local_mesh_config=(2, 4))
+    assert dict(r.mesh.shape) == {"data": 2, "model": 4} and r.batch_size == 4
+    mesh = runners.make_mesh((1, 2), (1, 1))
+    assert mesh.axis_names == ("data", "model") and mesh.devices.shape == (1, 2)
+    assert runners.make_mesh().devices.size == jax.local_device_count()
+
+
+def test_random_parameters_when_no_checkpoint_is_given(assets):
+    _, tok, _ = assets
+    r = InferenceRunner(name="random", runner=ModelRunner(model=tiny_config(), bs_per_device=1, rng_seed=3),
+                        load="", tokenizer_path=tok, local_mesh_config=(1, 1), pad_sizes=PAD_SIZES)
+    with pytest.raises(RuntimeError, match="initialize"):
+        r.generate("x")
+    r.runner.initialize(local_mesh_config=(1, 1))
+    params = r.runner.load_or_init()
+    expected = model.init_random_params(tiny_config(), 3)
+    np.testing.assert_array_equal(np.asarray(params["language_model/rms_norm"]["scale"]),
+                                  np.asarray(expected["language_model/rms_norm"]["scale"]))
+
+
+def test_missing_tokenizer_says_where_to_get_it(tmp_path):
+    r = InferenceRunner(name="x", runner=ModelRunner(model=tiny_config()), load="",
+                        tokenizer_path=str(tmp_path / "nope.model"))
+    with pytest.raises(FileNotFoundError, match="xai-org/grok-1.*--tiny"):
+        r.initialize()
+
+
+@pytest.mark.skipif(not os.environ.get("GROK1_TOKENIZER"), reason="GROK1_TOKENIZER not set")
+def test_real_tokenizer_encodes_the_spec_prompt():
+    r = InferenceRunner(name="real", runner=ModelRunner(model=model.grok_1_config()), load="",
+                        tokenizer_path=os.environ["GROK1_TOKENIZER"])
+    assert r.tokenize(run.DEFAULT_PROMPT) == SPEC_PROMPT_IDS
+    prepared = r.prepare(Request(run.DEFAULT_PROMPT, 0.01, 1.0, 42, 100))
+    assert prepared.tokens == SPEC_PROMPT_IDS and prepared.bucket == 1024 and prepared.max_len == 100
