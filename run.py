@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixture-of-experts implementation: 'fast' runs only the chosen experts with int8 "
                         "kernels; 'reference' is the release's algorithm (default fast).")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated.")
+    import planner  # --plan, --devices, --device-memory-gb, --batch, --context, --json, --layers
+
+    planner.add_plan_arguments(p)
     return p
 
 
@@ -103,10 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tiny_demo_config(moe_impl: str = "fast"):
-    """The demo's model: Grok-1's structure (8 experts top-2, GQA, int8) at toy size."""
+    """The demo's model: Grok-1's structure (8 experts top-2, GQA 2:1, int8) at toy size.
+
+    8 kv heads, as in Grok-1, so that the demo runs on the same meshes as the real model
+    (a model axis of 1, 2, 4 or 8 devices).
+    """
     import model
 
-    return model.tiny_config(vocab_size=TINY_VOCAB, sequence_len=TINY_SEQUENCE_LEN, moe_impl=moe_impl)
+    return model.tiny_config(vocab_size=TINY_VOCAB, sequence_len=TINY_SEQUENCE_LEN, moe_impl=moe_impl,
+                             num_q_heads=16, num_kv_heads=8, key_size=8, attn_output_multiplier=8**-0.5)
 
 
 def train_tiny_tokenizer(directory: str, corpus: str = TINY_CORPUS, vocab_size: int = TINY_VOCAB) -> str:
@@ -257,14 +265,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import checkpoint
+    import planner
     import runners
 
+    if args.plan:  # shapes only: nothing is loaded or allocated
+        return planner.run_plan(args, config=tiny_demo_config(args.moe_impl) if args.tiny else None)
     try:
         if args.tiny:
             run_tiny(args)
             return 0
         return run_real(args)
-    except (runners.InvalidRequestError, runners.MeshConfigError, checkpoint.CheckpointError,
+    except (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError, checkpoint.CheckpointError,
             FileNotFoundError) as e:  # things the user fixes: say what, no traceback
         print(f"Error: {e}", file=sys.stderr)
         return EXIT_USAGE

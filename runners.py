@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import checkpoint as xai_checkpoint
+import planner
 import model as grok_model
 from model import LanguageModelConfig
 
@@ -96,19 +97,21 @@ def model_axis_dims(config: LanguageModelConfig) -> dict[str, int]:
 
 
 def auto_mesh_config(config: LanguageModelConfig, num_devices: int) -> tuple[int, int]:
-    """The local mesh (data, model) = (1, n) to use when none is given.
+    """The local mesh (data, model) to use when none is given: the planner's layout.
 
-    n is the largest divisor of num_devices that divides every dimension the model axis
-    splits (see model_axis_dims), so the parameters shard evenly; with 8 GPUs and Grok-1
-    this is (1, 8), on a CPU (1, 1).
+    planner.choose_mesh prefers model parallelism (up to what divides the kv heads and every
+    dimension the model axis splits), then data. If no layout uses all num_devices (a model
+    too narrow for them), the most devices that have one are used. Memory is checked
+    separately, once the batch size is known (ModelRunner.initialize).
     """
     if num_devices < 1:
         raise MeshConfigError(f"num_devices={num_devices}: need at least one device.")
-    sizes = set(model_axis_dims(config).values())
     for n in range(num_devices, 0, -1):
-        if num_devices % n == 0 and all(size % n == 0 for size in sizes):
-            return (1, n)
-    return (1, 1)  # unreachable: n = 1 always fits
+        try:
+            return planner.choose_mesh(config, n)
+        except planner.PlanError:
+            continue
+    raise MeshConfigError(f"No (data, model) layout of 1 to {num_devices} devices splits this model.")
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -231,6 +234,9 @@ class ModelRunner:
             self.local_batch_size = 1
         self.batch_size = self.local_batch_size * jax.process_count()
         logger.info("Mesh %s, batch size %d.", dict(self.mesh.shape), self.batch_size)
+        # Refuse now, with the planner's numbers, rather than after an hour of loading.
+        planner.refuse_if_cannot_fit(self.model, list(self.mesh.devices.flat), self.batch_size,
+                                     self.model.sequence_len, mesh_shape=tuple(self.mesh.devices.shape))
 
     def load_or_init(self, init_data: Any = None, from_checkpoint: bool = True) -> dict:
         """The parameters, placed on the mesh: restored from checkpoint_path, else random."""
@@ -599,7 +605,8 @@ class _Engine:
 
     def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any):
         self.config = config
-        self.params = params
+        # The embedding table in bf16 once, not cast every step (exact; see model.py).
+        self.params = grok_model.prepare_for_inference(params, config)
         self.tokenizer = tokenizer
         self.memory = grok_model.init_memory(config, batch_size, config.sequence_len, mesh)
         self.state = jax.device_put(_empty_state(batch_size, config.vocab_size), NamedSharding(mesh, P()))
@@ -758,9 +765,10 @@ class InferenceRunner:
 
     @params.setter
     def params(self, value: Any) -> None:
-        self._params = value
         if hasattr(self, "_engine"):
-            self._engine.params = value
+            self._engine.params = grok_model.prepare_for_inference(value, self._engine.config)
+        else:
+            self._params = value
 
     def _require_initialized(self) -> _Engine:
         if not hasattr(self, "_engine"):

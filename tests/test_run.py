@@ -1,6 +1,7 @@
 """Tests of run.py: the tiny demo end to end, the missing-files message, --help, and the
 release's run.py flow (its exact calls) against a tiny config."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_release_run_py_flow_on_a_tiny_config(tmp_path):
     """The release's run.py, call for call, with its config swapped for a tiny one."""
     CKPT_PATH = str(tmp_path)  # the release passes "./checkpoints/", whose ckpt-0 holds the tensors
     _, tokenizer_path = run.build_tiny_demo(CKPT_PATH)
-    grok_1_model = model.tiny_config(vocab_size=run.TINY_VOCAB, sequence_len=1024)
+    grok_1_model = dataclasses.replace(run.tiny_demo_config(), sequence_len=1024)
 
     inference_runner = InferenceRunner(
         pad_sizes=(1024,),
@@ -114,3 +115,13 @@ def test_release_run_py_flow_on_a_tiny_config(tmp_path):
     # The generator goes on serving; the same request (seed 42) gives the same tokens.
     again = sample_from_model(gen, inp, max_len=20, temperature=0.01)
     assert again.completion.tokens == c.tokens[:20]
+
+
+def test_plan_flag_prints_the_planners_verdict(capsys):
+    import json
+
+    assert run.main(["--plan", "--devices", "8", "--device-memory-gb", "80", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is True and plan["mesh"] == {"data": 1, "model": 8}
+    assert run.main(["--plan", "--devices", "4", "--device-memory-gb", "80"]) == 1  # 4 x 80 GB is too small
+    assert "Smallest device count that fits" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import model
+import planner
 import run
 import runners
 from runners import InferenceRunner, InvalidRequestError, ModelRunner, Request
@@ -65,8 +66,12 @@ def runner(assets):
 def test_parameters_come_back_from_the_checkpoint(runner, assets):
     saved = assets[2]
     got = runner.params
-    np.testing.assert_array_equal(np.asarray(got["language_model/in_out_embed"]["embeddings"]),
-                                  np.asarray(saved["language_model/in_out_embed"]["embeddings"]))
+    # The runner keeps the table in the compute dtype (model.prepare_for_inference).
+    table = got["language_model/in_out_embed"]["embeddings"]
+    assert table.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(table.astype(jnp.float32)),
+                                  np.asarray(saved["language_model/in_out_embed"]["embeddings"].astype(jnp.bfloat16)
+                                             .astype(jnp.float32)))
     q = got["transformer/decoder_layer_1/multi_head_attention/linear"]["w"]
     q_saved = saved["transformer/decoder_layer_1/multi_head_attention/linear"]["w"]
     assert isinstance(q, model.QuantizedWeight8bit) and q.weight.dtype == jnp.int8
@@ -395,30 +400,35 @@ def test_temperature_zero_is_argmax_of_the_allowed_tokens():
 # ---------------------------------------------------------------------------------------
 
 
-def test_auto_mesh_uses_the_largest_divisor_that_splits_the_model():
-    assert runners.auto_mesh_config(tiny_config(), 8) == (1, 8)
-    odd = tiny_config(emb_size=36)  # width 36, ffn 48, heads 4x16: 4 splits all, 8 does not
-    assert runners.auto_mesh_config(odd, 8) == (1, 4)
-    assert runners.auto_mesh_config(odd, 6) == (1, 2)
-    assert runners.auto_mesh_config(odd, 1) == (1, 1)
+def test_auto_mesh_is_the_planners_layout():
+    tiny = tiny_config()  # 2 kv heads: the model axis stops at 2, data takes the rest
+    assert runners.auto_mesh_config(tiny, 8) == (4, 2)
+    assert runners.auto_mesh_config(tiny, 1) == (1, 1)
+    odd = tiny_config(emb_size=36)  # width 36: no layout of 8 devices splits it evenly
+    assert runners.auto_mesh_config(odd, 8) == planner.choose_mesh(odd, 6) == (3, 2)  # uses 6 of 8
     grok = model.grok_1_config()
     assert runners.auto_mesh_config(grok, 8) == (1, 8)
-    assert runners.auto_mesh_config(grok, 6) == (1, 2)  # 6144 % 3 == 0 but 1024 % 3 != 0
+    assert runners.auto_mesh_config(grok, 16) == (2, 8)
+    for n in (1, 2, 4, 8):  # every choice shards the parameters evenly
+        data, m = runners.auto_mesh_config(tiny, n)
+        model.param_shardings(tiny, runners.make_mesh((data, m)))
 
 
 def test_model_runner_mesh_errors_and_batch_rounding():
     odd = tiny_config(emb_size=36)
-    with pytest.raises(runners.MeshConfigError, match=r"size 36.*\(1, 4\) fits"):
+    with pytest.raises(runners.MeshConfigError, match=r"size 36.*\(3, 2\) fits"):
         ModelRunner(model=odd).initialize(local_mesh_config=(1, 8))
+    with pytest.raises(ValueError, match=r"model axis \(4\) does not divide num_kv_heads=2"):
+        ModelRunner(model=tiny_config()).initialize(local_mesh_config=(2, 4))
     with pytest.raises(runners.MeshConfigError, match="needs 16 devices per host but 8 are present"):
         ModelRunner(model=tiny_config()).initialize(local_mesh_config=(2, 8))
     r = ModelRunner(model=odd, bs_per_device=0.125)
     r.initialize()  # automatic mesh
-    assert dict(r.mesh.shape) == {"data": 1, "model": 4}
-    assert r.batch_size == 1  # 0.125 * 4 rounds to 0 in the release
+    assert dict(r.mesh.shape) == {"data": 3, "model": 2}
+    assert r.batch_size == 1  # 0.125 * 6 rounds to 0 in the release
     r = ModelRunner(model=tiny_config(), bs_per_device=0.5)
-    r.initialize(local_mesh_config=(2, 4))
-    assert dict(r.mesh.shape) == {"data": 2, "model": 4} and r.batch_size == 4
+    r.initialize(local_mesh_config=(4, 2))
+    assert dict(r.mesh.shape) == {"data": 4, "model": 2} and r.batch_size == 4
     mesh = runners.make_mesh((1, 2), (1, 1))
     assert mesh.axis_names == ("data", "model") and mesh.devices.shape == (1, 2)
     assert runners.make_mesh().devices.size == jax.local_device_count()
