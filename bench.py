@@ -513,7 +513,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     """
     results: dict = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
                      "layers": layers, "context": context, "prefill_len": prefill_len}
-    bw = copy_bandwidth(0.05 if tiny else 1.0)
+    bw = copy_bandwidth(0.01 if tiny else 1.0)
     flops = matmul_rate(512 if tiny else 8192)
     results.update(copy_bandwidth_GBps=bw / 1e9, matmul_TFLOPs=flops / 1e12)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
