@@ -433,7 +433,7 @@ def matmul_rate(n: int = 8192) -> float:
 # --- the model -----------------------------------------------------------------------------
 
 
-def routed_forward(config: model.LanguageModelConfig):
+def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
     """Like model.make_forward (cache donated), but also returns every layer's expert choice."""
 
     def fn(tokens, memory, length):
@@ -446,15 +446,17 @@ def routed_forward(config: model.LanguageModelConfig):
             return out
 
         with hk.intercept_methods(record):
-            out = config.make()(tokens, memory, length=length)
+            out = config.make(mesh=mesh)(tokens, memory, length=length)
         return out, experts
 
     return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2,))
 
 
-def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, cache_len: int) -> model.Memory:
+def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, cache_len: int,
+                  mesh: Any = None) -> model.Memory:
     """A cache holding `context` random keys/values per sequence (step = context)."""
     cfg = config.model
+    shardings = None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len)
 
     def make():
         shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
@@ -464,7 +466,7 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
             layers.append(model.KVMemory(k, k * 0.5, jnp.full((batch,), context, jnp.int32)))
         return model.Memory(layers)
 
-    return jax.jit(make)()
+    return jax.jit(make, out_shardings=shardings)()
 
 
 def weight_bytes(leaf: Any) -> int:
@@ -506,7 +508,8 @@ def prefill_flops(config: model.LanguageModelConfig, tokens: int) -> float:
 
 
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
-                iters: int = 10, tiny: bool = False, json_path: str | None = None) -> dict:
+                iters: int = 10, tiny: bool = False, json_path: str | None = None,
+                mesh_shape: tuple[int, int] | None = None) -> dict:
     """Decode and prefill timings for each mode, with roofline fractions.
 
     tiny=True swaps in the tiny config and small ceilings: a smoke test for any laptop.
@@ -519,21 +522,30 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
 
     base = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
-    params = model.prepare_for_inference(model.init_random_params(base, seed=0, on_device=True), base)
+    mesh = None
+    if mesh_shape is not None:  # the roofline then assumes every device's bandwidth
+        import runners
+
+        mesh = runners.make_mesh(mesh_shape, (1, 1))
+        results["mesh"] = dict(mesh.shape)
+    devices = 1 if mesh is None else mesh.size
+    bw_all = bw * devices
+    params = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
+    params = model.prepare_for_inference(params, base)
     jax.block_until_ready(params)
     cache_len = -(-(context + 64) // 128) * 128  # room for the timed steps
     rows, logits = [], {}
     for mode in modes:
         config = dataclasses.replace(base, model=dataclasses.replace(base.model, moe_impl=mode))
-        forward = routed_forward(config)
+        forward = routed_forward(config, mesh)
         for batch in batches:
             tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
             length = jnp.ones((batch,), jnp.int32)
             # The first step from the same cache is compared across modes (later steps
             # drift apart as each mode writes its own keys and values).
-            first, _ = forward(params, tokens, filled_memory(config, batch, context, cache_len), length)
+            first, _ = forward(params, tokens, filled_memory(config, batch, context, cache_len, mesh), length)
             logits[(mode, batch)] = np.asarray(first.logits, np.float32)
-            state = {"memory": filled_memory(config, batch, context, cache_len)}
+            state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
 
             def step():
                 out, experts = forward(params, tokens, state["memory"], length)
@@ -544,26 +556,26 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             _, experts = step()
             need = decode_bytes(params, config, experts, batch, context)
             row = dict(kind="decode", mode=mode, batch=batch, ms=seconds * 1e3, tokens_per_s=batch / seconds,
-                       roofline_ms=need / bw * 1e3, roofline_pct=100 * need / bw / seconds)
+                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds)
             rows.append(row)
             print(row, flush=True)
             save(json_path, results, rows)
             del state
 
-        forward = model.make_forward(config, donate_memory=True)
+        forward = model.make_forward(config, mesh, donate_memory=True)
         tokens = jax.random.randint(jax.random.key(7), (1, prefill_len), 4, config.vocab_size)
         length = jnp.full((1,), prefill_len, jnp.int32)
         holder = {}
 
         def prefill():
-            holder["m"] = model.init_memory(config, 1, prefill_len)
+            holder["m"] = model.init_memory(config, 1, prefill_len, mesh)
             return forward(params, tokens, holder["m"], length).logits
 
         seconds = timed(prefill, iters=max(3, iters // 2))
         need = prefill_flops(config, prefill_len)
         row = dict(kind="prefill", mode=mode, batch=1, tokens=prefill_len, ms=seconds * 1e3,
-                   tokens_per_s=prefill_len / seconds, roofline_ms=need / flops * 1e3,
-                   roofline_pct=100 * need / flops / seconds)
+                   tokens_per_s=prefill_len / seconds, roofline_ms=need / (flops * devices) * 1e3,
+                   roofline_pct=100 * need / (flops * devices) / seconds)
         rows.append(row)
         print(row, flush=True)
         save(json_path, results, rows)
@@ -576,7 +588,10 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             results.setdefault("fast_vs_reference_row_rel_l2_median", {})[batch] = float(np.median(rows_err))
             results.setdefault("fast_vs_reference_rel_l2", {})[batch] = err
             results.setdefault("nan", {})[batch] = bool(np.isnan(a).any() or np.isnan(b).any())
+        print("fast vs reference, first decode step: relative L2", results["fast_vs_reference_rel_l2"],
+              "median over rows", results["fast_vs_reference_row_rel_l2_median"], "NaN", results["nan"], flush=True)
     results["rows"] = rows
+    save(json_path, results, rows)
     return results
 
 
@@ -624,8 +639,9 @@ def format_model_table(results: dict) -> str:
 
 
 def model_bench(args: argparse.Namespace) -> dict:
+    mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     res = bench_model(args.layers, [int(b) for b in args.batches.split(",")], args.context, args.prefill,
-                      args.modes.split(","), args.iters, args.tiny, args.json)
+                      args.modes.split(","), args.iters, args.tiny, args.json, mesh)
     if args.compile_layers:
         res["compile"] = compile_times(args.compile_layers)
         save(args.json, res, res["rows"])
@@ -673,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile-layers", type=int, default=64,
                    help="layers of the abstract compile-time check (0 skips it)")
     p.add_argument("--tiny", action="store_true", help="tiny config: a smoke test on any machine")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2 "
+                                                 "(default: one device, no mesh)")
     p.add_argument("--json", default="bench_model.json", help="write the results here")
     p.set_defaults(func=model_bench)
 
