@@ -6,6 +6,13 @@ The format (SPEC section 4): a directory of files `tensor{i:05d}_{h:03d}`, one p
 only `000`). Each file is one pickle of a numpy array or of a `model.QuantizedWeight8bit`
 holding an int8 weight and bfloat16 scales.
 
+Several hosts: a single-shard checkpoint loads on any number of processes (each reads the
+`_000` files and keeps what its devices need). `save` from an N-process run writes N host
+shards: process h writes `tensor{i:05d}_{h:03d}` holding its host-local part of each leaf
+(the block its devices hold; a leaf replicated across hosts is whole in every shard),
+plus `host_shard_{h:03d}.json`, which gives each leaf's global shape and the block's
+place in it. On restore each process reads only its own shard.
+
 This module reads top to bottom in the order a load runs:
   errors -> safe unpickling (an allowlist; nothing in a file can run code) -> reading a file
   (through /dev/shm without ever leaving a temporary file behind, or directly) -> leaf order
@@ -19,6 +26,8 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import io
+import itertools
+import json
 import logging
 import math
 import os
@@ -785,6 +794,117 @@ def _pick_host_shard(directory: str, shards: dict[int, set[int]], host_index: in
 
 
 # ---------------------------------------------------------------------------------------
+# Host shards of a multi-process save: which block of each leaf a shard holds
+# ---------------------------------------------------------------------------------------
+
+MANIFEST_FORMAT = "grok-1 host shard"
+
+
+def manifest_filename(host: int) -> str:
+    return f"host_shard_{host:03d}.json"
+
+
+class _Box(NamedTuple):
+    """The block [start, stop) of a leaf of global `shape` that one host shard holds."""
+
+    shape: tuple
+    start: tuple
+    stop: tuple
+
+    @property
+    def local_shape(self) -> tuple:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def whole(self) -> bool:
+        return self.local_shape == tuple(self.shape)
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "start": list(self.start), "stop": list(self.stop)}
+
+
+def _box_from_json(entry: Any, where: str) -> _Box:
+    try:
+        shape, start, stop = (tuple(int(v) for v in entry[k]) for k in ("shape", "start", "stop"))
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpointError(f"{where}: expected shape, start and stop lists, found {entry!r:.200}") from None
+    if not (len(shape) == len(start) == len(stop)
+            and all(0 <= a <= b <= n for a, b, n in zip(start, stop, shape))):
+        raise CorruptCheckpointError(f"{where}: block {start}..{stop} does not lie inside shape {shape}")
+    return _Box(shape, start, stop)
+
+
+def _read_manifest(directory: str, host: int) -> Optional[dict[int, dict[str, _Box]]]:
+    """{tensor index: {'value' | 'weight' | 'scales': _Box}} of host shard `host`, or None
+    when the shard has no manifest (its files hold whole leaves, as the release's do)."""
+    path = os.path.join(directory, manifest_filename(host))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * 1024 * 1024)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        ok = isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT and doc.get("version") == 1
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not ok or not isinstance(doc.get("tensors"), dict):
+        raise CorruptCheckpointError(f"{path}: not a host shard manifest (format {MANIFEST_FORMAT!r}, version 1)")
+    if doc.get("host") != host:
+        raise CorruptCheckpointError(f"{path}: describes host {doc.get('host')!r}, expected {host}")
+    out: dict[int, dict[str, _Box]] = {}
+    for key, entry in doc["tensors"].items():
+        if not (isinstance(entry, dict) and key.isdigit()
+                and set(entry) - {"path"} in ({"value"}, {"weight", "scales"})):
+            raise CorruptCheckpointError(f"{path}: bad entry for tensor {key!r}: {entry!r:.200}")
+        out[int(key)] = {k: _box_from_json(v, f"{path}: tensor {key} {k}")
+                         for k, v in entry.items() if k != "path"}
+    return out
+
+
+def _write_manifest(directory: str, host: int, num_hosts: int, paths: Sequence[str],
+                    boxes: Sequence[dict[str, _Box]]) -> str:
+    doc = {"format": MANIFEST_FORMAT, "version": 1, "host": host, "num_hosts": num_hosts,
+           "tensors": {str(i): {"path": p, **{k: b.to_json() for k, b in bx.items()}}
+                       for i, (p, bx) in enumerate(zip(paths, boxes))}}
+    path = os.path.join(directory, manifest_filename(host))
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_host_part(found: Any, boxes: dict[str, _Box], expected: Any, file: str, path: str) -> None:
+    """Like _check_leaf for a host shard's block: the block has the manifest's shape, and the
+    whole leaf (global shape, the file's dtypes) is what `expected` describes."""
+    def whole(a: np.ndarray, box: _Box, what: str) -> np.ndarray:
+        if tuple(a.shape) != box.local_shape:
+            raise CorruptCheckpointError(
+                f"{file}: parameter {path}: the {what} block is {list(a.shape)}, its manifest "
+                f"says {list(box.local_shape)} (rows {list(box.start)}..{list(box.stop)})")
+        return np.broadcast_to(np.zeros((), a.dtype), box.shape)  # shape and dtype only, no memory
+
+    if "value" in boxes and not _is_qw(found):
+        stand_in = whole(found, boxes["value"], "value")
+    elif "weight" in boxes and _is_qw(found):
+        stand_in = QuantizedWeight8bit(weight=whole(found.weight, boxes["weight"], "weight"),
+                                       scales=whole(found.scales, boxes["scales"], "scales"))
+    else:
+        raise CorruptCheckpointError(
+            f"{file}: parameter {path}: holds {_describe(found)}, its manifest describes "
+            f"{sorted(boxes)}")
+    _check_leaf(stand_in, expected, file, path)
+
+
+# ---------------------------------------------------------------------------------------
 # Checking a loaded leaf against the expected one
 # ---------------------------------------------------------------------------------------
 
@@ -848,21 +968,46 @@ def _scales_sharding(sharding: jax.sharding.Sharding, scales_shape: tuple) -> An
     return NamedSharding(sharding.mesh, PartitionSpec(*out))
 
 
-def _place(value: Any, sharding: Any) -> Any:
-    """Host value -> global jax array(s); each device receives only its own slice."""
+def _block_index(idx: tuple, box: _Box, where: str) -> tuple:
+    """A device's index into the whole leaf -> the same slice of a host shard's block."""
+    out = []
+    for d, (sl, n, a, b) in enumerate(zip(idx, box.shape, box.start, box.stop)):
+        lo, hi, _ = sl.indices(n)
+        if lo < a or hi > b:
+            raise CheckpointMismatchError(
+                f"{where}: this process's devices need [{lo}, {hi}) of dimension {d}, but its host "
+                f"shard holds only [{a}, {b}). A checkpoint saved by several processes loads only "
+                "with the same number of processes, host layout (between_hosts_config) and local "
+                "mesh; otherwise load a single-shard (_000) copy of it (merge_host_shards).")
+        out.append(slice(lo - a, hi - a))
+    return tuple(out)
 
-    def put(a: np.ndarray, s: jax.sharding.Sharding) -> jax.Array:
-        return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
 
+def _place(value: Any, sharding: Any, boxes: Optional[dict[str, _Box]] = None,
+           where: str = "") -> Any:
+    """Host value -> global jax array(s); each device receives only its own slice.
+
+    Only this process's devices call back, so with several processes each one supplies
+    its devices' slices. boxes: the value is a host shard's block of a larger leaf.
+    """
+
+    def put(a: np.ndarray, s: jax.sharding.Sharding, box: Optional[_Box]) -> jax.Array:
+        if box is None or box.whole:
+            return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+        return jax.make_array_from_callback(box.shape, s, lambda idx: a[_block_index(idx, box, where)])
+
+    boxes = boxes or {}
     if _is_qw(value):
+        wbox, sbox = boxes.get("weight"), boxes.get("scales")
         if _is_qw(sharding):
             ws, ss = sharding.weight, sharding.scales
         else:
-            ws, ss = sharding, _scales_sharding(sharding, value.scales.shape)
-        out = QuantizedWeight8bit(weight=put(value.weight, ws), scales=put(value.scales, ss))
+            scales_shape = sbox.shape if sbox is not None else value.scales.shape
+            ws, ss = sharding, _scales_sharding(sharding, scales_shape)
+        out = QuantizedWeight8bit(weight=put(value.weight, ws, wbox), scales=put(value.scales, ss, sbox))
     else:
         s = sharding.weight if _is_qw(sharding) else sharding
-        out = put(value, s)
+        out = put(value, s, boxes.get("value"))
     jax.block_until_ready(out)  # the host buffer may be dropped once this returns
     return out
 
@@ -933,6 +1078,9 @@ def load_tensors(
     them, or a float leaf that the file may hold quantized) and, when `shardings` is given,
     placed on devices with shardings[k] (a Sharding, or a QuantizedWeight8bit of two).
     Returns numpy values (QuantizedWeight8bit of numpy) without shardings, jax arrays with.
+    A shard with a manifest (host_shard_{h:03d}.json, from a multi-process save) holds
+    blocks: each is checked against the manifest and the expected whole leaf, and placed
+    as that block of the leaf (shardings are then required).
 
     use_shm: True copies each file through the RAM disk (`shm_dir`, default /dev/shm)
     before unpickling, as the release does, whenever it exists and has room (an anonymous
@@ -956,6 +1104,7 @@ def load_tensors(
 
     shard = _pick_host_shard(directory, _scan_directory(directory), host_index, num_hosts)
     files = [os.path.join(directory, tensor_filename(i, shard)) for i in indices]
+    manifest = _read_manifest(directory, shard) or {}
     sizes, missing = [], []
     for f, p in zip(files, paths):
         try:
@@ -987,11 +1136,21 @@ def load_tensors(
             budget.acquire(cost)
             try:
                 value, _ = _unpickle_file(files[k], control, use_shm, shm_dir)
-                _check_leaf(value, shaped_arrays[k], files[k], paths[k])
+                boxes = manifest.get(indices[k])
+                if boxes is None:
+                    _check_leaf(value, shaped_arrays[k], files[k], paths[k])
+                else:
+                    _check_host_part(value, boxes, shaped_arrays[k], files[k], paths[k])
+                    if shardings is None and not all(b.whole for b in boxes.values()):
+                        raise CheckpointError(
+                            f"{files[k]}: parameter {paths[k]}: holds only host {shard}'s block of "
+                            "the leaf; pass shardings (restore does) to place it")
                 if shardings is not None:
                     control.check()
                     try:
-                        value = _place(value, shardings[k])
+                        value = _place(value, shardings[k], boxes, f"{files[k]}: parameter {paths[k]}")
+                    except CheckpointError:
+                        raise
                     except Exception as e:
                         raise CheckpointError(
                             f"{files[k]}: parameter {paths[k]}: placing {_describe(value)} "
@@ -1173,7 +1332,10 @@ def restore(
       them (or, as in the release, a float32 leaf of the weight's shape).
     mesh: used for PartitionSpec / None shardings (None: replicated over the mesh).
     between_hosts_config: the release's host mesh shape; its product must equal the number
-      of processes. Each process reads its own host shard (or _000 if it is the only one).
+      of processes. Each process reads its own host shard, or _000 if it is the only one
+      (the released form: every process reads it and places only its devices' slices). A
+      shard written by a multi-process save holds blocks (host_shard_{h:03d}.json); it
+      loads only where this process's devices need no more than its block.
     state_sharding: Shardings / PartitionSpecs matching state_shapes (or init_state when
       given); a QuantizedWeight8bit leaf takes a QuantizedWeight8bit of two, or one used for
       the weight and adapted to the scales. None replicates everything over `mesh`.
@@ -1262,33 +1424,101 @@ def _place_kept(x: Any, sharding: Any) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-def _to_host(x: Any, path: str) -> Any:
+def _host_block(x: jax.Array, path: str) -> tuple[np.ndarray, _Box]:
+    """The block of a global array that this process's devices hold, as one host array.
+
+    Replicas are read once. The devices' slices must tile a box (the hybrid mesh gives
+    each process a contiguous block of the mesh, hence of every sharded dimension).
+    """
+    shape = tuple(x.shape)
+    pieces: dict[tuple, Any] = {}
+    for shard in x.addressable_shards:
+        key = tuple(sl.indices(n)[:2] for sl, n in zip(shard.index, shape))
+        pieces.setdefault(key, shard)
+    start = tuple(min(k[d][0] for k in pieces) for d in range(len(shape)))
+    stop = tuple(max(k[d][1] for k in pieces) for d in range(len(shape)))
+    box = _Box(shape, start, stop)
+    if sum(math.prod(b - a for a, b in k) for k in pieces) != math.prod(box.local_shape):
+        raise ValueError(
+            f"{path}: the slices on process {jax.process_index()}'s devices do not form one block "
+            f"of the {list(shape)} array ({x.sharding}); save needs each process to hold a "
+            "rectangular block, as runners.make_mesh's hybrid mesh gives")
+    out = np.empty(box.local_shape, x.dtype)
+    for key, shard in pieces.items():
+        out[tuple(slice(a - s0, b - s0) for (a, b), s0 in zip(key, start))] = np.asarray(shard.data)
+    return out, box
+
+
+def _whole_box(a: Any) -> _Box:
+    return _Box(tuple(a.shape), (0,) * len(a.shape), tuple(a.shape))
+
+
+def _to_host(x: Any, path: str) -> tuple[Any, dict[str, _Box]]:
+    """(host value to pickle, {field: _Box} of the parts that are blocks of a global array
+    spanning several processes; empty when the value is whole)."""
     if _is_qw(x):
-        return QuantizedWeight8bit(weight=_to_host(x.weight, path), scales=_to_host(x.scales, path))
+        w, wbox = _to_host(x.weight, path + " (weight)")
+        s, sbox = _to_host(x.scales, path + " (scales)")
+        boxes = {}
+        if wbox or sbox:  # a manifest entry of a quantized weight names both fields
+            boxes = {"weight": wbox.get("value") or _whole_box(w), "scales": sbox.get("value") or _whole_box(s)}
+        return QuantizedWeight8bit(weight=w, scales=s), boxes
+    boxes: dict[str, _Box] = {}
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        raise ValueError(f"{path}: array is not fully addressable from this process; gather "
-                         "it first (save writes one host's complete tensors)")
-    a = np.asarray(x)
+        a, box = _host_block(x, path)
+        boxes = {"value": box}
+    else:
+        a = np.asarray(x)
     if a.dtype.hasobject or a.dtype.kind not in "biufc" and a.dtype != _BF16:
         raise ValueError(f"{path}: dtype {a.dtype} cannot be stored in a checkpoint")
-    return a
+    return a, boxes
 
 
-def save(state_or_params: Any, directory: str, host_index: int = 0, *, num_workers: int = 8,
-         overwrite: bool = False) -> list[str]:
+_barrier_ids = itertools.count()
+
+
+def _barrier(name: str, timeout_s: float) -> None:
+    """Wait until every process reaches this point (jax's coordination service), at most
+    timeout_s; a no-op in a one-process run."""
+    from jax._src import distributed  # the coordination client: no public barrier with a timeout
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() == 1:
+        return
+    try:
+        client.wait_at_barrier(f"grok1-{name}-{next(_barrier_ids)}", int(timeout_s * 1000))
+    except Exception as e:  # jax raises its runtime error type
+        raise CheckpointError(
+            f"process {jax.process_index()} of {jax.process_count()}: not every process reached "
+            f"'{name}' within {timeout_s:g} s ({e}). Every process must call save with its part; "
+            "one may have failed or died") from None
+
+
+def save(state_or_params: Any, directory: str, host_index: Optional[int] = None, *,
+         num_workers: int = 8, overwrite: bool = False, sync_timeout_s: float = 600.0) -> list[str]:
     """Writes a params tree (or TrainingState) in the released format; returns the files.
 
     Leaves: numpy / jax arrays and QuantizedWeight8bit of them. File i holds leaf i of the
     flattened TrainingState(params=...) as a protocol-4 pickle, named tensor{i:05d}_{h:03d}
-    with h = host_index. An existing checkpoint for this host is refused unless overwrite,
-    which first removes that host's old tensor files. To produce the release's layout pass
-    `<dir>/ckpt-0`.
+    with h = host_index (default: this process's index, 0 in a one-process run). An
+    existing checkpoint for this host is refused unless overwrite, which first removes that
+    host's old files. To produce the release's layout pass `<dir>/ckpt-0`.
+
+    Several processes: when leaves are global arrays spanning processes, every process
+    calls save (collectively, same directory or each its own disk): process h writes host
+    shard h, its host-local block of each leaf, and host_shard_{h:03d}.json describing the
+    blocks; then all wait (at most sync_timeout_s) until every shard is written. Restore
+    such a checkpoint with the same processes and mesh layout; each reads only its shard.
+    A tree of whole values (numpy, or arrays this process can see entirely) is written
+    whole, exactly as the one-host format, with no manifest.
     """
     directory = os.fspath(directory)
+    host_index = jax.process_index() if host_index is None else int(host_index)
     os.makedirs(directory, exist_ok=True)
     paths, leaves, _ = checkpoint_leaves(state_or_params)
     old = [n for n in os.listdir(directory)
            if _TENSOR_NAME.match(n) and int(n[-3:]) == host_index]
+    manifest = os.path.join(directory, manifest_filename(host_index))
     if old and not overwrite:
         raise FileExistsError(
             f"{directory}: already holds {len(old)} tensor files for host {host_index:03d}; "
@@ -1296,14 +1526,76 @@ def save(state_or_params: Any, directory: str, host_index: int = 0, *, num_worke
         )
     for name in old:
         os.unlink(os.path.join(directory, name))
+    if os.path.exists(manifest):
+        os.unlink(manifest)
     files = [os.path.join(directory, tensor_filename(i, host_index)) for i in range(len(leaves))]
+    boxes: list[dict[str, _Box]] = [{}] * len(leaves)
 
     def write(i: int) -> None:
-        fast_pickle(_to_host(leaves[i], paths[i]), files[i])
+        value, boxes[i] = _to_host(leaves[i], paths[i])
+        fast_pickle(value, files[i])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for fut in [pool.submit(write, i) for i in range(len(leaves))]:
             fut.result()
+    if any(boxes):
+        full = [b or ({"weight": _whole_box(x.weight), "scales": _whole_box(x.scales)} if _is_qw(x)
+                      else {"value": _whole_box(x)}) for b, x in zip(boxes, leaves)]
+        _write_manifest(directory, host_index, jax.process_count(), paths, full)
+        _barrier("checkpoint-save", sync_timeout_s)
+    return files
+
+
+def merge_host_shards(directory: str, out_directory: str, *, overwrite: bool = False) -> list[str]:
+    """Join the host shards of a multi-process save into one single-shard (_000) checkpoint
+    in `out_directory`, loadable on any number of processes. One leaf in memory at a time.
+
+    Every tensor index must be covered: each host shard with a manifest contributes its
+    blocks; a shard without one holds whole leaves.
+    """
+    directory = resolve_checkpoint_dir(os.fspath(directory))
+    shards = _scan_directory(directory)
+    if not shards:
+        raise MissingCheckpointFileError(f"{directory}: no tensor files (tensor#####_###) in this directory")
+    manifests = {h: _read_manifest(directory, h) for h in sorted(shards)}
+    count = max(max(ix) for ix in shards.values()) + 1
+    os.makedirs(out_directory, exist_ok=True)
+    if any(_TENSOR_NAME.match(n) for n in os.listdir(out_directory)) and not overwrite:
+        raise FileExistsError(f"{out_directory}: already holds tensor files; pass overwrite=True")
+    control = _LoadControl()
+    files = []
+    for i in range(count):
+        joined: dict[str, np.ndarray] = {}
+        covered: dict[str, np.ndarray] = {}  # which elements some shard supplied
+        for h, manifest in manifests.items():
+            f = os.path.join(directory, tensor_filename(i, h))
+            if i not in shards[h]:
+                raise MissingCheckpointFileError(f"{f}: file not found (host shard {h} is incomplete)")
+            value, _ = _unpickle_file(f, control, use_shm=False)
+            parts = {"weight": value.weight, "scales": value.scales} if _is_qw(value) else {"value": value}
+            boxes = (manifest or {}).get(i) or {k: _whole_box(a) for k, a in parts.items()}
+            if set(boxes) != set(parts):
+                raise CorruptCheckpointError(f"{f}: holds {sorted(parts)}, its manifest says {sorted(boxes)}")
+            for k, a in parts.items():
+                box = boxes[k]
+                if tuple(a.shape) != box.local_shape:
+                    raise CorruptCheckpointError(f"{f}: {k} block is {list(a.shape)}, manifest says {list(box.local_shape)}")
+                if k not in joined:
+                    joined[k], covered[k] = np.zeros(box.shape, a.dtype), np.zeros(box.shape, bool)
+                elif joined[k].shape != tuple(box.shape) or joined[k].dtype != a.dtype:
+                    raise CorruptCheckpointError(f"{f}: {k} is a block of {list(box.shape)} {a.dtype}; other "
+                                                 f"hosts say {list(joined[k].shape)} {joined[k].dtype}")
+                region = tuple(slice(lo, hi) for lo, hi in zip(box.start, box.stop))
+                joined[k][region] = a
+                covered[k][region] = True
+        for k, a in joined.items():
+            if not covered[k].all():
+                raise CorruptCheckpointError(f"{directory}: tensor {i} ({k}): the host shards cover only "
+                                             f"{int(covered[k].sum())} of {a.size} elements")
+        value = QuantizedWeight8bit(**joined) if "weight" in joined else joined["value"]
+        out = os.path.join(out_directory, tensor_filename(i, 0))
+        fast_pickle(value, out)
+        files.append(out)
     return files
 
 
@@ -1352,7 +1644,13 @@ def inspect_checkpoint(directory: str, config: Optional[str] = None, host: Optio
         if expected_paths is not None and n > len(expected_paths):
             problems.append(f"host {h:03d}: {n - len(expected_paths)} file(s) beyond the "
                             f"{len(expected_paths)} parameters of config {config}")
-        print(f"host {h:03d}: {len(present)} tensor files in {directory}", file=out)
+        try:
+            manifest = _read_manifest(directory, h) or {}
+        except CheckpointError as e:
+            problems.append(str(e))
+            manifest = {}
+        print(f"host {h:03d}: {len(present)} tensor files in {directory}"
+              + (f" (blocks of the leaves: {manifest_filename(h)})" if manifest else ""), file=out)
         print(f"{'index':>5}  {'parameter':<56} {'dtype':<9} {'shape':<22} {'scales':<22} bytes",
               file=out)
         total = 0
@@ -1374,8 +1672,11 @@ def inspect_checkpoint(directory: str, config: Optional[str] = None, host: Optio
             print(f"{i:>5}  {path:<56} {dtype:<9} {str(shape):<22} {scales:<22} {size}", file=out)
             if expected_paths is not None and i < len(expected_paths):
                 try:
-                    _check_leaf(value, expected_leaves[i], f, path)
-                except CheckpointMismatchError as e:
+                    if i in manifest:
+                        _check_host_part(value, manifest[i], expected_leaves[i], f, path)
+                    else:
+                        _check_leaf(value, expected_leaves[i], f, path)
+                except CheckpointError as e:
                     problems.append(str(e))
         print(f"host {h:03d}: {total / 1e9:.3f} GB", file=out)
     if problems:

@@ -4,11 +4,20 @@
     python run.py --tiny               # a demo on any machine, CPU included, in well under a minute
     python run.py --prompt "Hello" --prompt "Once upon a time" --max-len 50 --temperature 0.7
 
+    # several processes (hosts): start one per host, same flags but --process-id
+    python run.py --coordinator HOST0:1234 --num-processes 2 --process-id 0 ...   # on HOST0
+    python run.py --coordinator HOST0:1234 --num-processes 2 --process-id 1 ...   # on HOST1
+
 The default does what the release's run.py does: the Grok-1 config, the checkpoint, the
 tokenizer, 100 tokens at temperature 0.01 from the test prompt. The mesh defaults to the
 devices present. --tiny saves a small random model in the released checkpoint format,
 trains a small SentencePiece tokenizer (ids 0 [PAD], 1 [BOS], 2 [EOS], 3 [UNK]) from
 data/tiny_corpus.txt, loads both back through the same restore path and generates.
+
+With --num-processes N > 1 every process joins a jax.distributed group (process 0 hosts
+the coordinator), the mesh spans all processes (--hosts, default Nx1), every process runs
+the same steps and only process 0 prints. If a process dies or the coordinator cannot be
+reached, the others exit with status 3 and an error within --distributed-timeout seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +40,13 @@ TINY_VOCAB = 512  # model and tokenizer vocabulary of the demo
 TINY_SEQUENCE_LEN = 256
 TINY_PAD_SIZES = (32, 128)
 EXIT_USAGE = 2  # missing files, bad flags: the user has something to fix
+EXIT_DISTRIBUTED = 3  # the process group failed (same as runners.EXIT_DISTRIBUTED)
+# Environment variables read when the matching flag is not given.
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_TIMEOUT = "GROK1_DISTRIBUTED_TIMEOUT"
+DEFAULT_DISTRIBUTED_TIMEOUT = 120.0  # seconds (runners.DEFAULT_DISTRIBUTED_TIMEOUT_S)
 
 DOWNLOAD_HELP = """\
 To run the real model, download the weights and the tokenizer from the Hugging Face repo
@@ -60,7 +76,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
         if data < 1 or model < 1:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 1x8") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected DATAxMODEL, e.g. 1x8") from None
     return data, model
 
 
@@ -94,6 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixture-of-experts implementation: 'fast' runs only the chosen experts with int8 "
                         "kernels; 'reference' is the release's algorithm (default fast).")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated.")
+    g = p.add_argument_group(
+        "several processes (hosts)",
+        "Start the same command once per process (host), each with its own --process-id;\n"
+        "process 0 hosts the coordinator at --coordinator. Each process uses its local\n"
+        "devices (--mesh); the mesh spans all of them (--mesh times --hosts).")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help=f"address of process 0's coordinator, the same in every process "
+                        f"(env {ENV_COORDINATOR}).")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help=f"how many processes take part (env {ENV_NUM_PROCESSES}; default 1).")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help=f"this process's index, 0 .. N-1; host shard I of a checkpoint saved by N "
+                        f"processes is its own (env {ENV_PROCESS_ID}).")
+    g.add_argument("--hosts", type=parse_mesh, default=None, metavar="DATAxMODEL",
+                   help="how the processes are arranged in the mesh (between_hosts_config); its "
+                        "product is N. Default Nx1: hosts split the data (batch) axis, the model axis "
+                        "stays inside each host. The mesh is --mesh times --hosts.")
+    g.add_argument("--distributed-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"the longest any process waits for the others: to join, for a heartbeat "
+                        f"of a dead process, for a generation step (the first, which compiles, gets "
+                        f"10x); then it exits with status {EXIT_DISTRIBUTED} (env {ENV_TIMEOUT}; "
+                        f"default {DEFAULT_DISTRIBUTED_TIMEOUT:g}).")
     import planner  # --plan, --devices, --device-memory-gb, --batch, --context, --json, --layers
 
     planner.add_plan_arguments(p)
@@ -195,16 +233,20 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
     for request in requests:  # bad flags fail now, not after loading the weights
         runners.check_request(request)
     mesh = args.mesh or runners.auto_mesh_config(config, jax.local_device_count())
-    devices = mesh[0] * mesh[1]
+    processes = jax.process_count()
+    hosts = args.hosts or (processes, 1)
+    devices = mesh[0] * mesh[1] * processes
+    print = _printer()  # only process 0 prints; every process runs the same steps
     runner = runners.InferenceRunner(
         pad_sizes=tuple(pad_sizes),
         runner=runners.ModelRunner(model=config, bs_per_device=len(prompts) / devices,
                                    checkpoint_path=checkpoint_path),
         name="local", load=checkpoint_path, tokenizer_path=tokenizer_path,
-        local_mesh_config=mesh, between_hosts_config=(1, 1))
+        local_mesh_config=mesh, between_hosts_config=hosts)
     start = time.perf_counter()
     runner.initialize()
-    print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}, "
+    where = f" over {processes} processes" if processes > 1 else ""
+    print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}{where}, "
           f"{runner.batch_size} slot(s).", flush=True)
 
     start, count, done = time.perf_counter(), 0, {}
@@ -231,10 +273,24 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
           "compilation included).")
 
 
+def _printer():
+    """print in process 0, a no-op in the others (they run the same steps silently)."""
+    import builtins
+
+    import jax
+
+    return builtins.print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+
 def run_tiny(args: argparse.Namespace) -> None:
+    import jax
+
     config = tiny_demo_config(args.moe_impl)
+    print = _printer()
     with contextlib.ExitStack() as stack:
         directory = args.tiny_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="grok1-tiny-"))
+        if jax.process_count() > 1:  # every process (host) writes and reads its own copy
+            directory = os.path.join(directory, f"process-{jax.process_index()}")
         start = time.perf_counter()
         checkpoint_path, tokenizer_path = build_tiny_demo(directory, config)
         print(f"Tiny demo: a random {config.model.num_layers}-layer model (8 experts, top-2, int8 weights) "
@@ -258,6 +314,27 @@ def run_real(args: argparse.Namespace) -> int:
     return 0
 
 
+def distributed_settings(args: argparse.Namespace) -> tuple[Optional[str], int, int, float]:
+    """(coordinator, processes, process id, timeout) from the flags, else the environment."""
+    def pick(value, env, cast, default):
+        if value is not None:
+            return value
+        text = os.environ.get(env)
+        if text in (None, ""):
+            return default
+        try:
+            return cast(text)
+        except ValueError:
+            raise SystemExit(f"Error: environment variable {env}={text!r} is not a valid "
+                             f"{cast.__name__}.") from None
+
+    coordinator = pick(args.coordinator, ENV_COORDINATOR, str, None)
+    processes = pick(args.num_processes, ENV_NUM_PROCESSES, int, 1)
+    process_id = pick(args.process_id, ENV_PROCESS_ID, int, 0)
+    timeout = pick(args.distributed_timeout, ENV_TIMEOUT, float, DEFAULT_DISTRIBUTED_TIMEOUT)
+    return coordinator, processes, process_id, timeout
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -270,15 +347,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.plan:  # shapes only: nothing is loaded or allocated
         return planner.run_plan(args, config=tiny_demo_config(args.moe_impl) if args.tiny else None)
+    coordinator, processes, process_id, timeout = distributed_settings(args)
+    several = processes > 1
+    if several:
+        if not coordinator:
+            print(f"Error: --num-processes {processes} needs --coordinator HOST:PORT (or "
+                  f"{ENV_COORDINATOR}): the address where process 0 listens.", file=sys.stderr)
+            return EXIT_USAGE
+        try:  # before anything else touches jax's devices
+            runners.initialize_distributed(coordinator, processes, process_id, timeout)
+        except runners.DistributedError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if process_id != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+    context = f" (process {process_id} of {processes})" if several else ""
     try:
         if args.tiny:
             run_tiny(args)
             return 0
-        return run_real(args)
+        code = run_real(args)
+        if several and code:
+            runners.abort_process("", code)  # said why already; don't wait in jax's shutdown
+        return code
     except (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError, checkpoint.CheckpointError,
             FileNotFoundError) as e:  # things the user fixes: say what, no traceback
+        if several:  # every process fails alike; no need to wait for the others
+            runners.abort_process(f"Error{context}: {e}", EXIT_USAGE)
         print(f"Error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:
+        if not several:
+            raise
+        import traceback
+
+        # A collective whose peer died fails here (a JaxRuntimeError); leave at once rather
+        # than in jax's shutdown, which would wait for the dead peer.
+        runners.abort_process(
+            f"{traceback.format_exc()}\nError{context}: {type(e).__name__}: {e}\nAnother process "
+            "probably died, was killed or cannot be reached; see its log. Ending this one.",
+            EXIT_DISTRIBUTED)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Batched text generation with Grok-1: the release's runner API, with its defects fixed.
 
 Reads top to bottom in the order a request flows:
-  meshes (make_mesh, auto_mesh_config) -> ModelRunner (mesh, batch size, parameters from a
+  several processes (initialize_distributed, the Watchdog) -> meshes (make_mesh,
+  auto_mesh_config) -> ModelRunner (mesh, batch size, parameters from a
   checkpoint or random) -> Request and its checks -> sampling (temperature, token mask,
   nucleus, greedy, the probability / top-8 report) -> the compiled prefill and decode steps
   -> _Engine (slots, one decode step for all active slots, streamed text) ->
@@ -13,19 +14,29 @@ and seed; a request stops at the end-of-sequence token or at max_len; temperatur
 greedy; cut prompts and cut lengths are warned about; bad settings raise
 InvalidRequestError; any number of devices works and a batch never rounds to 0.
 
+Several processes (hosts): every process calls initialize_distributed() first, then runs
+the same code with the same requests; the mesh spans all processes (between_hosts_config)
+and jax's multi-controller runtime runs the collectives. A dead process, a coordinator
+that cannot be reached or a step that never finishes ends the others with a clear error
+within the configured timeout instead of a hang.
+
 Shapes: B batch (slots), T tokens, S sequence_len (the cache of a slot), V vocabulary.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import socket
 import sys
+import threading
+import time
 import warnings
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, NoReturn, Optional, Sequence, Union
 
 import haiku as hk
 import jax
@@ -66,6 +77,196 @@ def _warn(message: str, category: type = PromptTruncatedWarning) -> None:
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes: jax.distributed, and a watchdog so that nobody waits forever
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_DISTRIBUTED_TIMEOUT_S = 120.0
+# A program's first step compiles it too; its deadline is this many times the step limit.
+FIRST_STEP_TIMEOUT_FACTOR = 10
+EXIT_DISTRIBUTED = 3  # exit status of a process ended because the group failed
+
+
+class DistributedError(RuntimeError):
+    """The process group cannot start or cannot go on (bad settings, a peer or the
+    coordinator gone, a step past its deadline)."""
+
+
+def abort_process(message: str, code: int = EXIT_DISTRIBUTED) -> NoReturn:
+    """Print `message` to stderr and end this process at once with `code`.
+
+    os._exit, not sys.exit: a thread blocked in a collective whose peer is gone can
+    never return, and jax's graceful shutdown would wait for that peer.
+    """
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - closed stdout: still exit
+        pass
+    try:
+        if message:
+            sys.stderr.write(message.rstrip("\n") + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+class Watchdog:
+    """Ends the process (abort_process) when a guarded block overruns its deadline.
+
+    One daemon thread; `with dog.guard("decode step"):` arms it for `timeout_s` seconds,
+    leaving the block disarms it. Blocks may nest; the innermost deadline applies.
+    on_expire(message) replaces the default action (tests use it).
+    """
+
+    def __init__(self, timeout_s: float, context: str = "",
+                 on_expire: Optional[Any] = None, explain: Optional[Any] = None):
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s!r}: must be > 0 seconds.")
+        self.timeout_s = float(timeout_s)
+        self.context = context
+        self._on_expire = on_expire or abort_process
+        self._explain = explain
+        self._armed: list[tuple[float, float, str]] = []  # (deadline, seconds, what), innermost last
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self.fired: Optional[str] = None
+
+    @contextlib.contextmanager
+    def guard(self, what: str, timeout_s: Optional[float] = None) -> Iterator[None]:
+        seconds = self.timeout_s if timeout_s is None else float(timeout_s)
+        entry = (time.monotonic() + seconds, seconds, what)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="grok1-watchdog", daemon=True)
+                self._thread.start()
+            self._armed.append(entry)
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                if entry in self._armed:
+                    self._armed.remove(entry)
+                self._cond.notify_all()
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                if not self._armed:
+                    self._cond.wait()
+                    continue
+                entry = self._armed[-1]
+                left = entry[0] - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._armed.remove(entry)
+            _, seconds, what = entry
+            message = (f"Error{self.context}: {what} did not finish within {seconds:g} s. Another "
+                       "process is probably dead, stuck or unreachable; ending this one (raise the "
+                       "limit with --distributed-timeout if the others are legitimately slower).")
+            if self._explain is not None:
+                message += " " + self._explain()
+            self.fired = message
+            self._on_expire(message)
+
+
+_distributed_timeout_s: Optional[float] = None  # set by initialize_distributed
+
+
+def distributed_context() -> str:
+    """' (process i of N)' in a multi-process run, else ''. Used in messages."""
+    return f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+
+
+def distributed_timeout() -> Optional[float]:
+    """The timeout given to initialize_distributed (None before, or with one process)."""
+    return _distributed_timeout_s
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:PORT') -> (host, port), or DistributedError."""
+    host, sep, port = str(address).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedError(
+            f"coordinator address {address!r}: expected HOST:PORT, e.g. 10.0.0.1:1234 (process 0 "
+            "listens there, the others connect to it).")
+    return host, int(port)
+
+
+def _probe(host: str, port: int) -> str:
+    """Whether a TCP connection to the coordinator opens now, in words."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return f"The coordinator {host}:{port} accepts connections, so some process has not joined."
+    except OSError as e:
+        return (f"The coordinator {host}:{port} cannot be reached ({e.strerror or e}); start process 0 "
+                "there, or check the address, the port and the firewall.")
+
+
+def initialize_distributed(
+    coordinator_address: str,
+    num_processes: int,
+    process_id: int,
+    timeout_s: float = DEFAULT_DISTRIBUTED_TIMEOUT_S,
+) -> None:
+    """Join a group of `num_processes` processes (jax.distributed); call it before any other
+    jax call, with the same coordinator and count in every process.
+
+    coordinator_address: HOST:PORT where process 0 runs the coordinator (all processes
+    give the same one). process_id: this process's index, 0 .. num_processes - 1; host
+    shard h of a checkpoint belongs to process h.
+    timeout_s bounds every wait on the others: joining (all processes must connect within
+    it), the heartbeat after which a silent process is declared dead (jax then ends the
+    others), the shutdown barrier at exit, and, through InferenceRunner.step_timeout's
+    watchdog, each generation step. A join that overruns ends this process (abort_process,
+    status EXIT_DISTRIBUTED) with a message saying whether the coordinator could be reached:
+    a thread stuck in jax's connect cannot be interrupted otherwise. Bad settings raise
+    DistributedError. On CPU, collectives across processes go through gloo.
+    One process (num_processes 1) needs no coordinator and starts nothing.
+    """
+    global _distributed_timeout_s
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise DistributedError(f"num_processes={num_processes!r}: must be an integer >= 1.")
+    if (isinstance(process_id, bool) or not isinstance(process_id, int)
+            or not 0 <= process_id < num_processes):
+        raise DistributedError(
+            f"process_id={process_id!r}: must be an integer in 0 .. {num_processes - 1} "
+            f"(num_processes={num_processes}); give each process its own.")
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise DistributedError(f"timeout={timeout_s!r}: must be a number of seconds > 0.")
+    if num_processes == 1:
+        return
+    host, port = parse_coordinator(coordinator_address)
+    if jax.distributed.is_initialized():
+        raise DistributedError("jax.distributed is already initialised in this process.")
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    seconds = max(1, int(math.ceil(timeout_s)))
+    context = f" (process {process_id} of {num_processes})"
+    everyone = (f"Start all {num_processes} processes (--process-id 0 to {num_processes - 1}) with the "
+                "same --coordinator and --num-processes.")
+    joining = Watchdog(timeout_s, context,
+                       explain=(lambda: _probe(host, port)) if process_id else (lambda: everyone))
+    what = (f"joining the group at {host}:{port}" if process_id else
+            f"waiting at {host}:{port} for all {num_processes} processes to join")
+    logger.info("Process %d of %d: joining the group at %s:%d (timeout %g s).",
+                process_id, num_processes, host, port, timeout_s)
+    with joining.guard(what):
+        # jax's own limits are a backstop a few seconds later: its failure is an abort with
+        # a terse message, ours says what to check.
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes, process_id=process_id,
+            initialization_timeout=seconds + 5, heartbeat_timeout_seconds=seconds,
+            shutdown_timeout_seconds=seconds)
+        devices = jax.devices()  # the global device exchange, under the same deadline
+    _distributed_timeout_s = float(timeout_s)
+    logger.info("Process %d of %d joined: %d devices in all, %d here.", process_id, num_processes,
+                len(devices), jax.local_device_count())
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,15 +338,22 @@ def make_mesh(
     auto_mesh_config when `config` is given, else (1, all local devices). A smaller mesh
     than the devices present uses the first ones; a larger one is an error.
     between_hosts_config (data, model): how hosts are arranged; its product must equal the
-    number of processes. The mesh's shape is the elementwise product of the two.
+    number of processes (None: (processes, 1), hosts along "data"). The mesh's shape is
+    the elementwise product of the two: a hybrid mesh in which each process's devices form
+    one contiguous (local) block, process p at block (p // hosts_model, p % hosts_model).
+    Hosts along "data" (N, 1) keep the model axis's frequent collectives inside each host.
+    `devices` (one host only) picks the local devices to use.
     """
-    hosts = _pair(between_hosts_config or (1, 1), "between_hosts_config")
-    if math.prod(hosts) != jax.process_count():
+    num_processes = jax.process_count()
+    hosts = _pair(between_hosts_config or (num_processes, 1), "between_hosts_config")
+    if math.prod(hosts) != num_processes:
         raise MeshConfigError(
             f"between_hosts_config={hosts} describes {math.prod(hosts)} hosts, but jax runs "
-            f"{jax.process_count()} process(es). Use (1, {jax.process_count()}) or start the "
-            "matching number of processes."
-        )
+            f"{num_processes} process(es). Use ({num_processes}, 1) or start the "
+            "matching number of processes.")
+    if devices is not None and num_processes > 1:
+        raise MeshConfigError("make_mesh(devices=...) picks devices of one host; with several "
+                              "processes every process's devices are used (leave devices out).")
     local_devices = list(devices) if devices is not None else jax.local_devices()
     if local_mesh_config is None:
         local = auto_mesh_config(config, len(local_devices)) if config is not None else (1, len(local_devices))
@@ -161,13 +369,41 @@ def make_mesh(
     if need < len(local_devices):
         logger.info("Mesh %s uses %d of the %d local devices.", local, need, len(local_devices))
     axis_types = (jax.sharding.AxisType.Auto,) * 2
-    if math.prod(hosts) == 1:
+    if num_processes == 1:
         grid = np.array(local_devices[:need], dtype=object).reshape(local)
     else:
+        grid = _hybrid_grid(local, hosts, need)
+    return Mesh(grid, ("data", "model"), axis_types=axis_types)
+
+
+def _hybrid_grid(local: tuple[int, int], hosts: tuple[int, int], need: int) -> np.ndarray:
+    """The device grid of a mesh spanning every process: one local block per process.
+
+    Every process computes the same grid (from jax.devices(), ordered by process index).
+    When each process uses all its devices, jax's create_hybrid_device_mesh arranges the
+    block (it knows accelerator topologies); otherwise each process's first `need` devices
+    by id are laid out in order.
+    """
+    by_process: dict[int, list[Any]] = collections.defaultdict(list)
+    for d in jax.devices():
+        by_process[d.process_index].append(d)
+    counts = {p: len(ds) for p, ds in sorted(by_process.items())}
+    if min(counts.values()) < need:
+        raise MeshConfigError(
+            f"local_mesh_config={local} needs {need} devices per host, but the processes have "
+            f"{counts} devices; pass a local mesh of at most {min(counts.values())} devices.")
+    if all(n == need for n in counts.values()):
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_hybrid_device_mesh(local, hosts, devices=jax.devices())
-    return Mesh(grid, ("data", "model"), axis_types=axis_types)
+        try:
+            return mesh_utils.create_hybrid_device_mesh(local, hosts, devices=jax.devices(),
+                                                        process_is_granule=True)
+        except (ValueError, NotImplementedError, AssertionError) as e:
+            logger.info("create_hybrid_device_mesh failed (%s); laying devices out in order.", e)
+    blocks = [np.array(sorted(by_process[p], key=lambda d: d.id)[:need], dtype=object).reshape(local)
+              for p in sorted(by_process)]
+    rows = [np.concatenate(blocks[r * hosts[1]:(r + 1) * hosts[1]], axis=1) for r in range(hosts[0])]
+    return np.concatenate(rows, axis=0)
 
 
 def _check_mesh_fits(config: LanguageModelConfig, mesh: Mesh) -> None:
@@ -222,7 +458,7 @@ class ModelRunner:
         """
         del init_data
         self.model.initialize()
-        self.between_hosts_config = tuple(between_hosts_config or (1, 1))
+        self.between_hosts_config = tuple(between_hosts_config or (jax.process_count(), 1))
         self.mesh = make_mesh(local_mesh_config, self.between_hosts_config, config=self.model)
         _check_mesh_fits(self.model, self.mesh)
         local_devices = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
@@ -235,7 +471,11 @@ class ModelRunner:
         self.batch_size = self.local_batch_size * jax.process_count()
         logger.info("Mesh %s, batch size %d.", dict(self.mesh.shape), self.batch_size)
         # Refuse now, with the planner's numbers, rather than after an hour of loading.
-        planner.refuse_if_cannot_fit(self.model, list(self.mesh.devices.flat), self.batch_size,
+        # The planner reads memory limits from the devices, and only this process's can be
+        # queried: with several hosts (all alike), its own stand in for the others'.
+        mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        devices = [mine[i % len(mine)] for i in range(self.mesh.devices.size)]
+        planner.refuse_if_cannot_fit(self.model, devices, self.batch_size,
                                      self.model.sequence_len, mesh_shape=tuple(self.mesh.devices.shape))
 
     def load_or_init(self, init_data: Any = None, from_checkpoint: bool = True) -> dict:
@@ -603,15 +843,34 @@ class _Engine:
     so that nobody receives another's tokens.
     """
 
-    def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any):
+    def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any,
+                 watchdog: Optional[Watchdog] = None):
         self.config = config
         # The embedding table in bf16 once, not cast every step (exact; see model.py).
         self.params = grok_model.prepare_for_inference(params, config)
         self.tokenizer = tokenizer
+        # With several processes the host values below (and every step's inputs) are the
+        # same in each process: jax takes them as replicated global arrays.
         self.memory = grok_model.init_memory(config, batch_size, config.sequence_len, mesh)
         self.state = jax.device_put(_empty_state(batch_size, config.vocab_size), NamedSharding(mesh, P()))
         self.prefill, self.decode = make_step_functions(config, mesh, batch_size)
         self.slots: list[Optional[_Slot]] = [None] * batch_size
+        self.watchdog = watchdog
+        self._warm: set[tuple] = set()  # programs that have compiled and run once
+
+    @contextlib.contextmanager
+    def _deadline(self, program: tuple) -> Iterator[None]:
+        """Arm the watchdog around one step (dispatch and wait). A program's first run
+        includes its compilation, so it gets FIRST_STEP_TIMEOUT_FACTOR times the limit."""
+        if self.watchdog is None:
+            yield
+            return
+        warm = program in self._warm
+        seconds = self.watchdog.timeout_s * (1 if warm else FIRST_STEP_TIMEOUT_FACTOR)
+        name = f"{program[0]} step" + (f" (bucket {program[1]})" if len(program) > 1 else "")
+        with self.watchdog.guard(name + ("" if warm else ", compilation included"), seconds):
+            yield
+        self._warm.add(program)
 
     def free_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is None]
@@ -639,20 +898,23 @@ class _Engine:
         tokens = np.zeros((1, prepared.bucket), np.int32)  # right-padded with the pad id 0
         tokens[0, :n] = prepared.tokens
         tokens[0, n:] = self.config.pad_token
-        self.memory, self.state, out = self.prefill(
-            self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
-            np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
-            np.int32(prepared.max_len), prepared.mask)
+        with self._deadline(("prefill", prepared.bucket)):
+            self.memory, self.state, out = self.prefill(
+                self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
+                np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
+                np.int32(prepared.max_len), prepared.mask)
+            out = _to_host(out)
         self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer))
-        return self._emit(slot, _to_host(out), 0)
+        return self._emit(slot, out, 0)
 
     def step(self) -> list[TokenEvent]:
         """One decode step of every active slot; returns one event per active slot."""
         active = np.array([s is not None for s in self.slots])
         if not active.any():
             return []
-        self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
-        out = _to_host(out)
+        with self._deadline(("decode",)):
+            self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
+            out = _to_host(out)
         return [self._emit(i, out, i) for i in np.flatnonzero(active)]
 
     def _emit(self, slot: int, out: StepOutput, row: int) -> TokenEvent:
@@ -700,8 +962,14 @@ class InferenceRunner:
 
     load: the checkpoint path (used when runner.checkpoint_path is empty). local_mesh_config
     (data, model): None chooses from the devices present (see auto_mesh_config).
+    between_hosts_config (data, model): the layout of the processes (see make_mesh); None
+    is (processes, 1).
     pad_sizes: prompt buckets; each compiles one prefill program. Prompts are right-padded
     to the smallest bucket that holds them.
+    step_timeout: seconds a generation step (dispatch and the wait for its result) may take
+    before the watchdog ends the process with an error (a program's first step, which also
+    compiles it, gets FIRST_STEP_TIMEOUT_FACTOR times as long). None: the timeout given to
+    initialize_distributed in a multi-process run, no limit otherwise; 0: no limit.
     """
 
     name: str
@@ -711,6 +979,7 @@ class InferenceRunner:
     local_mesh_config: Optional[tuple[int, int]] = None
     between_hosts_config: Optional[tuple[int, int]] = None
     pad_sizes: tuple[int, ...] = (1024,)
+    step_timeout: Optional[float] = None
 
     # ----- setup -----
 
@@ -721,13 +990,20 @@ class InferenceRunner:
             self.runner.checkpoint_path = self.load
         self._ensure_tokenizer()
         self.buckets = self._check_pad_sizes(config)
-        self.runner.initialize(None, self.local_mesh_config, self.between_hosts_config)
+        hosts = self.between_hosts_config or (jax.process_count(), 1)
+        self.runner.initialize(None, self.local_mesh_config, hosts)
         self.mesh = self.runner.mesh
         self.batch_size = self.runner.batch_size
         params = self.runner.load_or_init()
-        self._engine = _Engine(config, self.mesh, params, self.batch_size, self.tokenizer)
+        self._engine = _Engine(config, self.mesh, params, self.batch_size, self.tokenizer, self._watchdog())
         logger.info("%s: %d slot(s), buckets %s, mesh %s.", self.name, self.batch_size, self.buckets,
                     dict(self.mesh.shape))
+
+    def _watchdog(self) -> Optional[Watchdog]:
+        seconds = self.step_timeout
+        if seconds is None:
+            seconds = _distributed_timeout_s if jax.process_count() > 1 else None
+        return Watchdog(seconds, distributed_context()) if seconds else None
 
     def _ensure_tokenizer(self) -> Any:
         if getattr(self, "tokenizer", None) is None:
