@@ -334,8 +334,8 @@ def make_mesh(
 ) -> Mesh:
     """A ("data", "model") mesh over this host's devices (and the other hosts', if any).
 
-    local_mesh_config (data, model): the mesh of one host. None picks one: (1, n) from
-    auto_mesh_config when `config` is given, else (1, all local devices). A smaller mesh
+    local_mesh_config (data, model): the mesh of one host. None picks one: the planner's
+    layout from auto_mesh_config when `config` is given, else (1, all local devices). A smaller mesh
     than the devices present uses the first ones; a larger one is an error.
     between_hosts_config (data, model): how hosts are arranged; its product must equal the
     number of processes (None: (processes, 1), hosts along "data"). The mesh's shape is
