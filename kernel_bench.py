@@ -121,20 +121,12 @@ def check(res: Results, name: str, got, want, **extra) -> dict:
 
 
 def ceilings(res: Results, small: bool = False) -> tuple[float, float]:
-    key = jax.random.key(0)
-    a = jax.random.bits(key, (1 << (20 if small else 28),), jnp.uint32)  # 1 GiB
-    copy = jax.jit(lambda a: a ^ jnp.uint32(0x5A5A5A5A))
-    t = timeit(copy, a, min_time=0.5)
-    bw = 2 * a.nbytes / t["median_s"]
-    del a
-    n = 512 if small else 8192
-    x = jax.random.normal(key, (n, n), jnp.bfloat16)
-    y = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    mm = jax.jit(jnp.dot)  # bf16 out, float32 accumulation inside the library matmul
-    tm = timeit(mm, x, y, min_time=0.5)
-    rate = 2 * n**3 / tm["median_s"]
-    res.data["ceilings"] = {"copy_bytes_per_s": bw, "copy_timing": t, "bf16_matmul_flops_per_s": rate,
-                            "matmul_timing": tm}
+    """Copy bandwidth and bf16 matmul rate, measured as `bench.py model` measures them."""
+    import bench  # imports model.py, so dm-haiku must be installed (or carried) here too
+
+    bw = bench.copy_bandwidth(2**-8 if small else 1.0)
+    rate = bench.matmul_rate(512 if small else 8192)
+    res.data["ceilings"] = {"copy_bytes_per_s": bw, "bf16_matmul_flops_per_s": rate}
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s, bf16 matmul {rate / 1e12:.1f} TFLOP/s")
     res.save()
     return bw, rate

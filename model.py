@@ -258,7 +258,7 @@ def grok_1_config(**overrides: Any) -> LanguageModelConfig:
 
 
 def tiny_config(vocab_size: int = 512, sequence_len: int = 256, **overrides: Any) -> LanguageModelConfig:
-    """A small random-weight-sized Grok: same structure (8 experts top-2, GQA 2:1, int8)."""
+    """Grok-1 at toy size: the same structure (8 experts top-2, GQA 2:1, int8) and multipliers."""
     model = dict(
         emb_size=64,
         widening_factor=2,  # ffn 88
@@ -267,20 +267,10 @@ def tiny_config(vocab_size: int = 512, sequence_len: int = 256, **overrides: Any
         num_kv_heads=2,
         num_layers=2,
         attn_output_multiplier=0.25,  # 1/sqrt(key_size), as in the real model
-        shard_activations=True,
-        num_experts=8,
-        num_selected_experts=2,
     )
     model.update(overrides)
-    return LanguageModelConfig(
-        vocab_size=vocab_size,
-        pad_token=0,
-        eos_token=2,
-        sequence_len=sequence_len,
-        output_multiplier_scale=0.5773502691896257,
-        embedding_multiplier_scale=78.38367176906169,
-        model=TransformerConfig(**model),
-    ).initialize()
+    config = grok_1_config(**model)
+    return dataclasses.replace(config, vocab_size=vocab_size, sequence_len=sequence_len).initialize()
 
 
 # ---------------------------------------------------------------------------------------
@@ -987,15 +977,20 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig) -> dict:
     return out
 
 
+def make_apply(config: LanguageModelConfig, mesh: Optional[Mesh] = None):
+    """The pure `apply(params, tokens, memory=None, length=None) -> LanguageModelOutput`,
+    not jitted: for callers that build it into their own jitted step (runners.py)."""
+
+    def fn(tokens, memory=None, length=None):
+        return config.make(mesh=mesh)(tokens, memory, length=length)
+
+    return hk.without_apply_rng(hk.transform(fn)).apply
+
+
 def make_forward(config: LanguageModelConfig, mesh: Optional[Mesh] = None, donate_memory: bool = False):
     """A jitted `forward(params, tokens, memory=None, length=None) -> LanguageModelOutput`.
 
     With donate_memory, the cache passed in is donated and updated in place (do not use
     it after the call); otherwise every call writes a new copy of the whole cache.
     """
-
-    def fn(tokens, memory=None, length=None):
-        return config.make(mesh=mesh)(tokens, memory, length=length)
-
-    apply = hk.without_apply_rng(hk.transform(fn)).apply
-    return jax.jit(apply, donate_argnums=(2,) if donate_memory else ())
+    return jax.jit(make_apply(config, mesh), donate_argnums=(2,) if donate_memory else ())

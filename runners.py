@@ -38,7 +38,6 @@ import time
 import warnings
 from typing import Any, Iterable, Iterator, NoReturn, Optional, Sequence, Union
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,29 +271,6 @@ def initialize_distributed(
 # ---------------------------------------------------------------------------------------
 # Meshes
 # ---------------------------------------------------------------------------------------
-
-
-def model_axis_dims(config: LanguageModelConfig) -> dict[str, int]:
-    """Every parameter dimension the model axis splits: {'path[dim]': size}.
-
-    These sizes must all be divisible by the model axis size (times the data axis size
-    where a dimension is split over both, as the embedding table's width is). Layers are
-    all alike, so a one-layer copy of the config is traced (64 layers take seconds).
-    """
-    one_layer = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=1))
-    model_axis = config.model.model_axis
-    names = set(model_axis if isinstance(model_axis, tuple) else (model_axis,))
-    rules = config.partition_rules()
-    dims: dict[str, int] = {}
-    for module, params in grok_model.param_shapes(one_layer).items():
-        for name, leaf in params.items():
-            path = f"{module}/{name}"
-            shape = leaf.weight.shape if isinstance(leaf, grok_model.QuantizedWeight8bit) else leaf.shape
-            for d, axis in enumerate(grok_model.spec_for(path, rules)):
-                axes = set(axis if isinstance(axis, tuple) else (axis,))
-                if axes & names:
-                    dims[f"{path}[{d}]"] = int(shape[d])
-    return dims
 
 
 def auto_mesh_config(config: LanguageModelConfig, num_devices: int) -> tuple[int, int]:
@@ -700,10 +676,7 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
     cfg = config.model
     seq_len = config.sequence_len
 
-    def apply(tokens, memory, length):
-        return config.make(mesh=mesh)(tokens, memory, length=length)
-
-    lm = hk.without_apply_rng(hk.transform(apply)).apply
+    lm = grok_model.make_apply(config, mesh)
 
     def finished(token, count, max_len):
         return (token == config.eos_token) | (count >= max_len)
