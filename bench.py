@@ -625,6 +625,80 @@ def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cac
     return out
 
 
+def _device_kernel_times(trace_dir: str) -> dict:
+    """{line name: {kernel/op name: [count, total ns]}} on the first GPU (or any device) plane
+    of the newest jax.profiler trace under trace_dir."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise RuntimeError(f"no *.xplane.pb written under {trace_dir}")
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    planes = ([p for p in data.planes if p.name.startswith("/device:GPU:0")]
+              or [p for p in data.planes if p.name.startswith("/device:")]
+              or [p for p in data.planes if p.name == "/host:CPU"])
+    out: dict = {}
+    for plane in planes[:1]:
+        for line in plane.lines:
+            table = out.setdefault(line.name, {})
+            for event in line.events:
+                entry = table.setdefault(event.name, [0, 0])
+                entry[0] += 1
+                entry[1] += event.duration_ns
+    return out
+
+
+def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int, int] | None, steps: int,
+                   trace_dir: str, json_path: str | None = None) -> dict:
+    """A jax.profiler trace of `steps` decode steps of the fast path; the device's kernels
+    and XLA ops summed per step and per layer (microseconds), the largest first."""
+    config = model.grok_1_config(num_layers=layers)
+    mesh = None
+    if mesh_shape is not None:
+        import runners
+
+        mesh = runners.make_mesh(mesh_shape, (1, 1))
+    params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config)
+    cache_len = -(-(context + steps + 8) // 128) * 128
+    forward = model.make_forward(config, mesh, donate_memory=True)
+    tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
+    length = jnp.ones((batch,), jnp.int32)
+    state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
+
+    def step():
+        out = forward(params, tokens, state["memory"], length)
+        state["memory"] = out.model_state
+        return out.logits
+
+    for _ in range(3):
+        jax.block_until_ready(step())
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    lines = _device_kernel_times(trace_dir)
+    results = {"device": str(jax.devices()[0].device_kind), "layers": layers, "batch": batch, "context": context,
+               "mesh": None if mesh is None else dict(mesh.shape), "steps": steps, "lines": {}}
+    for name, table in lines.items():
+        rows = sorted(((n, c / steps, ns / steps / 1e3) for n, (c, ns) in table.items()), key=lambda r: -r[2])
+        results["lines"][name] = [dict(name=n, per_step=c, us_per_step=us, us_per_layer=us / layers)
+                                  for n, c, us in rows]
+        total = sum(r[2] for r in rows)
+        print(f"--- {name}: {total:.1f} us per step, {total / layers:.1f} us per layer", flush=True)
+        for n, c, us in rows[:40]:
+            print(f"{us:10.1f} us/step {c:6.1f}x  {n[:110]}", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def profile_bench(args: argparse.Namespace) -> dict:
+    mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
+    return profile_decode(args.layers, args.batch, args.context, mesh, args.steps, args.trace_dir, args.json)
+
+
 def format_model_table(results: dict) -> str:
     rows = results["rows"]
     ref = {(r["kind"], r["batch"]): r for r in rows if r["mode"] == "reference"}
@@ -693,6 +767,16 @@ def main(argv: list[str] | None = None) -> None:
                                                  "(default: one device, no mesh)")
     p.add_argument("--json", default="bench_model.json", help="write the results here")
     p.set_defaults(func=model_bench)
+
+    p = sub.add_parser("profile", help="jax.profiler trace of decode steps: device time per kernel and per layer")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2")
+    p.add_argument("--trace-dir", default="bench_out/trace")
+    p.add_argument("--json", default=None, help="write the per-kernel table here")
+    p.set_defaults(func=profile_bench)
 
     p = sub.add_parser("kernels", help="GPU kernel checks, micro-benchmarks and tuning sweeps "
                                        "(arguments go to kernel_bench.py; see --help there)")
