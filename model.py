@@ -345,17 +345,26 @@ def matmul(x: jax.Array, w: Any, impl: str = "fast", backend: str = "auto") -> j
 
 
 class Linear(hk.Module):
-    """A bias-free projection whose weight `w` may be float or QuantizedWeight8bit."""
+    """A bias-free projection whose weight `w` may be float or QuantizedWeight8bit.
+
+    `spec` is the weight's PartitionSpec (input axis, output axis). Under a mesh of several
+    devices the fast int8 path runs per device inside a shard_map (see sharded_matmul);
+    otherwise the partitioner splits plain XLA ops.
+    """
 
     def __init__(self, output_size: int, impl: str = "fast", mesh: Optional[Mesh] = None,
-                 name: Optional[str] = None):
+                 spec: Optional[P] = None, name: Optional[str] = None):
         super().__init__(name=name)
         self.output_size = output_size
         self.impl = impl
         self.mesh = mesh
+        self.spec = spec
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
+        if (self.impl == "fast" and self.spec is not None and isinstance(w, QuantizedWeight8bit)
+                and self.mesh is not None and self.mesh.size > 1):
+            return sharded_matmul(x, w, self.mesh, self.spec)
         return matmul(x, w, self.impl, kernel_backend(self.mesh))
 
 
@@ -363,6 +372,49 @@ def kernel_backend(mesh: Optional[Mesh]) -> str:
     """Custom kernels run on one device; under a multi-device mesh, plain XLA ops (which
     the SPMD partitioner can split) are used, or the kernel runs inside a shard_map."""
     return "auto" if mesh is None or mesh.size == 1 else "xla"
+
+
+def shardable_scales(w: Any, mesh: Mesh, in_axis: Any) -> Any:
+    """Give row-blocked scales as many blocks as input shards, so each shard holds whole blocks.
+
+    Repeating a block's scale row over its sub-blocks changes no value (same rows, same scale).
+    """
+    if not isinstance(w, QuantizedWeight8bit):
+        return w
+    nb, shards = w.scales.shape[-2], _axis_size(mesh, in_axis)
+    if nb > 1 and nb % shards:
+        w = QuantizedWeight8bit(w.weight, jnp.repeat(w.scales, shards // math.gcd(nb, shards), axis=-2))
+    return w
+
+
+def weight_in_specs(w: Any, spec: P, mesh: Mesh) -> Any:
+    """shard_map in_specs for a weight leaf (a QuantizedWeight8bit gets one per field)."""
+    if isinstance(w, QuantizedWeight8bit):
+        return QuantizedWeight8bit(spec, fit_spec(spec, w.scales.shape, mesh))
+    return spec
+
+
+def sharded_matmul(x: jax.Array, w: QuantizedWeight8bit, mesh: Mesh, spec: P) -> jax.Array:
+    """x [..., n_in] @ w [n_in, n_out] with w split (in_axis, out_axis) = spec over the mesh.
+
+    Each device multiplies its own int8 shard with the int8 kernel (Pallas on a GPU, no
+    dequantized copy) and partial sums over in_axis are added with one psum. x arrives whole
+    along the batch dimensions; the result is split over out_axis on its last dimension.
+    """
+    in_axis, out_axis = spec
+    lead = [None] * (x.ndim - 1)
+    w = shardable_scales(w, mesh, in_axis)
+    reduce = _axis_size(mesh, in_axis) > 1
+
+    def body(x, w):
+        y = kernels.int8_matmul(x, w.weight, w.scales, backend="auto",
+                                out_dtype=jnp.float32 if reduce else x.dtype)
+        return jax.lax.psum(y, in_axis).astype(x.dtype) if reduce else y
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(*lead, in_axis), weight_in_specs(w, spec, mesh)),
+        out_specs=P(*lead, out_axis), check_vma=False,
+    )(x, w)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -427,6 +479,22 @@ def attention_mask(input_mask: jax.Array, step: jax.Array, cache_len: int) -> ja
     return causal & key_visible[:, None, :]
 
 
+PREFIX_BUCKET_MIN = 512  # the smallest cache prefix a decode step reads
+
+
+def prefix_buckets(cache_len: int) -> list[int]:
+    """Cache prefixes attention may read, doubling from PREFIX_BUCKET_MIN up to cache_len.
+
+    A step reads the smallest that holds every sequence's tokens, so its cost follows the
+    tokens in the cache (at most twice them), not the cache's capacity.
+    """
+    sizes, n = [], PREFIX_BUCKET_MIN
+    while n < cache_len:
+        sizes.append(n)
+        n *= 2
+    return sizes + [cache_len]
+
+
 class MultiHeadAttention(hk.Module):
     """Grouped-query attention with RoPE, a capped float32 softmax and a per-sequence cache."""
 
@@ -444,17 +512,19 @@ class MultiHeadAttention(hk.Module):
         impl = cfg.moe_impl
         data, model = cfg.data_axis, cfg.model_axis
 
-        q = Linear(h * k, impl, self.mesh, name="query")(x).reshape(b, t, h, k)  # [B, T, H, K]
-        key = Linear(g * k, impl, self.mesh, name="key")(x).reshape(b, t, g, k)  # [B, T, G, K]
-        value = Linear(g * k, impl, self.mesh, name="value")(x).reshape(b, t, g, k)  # [B, T, G, K]
+        qkv_spec, out_spec = P(data, model), P(model, data)  # the release's weight layouts
+        q = Linear(h * k, impl, self.mesh, qkv_spec, name="query")(x).reshape(b, t, h, k)  # [B, T, H, K]
+        key = Linear(g * k, impl, self.mesh, qkv_spec, name="key")(x).reshape(b, t, g, k)  # [B, T, G, K]
+        value = Linear(g * k, impl, self.mesh, qkv_spec, name="value")(x).reshape(b, t, g, k)  # [B, T, G, K]
 
         step = jnp.zeros((b,), jnp.int32) if memory is None else memory.step  # [B]
         positions = step[:, None] + jnp.arange(t)  # [B, T]
         q = rotary_embedding(q, positions)
         key = rotary_embedding(key, positions)
+        q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
 
         if memory is None:
-            keys, values, new_memory = key, value, None
+            out, new_memory = self._attend(q, key, value, input_mask, step), None
         else:
             # Write this call's keys at each sequence's own step.
             write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=0))
@@ -463,17 +533,32 @@ class MultiHeadAttention(hk.Module):
             keys = constrain(keys, self.mesh, P(data, None, model))
             values = constrain(values, self.mesh, P(data, None, model))
             new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller
-        mask = attention_mask(input_mask, step, keys.shape[1])  # [B, T, S]
+            # Read only the used prefix: the smallest bucket that holds every row's keys.
+            buckets = prefix_buckets(keys.shape[1])
+            used = jnp.max(step) + t
+            branch = jnp.sum(jnp.asarray(buckets[:-1]) < used)
+            attend = [functools.partial(self._attend_prefix, n) for n in buckets]
+            out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)
+        out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
+        return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear")(out), new_memory
 
-        q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
+    def _attend_prefix(self, n: int, q, keys, values, input_mask, step) -> jax.Array:
+        return self._attend(q, keys[:, :n], values[:, :n], input_mask, step)
+
+    def _attend(self, q: jax.Array, keys: jax.Array, values: jax.Array, input_mask: jax.Array,
+                step: jax.Array) -> jax.Array:
+        """q [B, T, G, H/G, K] against keys/values [B, S, G, K] -> [B, T, G, H/G, K].
+
+        Logits in float32, scaled, capped by 30 tanh(x / 30), masked, float32 softmax; the
+        probabilities are cast to the compute dtype for the weighted sum of values.
+        """
+        mask = attention_mask(input_mask, step, keys.shape[1])  # [B, T, S]
         logits = jnp.einsum("btgqk,bsgk->bgqts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        logits = logits * cfg.attn_output_multiplier
+        logits = logits * self.config.attn_output_multiplier
         logits = 30.0 * jnp.tanh(logits / 30.0)
         logits = jnp.where(mask[:, None, None, :, :], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, G, H/G, T, S]
-        out = jnp.einsum("bgqts,bsgk->btgqk", probs, values.astype(x.dtype)).reshape(b, t, h * k)
-        out = constrain(out, self.mesh, P(data, None, model))
-        return Linear(cfg.emb_size, impl, self.mesh, name="linear")(out), new_memory
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)  # [B, G, H/G, T, S]
+        return jnp.einsum("bgqts,bsgk->btgqk", probs, values.astype(q.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -587,22 +672,9 @@ class MoELayer(hk.Module):
         d, m = cfg.data_axis, cfg.model_axis
         spec_in, spec_out = P(None, d, m), P(None, m, d)
 
-        def shardable(w, spec):
-            """Give scales as many blocks as input shards, so each shard holds whole blocks."""
-            if not isinstance(w, QuantizedWeight8bit):
-                return w
-            nb, shards = w.scales.shape[-2], _axis_size(mesh, spec[-2])
-            if nb > 1 and nb % shards:
-                w = QuantizedWeight8bit(w.weight, jnp.repeat(w.scales, shards // math.gcd(nb, shards), axis=-2))
-            return w
-
-        def wspec(w, spec):
-            if isinstance(w, QuantizedWeight8bit):
-                return QuantizedWeight8bit(spec, fit_spec(spec, w.scales.shape, mesh))
-            return spec
-
-        w_in, w_v = shardable(w_in, spec_in), shardable(w_v, spec_in)
-        w_out = shardable(w_out, spec_out)
+        w_in, w_v = shardable_scales(w_in, mesh, d), shardable_scales(w_v, mesh, d)
+        w_out = shardable_scales(w_out, mesh, m)
+        wspec = functools.partial(weight_in_specs, mesh=mesh)
 
         def body(x, gates, experts, w_in, w_v, w_out):
             return moe_fast(x, gates, experts, w_in, w_v, w_out, cfg.num_experts, backend="auto",
@@ -619,6 +691,19 @@ class MoELayer(hk.Module):
 # ---------------------------------------------------------------------------------------
 # Decoder layer, Transformer, language model
 # ---------------------------------------------------------------------------------------
+
+
+def activation_spec(cfg: TransformerConfig) -> P:
+    """The layout of the residual stream h [B, T, D] between blocks.
+
+    The release splits D over the model axis (shard_activations), which costs a gather
+    before and a scatter after every projection. The fast path keeps h whole on each model
+    shard instead: its projections run per device in shard_maps that take whole rows, so a
+    layer needs just two all-reduces (attention output, MoE output).
+    """
+    if cfg.moe_impl == "fast":
+        return P(cfg.data_axis)
+    return P(cfg.data_axis, None, cfg.model_axis) if cfg.shard_activations else P()
 
 
 class DecoderLayer(hk.Module):
@@ -638,7 +723,7 @@ class DecoderLayer(hk.Module):
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
         moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2")(h))
         h = h + RMSNorm(name="rms_norm_3")(moe)
-        return constrain(h, mesh, P(cfg.data_axis, None, cfg.model_axis) if cfg.shard_activations else P()), new_memory
+        return constrain(h, mesh, activation_spec(cfg)), new_memory
 
 
 class TransformerOutput(NamedTuple):
@@ -728,7 +813,7 @@ class LanguageModel(hk.Module):
         input_mask = tokens > cfg.pad_token  # [B, T]
         embed = InOutEmbed(cfg.vocab_size, cfg.model.emb_size)
         h = embed(tokens).astype(cfg.fprop_dtype) * jnp.asarray(cfg.embedding_multiplier_scale, cfg.fprop_dtype)
-        h = constrain(h, self.mesh, P(data, None, model) if cfg.model.shard_activations else P())
+        h = constrain(h, self.mesh, activation_spec(cfg.model))
 
         advance = jnp.full((b,), t, jnp.int32) if length is None else length.astype(jnp.int32)
         out = self.model(h, input_mask, memory=memory, advance=advance)
