@@ -688,10 +688,38 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
         print(f"--- {name}: {total:.1f} us per step, {total / layers:.1f} us per layer", flush=True)
         for n, c, us in rows[:40]:
             print(f"{us:10.1f} us/step {c:6.1f}x  {n[:110]}", flush=True)
+    results["summary"] = summarize_profile(results)
+    print("per layer, by kind (us):", {k: round(v, 1) for k, v in results["summary"].items()}, flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel or op name), the first match wins
+    ("collective", ("nccl", "psum", "all_reduce", "all-reduce", "allreduce", "all_gather", "all-gather",
+                    "reduce_scatter", "reduce-scatter", "collective")),
+    ("moe_gated", ("int8_gated_matmul",)),
+    ("moe_down", ("int8_grouped_matmul",)),
+    ("dense_int8", ("int8_dense_matmul",)),
+    ("xla_dot", ("gemm", "dot", "nvjet", "cutlass", "cublas")),
+)
+
+
+def summarize_profile(results: dict) -> dict:
+    """Device microseconds per layer by kind of kernel, over every line of the trace.
+
+    Kernels that run fewer times per step than there are layers (the logits, the embedding)
+    are counted as "outside_layers" (per step, divided by the layers only to compare).
+    """
+    layers = results["layers"]
+    out: dict = {}
+    for rows in results["lines"].values():
+        for r in rows:
+            kind = "outside_layers" if r["per_step"] < layers else next(
+                (k for k, subs in KERNEL_KINDS if any(s in r["name"] for s in subs)), "other")
+            out[kind] = out.get(kind, 0.0) + r["us_per_layer"]
+    return out
 
 
 def profile_bench(args: argparse.Namespace) -> dict:

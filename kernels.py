@@ -381,7 +381,7 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
-                   out_dtype) -> jax.Array:
+                   out_dtype, name: Optional[str] = None) -> jax.Array:
     """xs [M_pad, K] bf16 times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b)."""
     m_pad, k_dim = xs.shape
     w0, s0 = mats[0]
@@ -419,7 +419,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
-        name="int8_gated_matmul" if gated else "int8_grouped_matmul",
+        name=name or ("int8_gated_matmul" if gated else "int8_grouped_matmul"),
         **params,
     )(tile_expert.astype(jnp.int32), xs.astype(jnp.bfloat16), *flat)
     if split > 1:
@@ -562,7 +562,8 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
         if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, n_dim, scales.shape[0], cfg,
                         interpret, biggest):
             y = _pallas_matmul(xp, [(weight[None], scales[None])], jnp.zeros((n_tiles,), jnp.int32),
-                               gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype)
+                               gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype,
+                               name="int8_dense_matmul")
             return y[:m].reshape(*lead, n_dim)
     y = _block_scaled_dot(x2, weight, scales).astype(out_dtype)
     return y.reshape(*lead, n_dim)
