@@ -187,27 +187,39 @@ class KernelConfig(NamedTuple):
     dequant: str = "cast"
 
 
-# Chosen by kernel_bench.py on an H100 80GB HBM3 (2026-11-28, jax 0.11.2): no other tiling
-# swept beat these by more than the run-to-run spread; "asm"/"bits" conversion did not beat
-# "cast" (the H100's 3 TB/s leaves the int->float converter enough time). Keys: (op, phase).
+# Tilings measured on an H200 (2026-11-30, jax 0.11.2, .scratch sweep of 35 gated, 40 down
+# and 30 dense tilings per shape at M=1; BENCHMARKS.md). Decode: the gated layer peaked at
+# 67% of the copy bandwidth with block_k=64 and the PTX int8 conversion (64% with the H100's
+# 128/128 cast), the down layer at 65% with split-K; tilings within 2% of each other are
+# noise. Dense decode projections are latency-bound: many K slices keep the SMs busy (a
+# [6144, 3072] shard took 15 us against 19 us for XLA's fused int8 dot, a row-blocked
+# [3072, 6144] one 14 us against 55 us). Prefill tilings are the H100's (2026-11-28).
+# Keys: (op, phase); split_k=0 means 'pick by size' (default_config).
 _TUNED = {
-    ("gated", "decode"): KernelConfig(block_n=128, block_k=128, num_warps=4, num_stages=4, dequant="cast"),
+    ("gated", "decode"): KernelConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, dequant="asm"),
     ("gated", "prefill"): KernelConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, dequant="cast"),
-    ("down", "decode"): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=4, dequant="cast"),
+    ("down", "decode"): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3, dequant="cast"),
     ("down", "prefill"): KernelConfig(block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3, dequant="cast"),
+    ("dense", "decode"): KernelConfig(block_n=128, block_k=256, split_k=0, num_warps=4, num_stages=4, dequant="cast"),
+    ("dense", "prefill"): KernelConfig(block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3, dequant="cast"),
 }
+# Smallest K slice per program when split_k is picked by size: the MoE's long K walks keep
+# 1024 rows, the small dense projections go down to 256.
+_MIN_SPLIT_ROWS = {"gated": 1024, "down": 1024, "dense": 256}
 _DENSE_PALLAS_MAX_ROWS = 8  # int8_matmul "auto": Pallas below this many rows, XLA from it on
 _NUM_SMS = 132  # H100/H200; only used to choose split_k when it is left at 0 (auto).
 
 
-def default_config(gated: bool, block_m: int, n_tiles: int, k: int, n: int) -> KernelConfig:
-    """A tuned config for this op and size; split_k=0 in the table means 'pick by size'."""
+def default_config(op: str, block_m: int, n_tiles: int, k: int, n: int) -> KernelConfig:
+    """A tuned config for op ("gated", "down" or "dense") at this size; split_k=0 in the
+    table means 'pick by size': enough programs for two per SM, K slices of at least
+    _MIN_SPLIT_ROWS[op] rows."""
     phase = "decode" if block_m <= 32 else "prefill"
-    cfg = _TUNED[("gated" if gated else "down", phase)]
+    cfg = _TUNED[(op, phase)]
     if cfg.split_k == 0:
         programs = n_tiles * max(1, n // cfg.block_n)
-        split = 1
-        while programs * split < 2 * _NUM_SMS and k // (split * 2) >= 1024 and k % (split * 2) == 0:
+        split, rows = 1, _MIN_SPLIT_ROWS[op]
+        while programs * split < 2 * _NUM_SMS and k // (split * 2) >= rows and k % (split * 2) == 0:
             split *= 2
         cfg = cfg._replace(split_k=split)
     return cfg
@@ -492,7 +504,7 @@ def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name):
     resolved = _resolve_backend(backend)
     if resolved != "xla":
         w0, s0 = mats[0]
-        cfg = config or default_config(gated, plan.block_m, plan.tile_expert.shape[0],
+        cfg = config or default_config("gated" if gated else "down", plan.block_m, plan.tile_expert.shape[0],
                                        w0.shape[-2], w0.shape[-1])
         if gated:
             cfg = cfg._replace(split_k=1)  # the gelu needs whole sums
@@ -556,7 +568,7 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
         xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
-        cfg = config or default_config(False, bm, n_tiles, k_dim, n_dim)
+        cfg = config or default_config("dense", bm, n_tiles, k_dim, n_dim)
         interpret = resolved == "interpret"
         biggest = max(weight.size, n_tiles * bm * max(k_dim, n_dim * max(1, cfg.split_k)))
         if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, n_dim, scales.shape[0], cfg,
