@@ -509,8 +509,11 @@ def prefill_flops(config: model.LanguageModelConfig, tokens: int) -> float:
 
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
                 iters: int = 10, tiny: bool = False, json_path: str | None = None,
-                mesh_shape: tuple[int, int] | None = None) -> dict:
+                mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None) -> dict:
     """Decode and prefill timings for each mode, with roofline fractions.
+
+    cache_len: positions of the decode KV cache (default: the context plus room for the timed
+    steps); a larger one shows whether a step's cost follows the tokens or the capacity.
 
     tiny=True swaps in the tiny config and small ceilings: a smoke test for any laptop.
     """
@@ -533,7 +536,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     params = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
     params = model.prepare_for_inference(params, base)
     jax.block_until_ready(params)
-    cache_len = -(-(context + 64) // 128) * 128  # room for the timed steps
+    cache_len = cache_len or -(-(context + 64) // 128) * 128  # room for the timed steps
+    results["cache_len"] = cache_len
     rows, logits = [], {}
     for mode in modes:
         config = dataclasses.replace(base, model=dataclasses.replace(base.model, moe_impl=mode))
@@ -743,7 +747,7 @@ def format_model_table(results: dict) -> str:
 def model_bench(args: argparse.Namespace) -> dict:
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     res = bench_model(args.layers, [int(b) for b in args.batches.split(",")], args.context, args.prefill,
-                      args.modes.split(","), args.iters, args.tiny, args.json, mesh)
+                      args.modes.split(","), args.iters, args.tiny, args.json, mesh, args.cache_len)
     if args.compile_layers:
         res["compile"] = compile_times(args.compile_layers)
         save(args.json, res, res["rows"])
@@ -785,6 +789,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes")
     p.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache when decoding")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="KV cache positions for decode (default: the context plus room for the timed steps)")
     p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill")
     p.add_argument("--modes", default="fast,reference")
     p.add_argument("--iters", type=int, default=10)
