@@ -448,6 +448,9 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
         return False
 
 
+# Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
+# once: a model's lowering then grows with its distinct kernels, not with its depth.
+@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
                    out_dtype, name: Optional[str] = None) -> jax.Array:
