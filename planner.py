@@ -1002,7 +1002,7 @@ def _measure_cli(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-class ArgumentParser(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors: 'PROG: error: MESSAGE (see PROG --help)', exit 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -1122,7 +1122,7 @@ def run_plan(args: argparse.Namespace, out: Any = None, config: Any = None) -> i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(description="Grok-1 memory planner: will it fit?")
+    parser = OneLineArgumentParser(description="Grok-1 memory planner: will it fit?")
     add_plan_arguments(parser)
     parser.add_argument("--measure", choices=("prefill", "decode", "both"), default=None,
                         help="run the runner's step on the devices present and compare JAX's "

@@ -94,7 +94,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     import planner  # --plan, --devices, --device-memory-gb, --batch, --context, --json, --layers
 
-    p = planner.ArgumentParser(  # one-line errors, exit status 2
+    p = planner.OneLineArgumentParser(  # one-line errors, exit status 2
         description="Generate text with Grok-1 (default) or a tiny random demo model (--tiny).",
         epilog=DOWNLOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true",
@@ -230,7 +230,10 @@ def _output_files(directory: str) -> tuple[list[str], list[str]]:
         elif not stat.S_ISDIR(mode):
             other.append(name)
         else:
-            for root, dirs, names in os.walk(path):
+            def unreadable(error: OSError) -> None:
+                other.append(os.path.relpath(error.filename or path, directory))
+
+            for root, dirs, names in os.walk(path, onerror=unreadable):
                 for entry in dirs + names:
                     rel = os.path.relpath(os.path.join(root, entry), directory)
                     mode = os.lstat(os.path.join(root, entry)).st_mode
