@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import model as model_lib
 
@@ -66,6 +66,12 @@ REQUIRE_POWER_OF_TWO_AXES = False
 # Upper bounds of the suggestion searches.
 MAX_DEVICES_SEARCH = 4096
 MAX_BATCH_SEARCH = 1 << 20
+# Ranges the command line accepts (add_plan_arguments): far beyond any real run, small
+# enough that every number stays exact and finite.
+MAX_DEVICE_MEMORY_GB = 1e6  # a petabyte per device
+MAX_BATCH = MAX_BATCH_SEARCH
+MAX_CONTEXT = 1 << 24
+MAX_LAYERS = 256  # Grok-1 has 64
 
 
 class PlanError(ValueError):
@@ -216,18 +222,81 @@ def mesh_problems(config: Any, data: int, model: int) -> list[str]:
 
 
 def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    """The divisors of n >= 1, ascending; O(sqrt n) from the divisor pairs (k, n // k)."""
+    small, large = [], []
+    k = 1
+    while k * k <= n:
+        if n % k == 0:
+            small.append(k)
+            if k * k != n:
+                large.append(n // k)
+        k += 1
+    return small + large[::-1]
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
+def _data_modulus(config: Any, model: int) -> Optional[int]:
+    """For a model axis of `model`: D such that a data axis d is valid exactly when d divides
+    D (0: any d), or None when no data axis makes `model` valid.
+
+    Derived from mesh_problems' rule: a dimension n split over the model axis alone needs
+    model | n; one split over the data axis (times the model axis when both name it) needs
+    d * model | n, i.e. d | n // model. Scales are replicated where they do not divide.
+    """
+    cfg = config.model
+    if cfg.num_kv_heads % model:
+        return None
+    first = lambda axis: axis[0] if isinstance(axis, tuple) else axis  # noqa: E731
+    data_name, model_name = first(cfg.data_axis), first(cfg.model_axis)
+    modulus = 0
+    for grp in param_table(config).groups:
+        if grp.role == "scales":
+            continue
+        for n, entry in zip(grp.shape, grp.spec):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            ways = model if model_name in names else 1
+            if n % ways:
+                return None
+            if data_name in names:
+                modulus = math.gcd(modulus, n // ways)
+    return modulus
 
 
 def valid_meshes(config: Any, num_devices: int) -> list[tuple[int, int]]:
-    """Valid (data, model) layouts of num_devices devices, most model-parallel first."""
-    return [(num_devices // m, m) for m in reversed(_divisors(num_devices))
-            if not mesh_problems(config, num_devices // m, m)]
+    """Valid (data, model) layouts of num_devices devices, most model-parallel first.
+
+    Fast for any count: the model axis must divide num_kv_heads, so only those few
+    divisors are tried (each checked in full by mesh_problems).
+    """
+    if num_devices < 1:
+        return []
+    out = []
+    for m in reversed(_divisors(math.gcd(num_devices, config.model.num_kv_heads))):
+        d, modulus = num_devices // m, _data_modulus(config, m)
+        if modulus is None or (modulus and modulus % d):
+            continue
+        if not mesh_problems(config, d, m):
+            out.append((d, m))
+    return out
 
 
 def valid_device_counts(config: Any, up_to: int) -> list[int]:
-    """Device counts in [1, up_to] that have at least one valid layout."""
-    return [n for n in range(1, up_to + 1) if valid_meshes(config, n)]
+    """Device counts in [1, up_to] that have at least one valid layout.
+
+    Built from each model axis's data modulus (_data_modulus), so the cost does not grow
+    with up_to unless the data axis splits nothing (then every multiple counts).
+    """
+    counts: set[int] = set()
+    for m in _divisors(config.model.num_kv_heads):
+        modulus = _data_modulus(config, m)
+        if modulus is None or m > up_to:
+            continue
+        datas = _divisors(modulus) if modulus else range(1, up_to // m + 1)
+        counts.update(d * m for d in datas if d * m <= up_to)
+    return sorted(n for n in counts if valid_meshes(config, n))
 
 
 def _list_words(items: Sequence[Any]) -> str:
@@ -237,6 +306,8 @@ def _list_words(items: Sequence[Any]) -> str:
 
 def _no_layout_error(config: Any, num_devices: int) -> PlanError:
     counts = valid_device_counts(config, max(16, 2 * num_devices))
+    if len(counts) > 12:  # the ones nearest the count asked for
+        counts = sorted(sorted(counts, key=lambda c: (abs(c - num_devices), c))[:12])
     why = "; ".join(mesh_problems(config, num_devices, 1)[:2])
     return PlanError(
         f"{num_devices} devices: no (data, model) layout can hold this model (for example "
@@ -551,6 +622,10 @@ def plan(config: Any, num_devices: int, device_memory_gb: Optional[float], batch
     if num_devices < 1 or batch_size < 1 or context < 1 or prefill_batch < 1:
         raise PlanError(f"devices ({num_devices}), batch ({batch_size}), context ({context}) and "
                         f"prefill batch ({prefill_batch}) must all be >= 1")
+    if device_memory_gb is not None and not (math.isfinite(device_memory_gb)
+                                             and 0 < device_memory_gb <= MAX_DEVICE_MEMORY_GB):
+        raise PlanError(f"device memory {device_memory_gb!r} GB: must be a finite number > 0 and "
+                        f"<= {MAX_DEVICE_MEMORY_GB:g}")
     capacity = None if device_memory_gb is None else int(device_memory_gb * GB)
     overhead = int(runtime_overhead_gb * GB)
     sizer_args = (moe_impl, overhead, prefill_batch, prefill_len)
@@ -927,8 +1002,49 @@ def _measure_cli(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'PROG: error: MESSAGE (see PROG --help)', exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_in(low: int, high: Optional[int] = None) -> Any:
+    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low} .. {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be an integer {bound}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
+def float_in(low: float, high: float) -> Any:
+    """An argparse type: a finite number in (low, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low < value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be a finite number > {low:g} "
+                                             f"and <= {high:.10g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the planner's options to a parser (options it already has are left alone)."""
+    """Add the planner's options to a parser (options it already has are left alone).
+
+    Every number is range-checked as it is parsed (argparse exits with status 2)."""
     have = set(parser._option_string_actions)  # argparse offers no public lookup
 
     def add(flag: str, **kwargs: Any) -> None:
@@ -936,17 +1052,19 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
             parser.add_argument(flag, **kwargs)
 
     add("--plan", action="store_true", help="print the memory plan and exit (loads nothing)")
-    add("--devices", type=int, default=None,
-        help="device count to plan for (default: the devices present)")
-    add("--device-memory-gb", type=float, default=None,
-        help="memory per device in GB (10^9 bytes); default: what the present devices report")
-    add("--batch", type=int, default=1, help="batch size (sequences decoded together)")
-    add("--context", type=int, default=None, help="KV cache length (default: the model's 8192)")
+    add("--devices", type=int_in(1), default=None,
+        help="device count to plan for, >= 1 (default: the devices present)")
+    add("--device-memory-gb", type=float_in(0.0, MAX_DEVICE_MEMORY_GB), default=None,
+        help="memory per device in GB (10^9 bytes), > 0; default: what the present devices report")
+    add("--batch", type=int_in(1, MAX_BATCH), default=1, help="batch size (sequences decoded together)")
+    add("--context", type=int_in(1, MAX_CONTEXT), default=None,
+        help="KV cache length (default: the model's 8192)")
     add("--mesh", type=str, default=None, help="explicit layout DATAxMODEL, e.g. 1x8 (default: automatic)")
     add("--moe-impl", choices=model_lib.MOE_IMPLS, default=None, help="MoE algorithm (default fast)")
     add("--tiny", action="store_true", help="plan the tiny test config instead of Grok-1")
-    add("--layers", type=int, default=None, help="override the number of layers (bench models)")
-    add("--prefill-batch", type=int, default=1, help="requests prefilled together (default 1)")
+    add("--layers", type=int_in(1, MAX_LAYERS), default=None,
+        help="override the number of layers (bench models)")
+    add("--prefill-batch", type=int_in(1, MAX_BATCH), default=1, help="requests prefilled together (default 1)")
     add("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -954,7 +1072,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def config_from_args(args: argparse.Namespace) -> Any:
     """The config the options name: Grok-1, or tiny with --tiny; --layers overrides depth."""
     overrides = {}
-    if getattr(args, "layers", None):
+    if getattr(args, "layers", None) is not None:
         overrides["num_layers"] = args.layers
     if getattr(args, "moe_impl", None):
         overrides["moe_impl"] = args.moe_impl
@@ -968,7 +1086,10 @@ def _mesh_arg(value: Any) -> Optional[tuple[int, int]]:
     if not value:
         return None
     if isinstance(value, str):
-        return tuple(int(x) for x in re.split(r"[,x]", value.lower()))
+        try:
+            return tuple(int(x) for x in re.split(r"[,x]", value.lower()))
+        except ValueError:
+            raise PlanError(f"--mesh {value!r}: expected DATAxMODEL, e.g. 1x8") from None
     return tuple(int(x) for x in value)
 
 
@@ -1001,7 +1122,7 @@ def run_plan(args: argparse.Namespace, out: Any = None, config: Any = None) -> i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Grok-1 memory planner: will it fit?")
+    parser = OneLineArgumentParser(description="Grok-1 memory planner: will it fit?")
     add_plan_arguments(parser)
     parser.add_argument("--measure", choices=("prefill", "decode", "both"), default=None,
                         help="run the runner's step on the devices present and compare JAX's "

@@ -24,8 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
+import math
 import os
+import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -39,6 +45,11 @@ TINY_CORPUS = os.path.join(REPO_ROOT, "data", "tiny_corpus.txt")
 TINY_VOCAB = 512  # model and tokenizer vocabulary of the demo
 TINY_SEQUENCE_LEN = 256
 TINY_PAD_SIZES = (32, 128)
+# A --tiny-dir holds the demo's outputs and a marker listing what this code wrote there
+# (relative path -> sha256); only files that match it are ever replaced.
+TINY_OUTPUTS = ("ckpt-0", "tokenizer.model", "tokenizer.vocab")
+TINY_MARKER = "tiny-demo.json"
+TINY_STAGING_PREFIX = ".tiny-demo-staging-"  # a build in progress, swapped in when complete
 EXIT_USAGE = 2  # missing files, bad flags: the user has something to fix
 EXIT_DISTRIBUTED = 3  # the process group failed (same as runners.EXIT_DISTRIBUTED)
 # Environment variables read when the matching flag is not given.
@@ -81,7 +92,9 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    import planner  # --plan, --devices, --device-memory-gb, --batch, --context, --json, --layers
+
+    p = planner.OneLineArgumentParser(  # one-line errors, exit status 2
         description="Generate text with Grok-1 (default) or a tiny random demo model (--tiny).",
         epilog=DOWNLOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true",
@@ -90,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "output is random text. Runs on CPU in well under a minute.")
     p.add_argument("--tiny-dir", default=None,
                    help="with --tiny: where to write the demo checkpoint (DIR/ckpt-0) and tokenizer "
-                        "(DIR/tokenizer.model); default a temporary directory, removed afterwards.")
+                        "(DIR/tokenizer.model); default a temporary directory, removed afterwards. "
+                        f"DIR must be new, empty, or a demo written before (DIR/{TINY_MARKER}): "
+                        "nothing else is ever overwritten.")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"a prompt; repeat for several, which run at once in separate slots "
                         f"(default: {DEFAULT_PROMPT!r}).")
@@ -132,8 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
                         f"of a dead process, for a generation step (the first, which compiles, gets "
                         f"10x); then it exits with status {EXIT_DISTRIBUTED} (env {ENV_TIMEOUT}; "
                         f"default {DEFAULT_DISTRIBUTED_TIMEOUT:g}).")
-    import planner  # --plan, --devices, --device-memory-gb, --batch, --context, --json, --layers
-
     planner.add_plan_arguments(p)
     return p
 
@@ -188,18 +201,165 @@ def tiny_demo_params(config, seed: int = 0) -> dict:
     return out
 
 
+class TinyDirError(Exception):
+    """A --tiny-dir holding files the tiny demo did not make; they are never overwritten."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _output_files(directory: str) -> tuple[list[str], list[str]]:
+    """(regular files, anything else) at the demo's paths in `directory`, relative to it.
+
+    Symlinks, FIFOs, sockets and devices are "anything else": never read, never replaced.
+    """
+    files, other = [], []
+    for name in TINY_OUTPUTS:
+        path = os.path.join(directory, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode):
+            files.append(name)
+        elif not stat.S_ISDIR(mode):
+            other.append(name)
+        else:
+            def unreadable(error: OSError) -> None:
+                other.append(os.path.relpath(error.filename or path, directory))
+
+            for root, dirs, names in os.walk(path, onerror=unreadable):
+                for entry in dirs + names:
+                    rel = os.path.relpath(os.path.join(root, entry), directory)
+                    mode = os.lstat(os.path.join(root, entry)).st_mode
+                    if stat.S_ISREG(mode):
+                        files.append(rel)
+                    elif not stat.S_ISDIR(mode):
+                        other.append(rel)
+    return sorted(files), sorted(other)
+
+
+def _read_tiny_marker(directory: str) -> Optional[dict[str, str]]:
+    """The marker's {relative path: sha256}; None without a marker; TinyDirError if unusable."""
+    path = os.path.join(directory, TINY_MARKER)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    bad = TinyDirError(f"--tiny-dir {directory!r}: {path} is not a marker written by run.py --tiny; "
+                       "refusing to write there. Give a new or empty directory.")
+    if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+        raise bad
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        files = data["files"]
+        if data.get("made_by") != "run.py --tiny" or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise bad from None
+    return dict(files)
+
+
+def _write_tiny_marker(directory: str, files: dict[str, str]) -> None:
+    """Write the marker atomically (a temporary file renamed over it)."""
+    text = json.dumps({"made_by": "run.py --tiny", "files": dict(sorted(files.items()))}, indent=1)
+    tmp = os.path.join(directory, f"{TINY_STAGING_PREFIX}{os.getpid()}-{TINY_MARKER}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(tmp, os.path.join(directory, TINY_MARKER))
+
+
+def _short_list(paths: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def claim_tiny_dir(directory: str) -> dict[str, str]:
+    """Check that the tiny demo may be written into `directory`, and claim it.
+
+    Allowed: a new or empty directory (the marker TINY_MARKER is written at once), or one
+    whose marker lists every file at the demo's paths (TINY_OUTPUTS) with its exact sha256,
+    i.e. a demo this code wrote before. Anything else raises TinyDirError naming the files
+    that would have been replaced. Returns the demo files present, path -> sha256.
+    """
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise TinyDirError(f"--tiny-dir {directory!r} is not a directory; give a new or empty directory, "
+                           "or leave out --tiny-dir (a temporary one).")
+    os.makedirs(directory, exist_ok=True)
+    recorded = _read_tiny_marker(directory)
+    fix = "Move the files away, give a new or empty directory, or leave out --tiny-dir (a temporary one)."
+    if recorded is None:
+        entries = sorted(e for e in os.listdir(directory) if not e.startswith(TINY_STAGING_PREFIX))
+        clash = [os.path.join(directory, n) for n in TINY_OUTPUTS if n in entries]
+        if clash:
+            raise TinyDirError(f"--tiny-dir {directory!r}: refusing to write the tiny demo there: it would "
+                               f"replace {_short_list(clash)}, which run.py --tiny did not make. {fix}")
+        if entries:
+            raise TinyDirError(f"--tiny-dir {directory!r}: refusing to write the tiny demo there: the "
+                               f"directory holds other files ({_short_list(entries)}) and no {TINY_MARKER} "
+                               "of an earlier demo. Give a new or empty directory, or leave out --tiny-dir.")
+        _remove_staging(directory)
+        _write_tiny_marker(directory, {})
+        return {}
+    files, other = _output_files(directory)
+    foreign = other + [rel for rel in files if recorded.get(rel) != _sha256(os.path.join(directory, rel))]
+    if foreign:
+        raise TinyDirError(
+            f"--tiny-dir {directory!r}: refusing to write the tiny demo there: it would replace "
+            f"{_short_list([os.path.join(directory, rel) for rel in foreign])}: not what run.py --tiny "
+            f"wrote there (see {TINY_MARKER}). {fix}")
+    _remove_staging(directory)
+    return {rel: recorded[rel] for rel in files}
+
+
+def _remove_staging(directory: str) -> None:
+    """Delete the leftovers of an interrupted build (named TINY_STAGING_PREFIX...)."""
+    for entry in os.listdir(directory):
+        path = os.path.join(directory, entry)
+        if not entry.startswith(TINY_STAGING_PREFIX):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def build_tiny_demo(directory: str, config=None, seed: int = 0) -> tuple[str, str]:
     """Write a random tiny model (DIR/ckpt-0, released format) and a tokenizer (DIR/tokenizer.model).
 
-    Returns (checkpoint directory, tokenizer path).
+    Returns (checkpoint directory, tokenizer path). `directory` must be new, empty or an
+    earlier demo (claim_tiny_dir; TinyDirError otherwise). The demo is built in a staging
+    directory beside, then swapped in; the marker covers the old and the new files while
+    they are swapped, so an interrupted build never leaves a file the next one would refuse.
     """
     import checkpoint
 
     config = config if config is not None else tiny_demo_config()
-    tokenizer = train_tiny_tokenizer(directory)
-    ckpt = os.path.join(directory, "ckpt-0")
-    checkpoint.save(tiny_demo_params(config, seed), ckpt, overwrite=True)
-    return ckpt, tokenizer
+    before = claim_tiny_dir(directory)
+    staging = tempfile.mkdtemp(prefix=TINY_STAGING_PREFIX, dir=directory)
+    try:
+        train_tiny_tokenizer(staging)
+        checkpoint.save(tiny_demo_params(config, seed), os.path.join(staging, "ckpt-0"))
+        made = {rel: _sha256(os.path.join(staging, rel)) for rel in _output_files(staging)[0]}
+        _write_tiny_marker(directory, {**before, **made})
+        for name in TINY_OUTPUTS:
+            new, target = os.path.join(staging, name), os.path.join(directory, name)
+            if not os.path.lexists(new):
+                continue
+            if os.path.isdir(target):  # the old demo's checkpoint: out of the way, then deleted
+                os.rename(target, os.path.join(staging, "old-" + name))
+            os.replace(new, target)
+        _write_tiny_marker(directory, made)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(directory, "ckpt-0"), os.path.join(directory, "tokenizer.model")
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,9 +375,24 @@ def missing_files(checkpoint_path: str, tokenizer_path: str) -> list[str]:
     directory = checkpoint.resolve_checkpoint_dir(checkpoint_path)
     if not os.path.isfile(os.path.join(directory, checkpoint.tensor_filename(0))):
         missing.append(f"checkpoint: no tensor files (tensor00000_000, ...) in {checkpoint_path!r}")
-    if not os.path.isfile(tokenizer_path):
+    if not os.path.lexists(tokenizer_path):  # anything else there: runners.load_tokenizer says what
         missing.append(f"tokenizer: {tokenizer_path!r} does not exist")
     return missing
+
+
+def build_requests(args: argparse.Namespace) -> list:
+    """One runners.Request per --prompt, checked (InvalidRequestError names the bad one)."""
+    import runners
+
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    requests = [runners.Request(prompt=p, temperature=args.temperature, nucleus_p=args.top_p,
+                                rng_seed=args.seed + i, max_len=args.max_len) for i, p in enumerate(prompts)]
+    for i, request in enumerate(requests):  # bad flags fail now, not after loading the weights
+        try:
+            runners.check_request(request)
+        except runners.InvalidRequestError as e:
+            raise runners.InvalidRequestError(f"--prompt {i + 1}: {e}" if len(requests) > 1 else str(e)) from None
+    return requests
 
 
 def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_path: str,
@@ -228,10 +403,7 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
     import runners
 
     prompts = args.prompt or [DEFAULT_PROMPT]
-    requests = [runners.Request(prompt=p, temperature=args.temperature, nucleus_p=args.top_p,
-                                rng_seed=args.seed + i, max_len=args.max_len) for i, p in enumerate(prompts)]
-    for request in requests:  # bad flags fail now, not after loading the weights
-        runners.check_request(request)
+    requests = build_requests(args)
     mesh = args.mesh or runners.auto_mesh_config(config, jax.local_device_count())
     processes = jax.process_count()
     hosts = args.hosts or (processes, 1)
@@ -243,6 +415,12 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
                                    checkpoint_path=checkpoint_path),
         name="local", load=checkpoint_path, tokenizer_path=tokenizer_path,
         local_mesh_config=mesh, between_hosts_config=hosts)
+    # The tokenizer and the prompts, before the weights (seconds, not minutes, to an error).
+    for i, request in enumerate(requests):
+        if not runner.tokenize(request.prompt):
+            which = f"--prompt {i + 1} " if len(requests) > 1 else "prompt "
+            raise runners.InvalidRequestError(
+                f"{which}{request.prompt[:40]!r} encodes to no tokens with {tokenizer_path}; give some text.")
     start = time.perf_counter()
     runner.initialize()
     where = f" over {processes} processes" if processes > 1 else ""
@@ -315,23 +493,38 @@ def run_real(args: argparse.Namespace) -> int:
 
 
 def distributed_settings(args: argparse.Namespace) -> tuple[Optional[str], int, int, float]:
-    """(coordinator, processes, process id, timeout) from the flags, else the environment."""
-    def pick(value, env, cast, default):
+    """(coordinator, processes, process id, timeout) from the flags, else the environment.
+
+    Out-of-range values (fewer than 1 process, a process id outside 0 .. N-1, a timeout
+    that is not a finite number of seconds > 0) print one line and exit with status 2.
+    """
+    def usage_error(message: str) -> SystemExit:
+        print(f"Error: {message}", file=sys.stderr)
+        return SystemExit(EXIT_USAGE)
+
+    def pick(value, flag, env, cast, default):
         if value is not None:
-            return value
+            return value, flag
         text = os.environ.get(env)
         if text in (None, ""):
-            return default
+            return default, None
         try:
-            return cast(text)
+            return cast(text), f"environment variable {env}"
         except ValueError:
-            raise SystemExit(f"Error: environment variable {env}={text!r} is not a valid "
-                             f"{cast.__name__}.") from None
+            raise usage_error(f"environment variable {env}={text!r} is not a valid {cast.__name__}.") from None
 
-    coordinator = pick(args.coordinator, ENV_COORDINATOR, str, None)
-    processes = pick(args.num_processes, ENV_NUM_PROCESSES, int, 1)
-    process_id = pick(args.process_id, ENV_PROCESS_ID, int, 0)
-    timeout = pick(args.distributed_timeout, ENV_TIMEOUT, float, DEFAULT_DISTRIBUTED_TIMEOUT)
+    coordinator, _ = pick(args.coordinator, "--coordinator", ENV_COORDINATOR, str, None)
+    processes, p_from = pick(args.num_processes, "--num-processes", ENV_NUM_PROCESSES, int, 1)
+    process_id, i_from = pick(args.process_id, "--process-id", ENV_PROCESS_ID, int, 0)
+    timeout, t_from = pick(args.distributed_timeout, "--distributed-timeout", ENV_TIMEOUT, float,
+                           DEFAULT_DISTRIBUTED_TIMEOUT)
+    if processes < 1:
+        raise usage_error(f"{p_from} {processes}: the number of processes must be >= 1.")
+    if not 0 <= process_id < processes:
+        raise usage_error(f"{i_from} {process_id}: must be in 0 .. {processes - 1} with {processes} "
+                          f"process(es){'' if p_from else ' (--num-processes not given: 1)'}.")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise usage_error(f"{t_from} {timeout:g}: must be a finite number of seconds > 0.")
     return coordinator, processes, process_id, timeout
 
 
@@ -346,8 +539,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import runners
 
     if args.plan:  # shapes only: nothing is loaded or allocated
-        return planner.run_plan(args, config=tiny_demo_config(args.moe_impl) if args.tiny else None)
+        config = None
+        if args.tiny:
+            config = tiny_demo_config(args.moe_impl)
+            if args.layers is not None:
+                config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=args.layers))
+        return planner.run_plan(args, config=config)
     coordinator, processes, process_id, timeout = distributed_settings(args)
+    try:  # the flags and prompts, before anything is written or loaded
+        build_requests(args)
+    except runners.InvalidRequestError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     several = processes > 1
     if several:
         if not coordinator:
@@ -371,7 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runners.abort_process("", code)  # said why already; don't wait in jax's shutdown
         return code
     except (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError, checkpoint.CheckpointError,
-            FileNotFoundError) as e:  # things the user fixes: say what, no traceback
+            runners.TokenizerError, TinyDirError, FileNotFoundError) as e:  # the user fixes these: no traceback
         if several:  # every process fails alike; no need to wait for the others
             runners.abort_process(f"Error{context}: {e}", EXIT_USAGE)
         print(f"Error: {e}", file=sys.stderr)

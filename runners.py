@@ -51,6 +51,13 @@ from model import LanguageModelConfig
 logger = logging.getLogger(__name__)
 
 TOP_K = 8  # how many of the most likely tokens every step reports, as in the release
+# Requests may ask for temperatures up to this (check_request); far beyond any logit gap,
+# sampling there is already uniform over the allowed tokens.
+MAX_TEMPERATURE = 1e6
+# The sampler clamps temperatures to this range (sample_tokens): 1 / t stays a normal
+# float32 and logits / t cannot overflow for any finite float32 logit of sane size.
+SAMPLING_MIN_TEMPERATURE = 1e-20
+SAMPLING_MAX_TEMPERATURE = 1e30
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,6 +71,11 @@ class InvalidRequestError(ValueError):
 
 class MeshConfigError(ValueError):
     """A mesh that does not fit the devices present or the model's dimensions."""
+
+
+class RunnerBusyError(RuntimeError):
+    """The InferenceRunner is held by a consumer of the calling thread (an open stream() or
+    run() generator): waiting for it would never end. Exhaust or close() that one first."""
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -511,9 +523,14 @@ def check_request(request: Request, vocab_size: Optional[int] = None) -> None:
         raise InvalidRequestError(f"prompt must be a str, got {type(request.prompt).__name__}.")
     if not request.prompt:
         raise InvalidRequestError("prompt is empty: give at least one token of text.")
+    _check_text(request.prompt)
     t = request.temperature
     if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not math.isfinite(t) or t < 0:
         raise InvalidRequestError(f"temperature={t!r}: must be a finite number >= 0 (0 = greedy).")
+    if t > MAX_TEMPERATURE:
+        raise InvalidRequestError(
+            f"temperature={t!r}: must be at most {MAX_TEMPERATURE:g}; sampling is already uniform over "
+            "the allowed tokens long before that.")
     p = request.nucleus_p
     if isinstance(p, bool) or not isinstance(p, (int, float, np.number)) or not 0 < p <= 1:
         raise InvalidRequestError(f"nucleus_p (top_p)={p!r}: must lie in (0, 1]; 1 keeps every token.")
@@ -529,6 +546,23 @@ def check_request(request: Request, vocab_size: Optional[int] = None) -> None:
                 f"token_mask has shape {mask.shape}; expected ({vocab_size},), one flag per token.")
         if not mask.astype(bool).any():
             raise InvalidRequestError("token_mask allows no token at all.")
+
+
+def _check_text(prompt: str) -> None:
+    """Raise InvalidRequestError if `prompt` holds a lone surrogate (not valid Unicode).
+
+    Python hands invalid UTF-8 bytes of a command line or file name over as lone surrogates
+    U+DC80..U+DCFF (surrogateescape); the tokenizer could not encode them.
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = prompt[e.start]
+        raw = (f" (the invalid UTF-8 byte 0x{ord(char) - 0xDC00:02X} as Python passes it on)"
+               if 0xDC80 <= ord(char) <= 0xDCFF else "")
+        raise InvalidRequestError(
+            f"prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} is not valid text: character "
+            f"{e.start} is a lone surrogate U+{ord(char):04X}{raw}. Give the prompt as UTF-8.") from None
 
 
 @dataclasses.dataclass
@@ -586,14 +620,27 @@ def sample_tokens(
     categorical sample. Rows with temperature 0 take the argmax of the allowed logits (no
     division by zero); their reported probabilities are those at temperature 1 (after the
     row's top-p filter).
+
+    Numerically safe for any temperature and any logits: the temperature is clamped to
+    [SAMPLING_MIN_TEMPERATURE, SAMPLING_MAX_TEMPERATURE] (XLA divides by multiplying with
+    1 / t, and 1 / t must stay a normal float32: above about 8.5e37 it flushes to 0 and
+    -inf * 0 gave NaN everywhere); the mask is applied after the division; NaN logits count
+    as -inf and overflowing ones are clipped to the float32 range. A masked token is never
+    returned: should no allowed token survive (all NaN), the first allowed one is taken.
     """
     logits = logits.astype(jnp.float32)
     greedy = temperature <= 0
-    t = jnp.where(greedy, 1.0, jnp.maximum(temperature, 1e-20)).astype(jnp.float32)
-    allowed = jnp.where(mask, logits, -jnp.inf)
-    filtered = top_p_filter(allowed / t[:, None], top_p.astype(jnp.float32))  # [B, V]
+    t = jnp.clip(jnp.where(greedy, 1.0, temperature).astype(jnp.float32),
+                 SAMPLING_MIN_TEMPERATURE, SAMPLING_MAX_TEMPERATURE)
+    big = jnp.finfo(jnp.float32).max
+    finite = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
+    allowed = jnp.where(mask, finite, -jnp.inf)
+    scaled = jnp.where(mask, jnp.clip(finite / t[:, None], -big, big), -jnp.inf)  # [B, V]
+    filtered = top_p_filter(scaled, top_p.astype(jnp.float32))  # [B, V]
     sampled = jax.vmap(jax.random.categorical)(keys, filtered)
     token = jnp.where(greedy, jnp.argmax(allowed, axis=-1), sampled).astype(jnp.int32)
+    ok = jnp.take_along_axis(mask, token[:, None], axis=-1)[:, 0]
+    token = jnp.where(ok, token, jnp.argmax(mask, axis=-1)).astype(jnp.int32)
     probs = jax.nn.softmax(filtered, axis=-1)
     prob = jnp.take_along_axis(probs, token[:, None], axis=-1)[:, 0]
     top_probs, top_ids = jax.lax.top_k(probs, min(top_k, probs.shape[-1]))
@@ -813,7 +860,9 @@ class _Engine:
     """The batch cache [B, S] and B slots; admits prepared requests and steps all of them.
 
     One consumer (a stream() or a run() generator, the `owner`) may hold slots at a time,
-    so that nobody receives another's tokens.
+    so that nobody receives another's tokens. `lock` makes each operation (admit, step,
+    release, a params swap) atomic: the steps donate the cache and the slot state, so two
+    at once would use deleted buffers.
     """
 
     def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any,
@@ -830,6 +879,7 @@ class _Engine:
         self.slots: list[Optional[_Slot]] = [None] * batch_size
         self.watchdog = watchdog
         self._warm: set[tuple] = set()  # programs that have compiled and run once
+        self.lock = threading.RLock()
 
     @contextlib.contextmanager
     def _deadline(self, program: tuple) -> Iterator[None]:
@@ -853,14 +903,19 @@ class _Engine:
 
     def release(self, owner: object) -> None:
         """Free every slot `owner` holds (its requests are dropped)."""
-        for i, s in enumerate(self.slots):
-            if s is not None and s.owner is owner:
-                self.slots[i] = None
+        with self.lock:
+            for i, s in enumerate(self.slots):
+                if s is not None and s.owner is owner:
+                    self.slots[i] = None
 
     def admit(self, prepared: _Prepared, owner: object) -> TokenEvent:
         """Prefill a request into a free slot; returns the event of its first token."""
+        with self.lock:
+            return self._admit(prepared, owner)
+
+    def _admit(self, prepared: _Prepared, owner: object) -> TokenEvent:
         if any(s is not None and s.owner is not owner for s in self.slots):
-            raise RuntimeError(
+            raise RunnerBusyError(
                 "Another stream() / run() generator still has requests in flight on this "
                 "InferenceRunner; exhaust or close() it first.")
         free = self.free_slots()
@@ -882,6 +937,10 @@ class _Engine:
 
     def step(self) -> list[TokenEvent]:
         """One decode step of every active slot; returns one event per active slot."""
+        with self.lock:
+            return self._step()
+
+    def _step(self) -> list[TokenEvent]:
         active = np.array([s is not None for s in self.slots])
         if not active.any():
             return []
@@ -918,15 +977,43 @@ class _Engine:
 # ---------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str) -> Any:
-    """A SentencePieceProcessor for `path`, with a message saying where to get one."""
-    import sentencepiece
+class TokenizerError(ValueError):
+    """A tokenizer file that is empty, not a regular file, not a SentencePiece model, or not
+    one that belongs to the model."""
 
-    if not os.path.isfile(path):
+
+def load_tokenizer(path: str) -> Any:
+    """A SentencePieceProcessor for `path`, with a message saying where to get one.
+
+    Raises FileNotFoundError when `path` does not exist and TokenizerError when it is not a
+    usable SentencePiece model (a directory, a FIFO, an empty or garbage file).
+    """
+    import sentencepiece
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        info = None
+    except OSError as e:
+        raise TokenizerError(f"Tokenizer {path!r} cannot be read: {e.strerror or e}.") from None
+    if info is None:
         raise FileNotFoundError(
             f"Tokenizer {path!r} not found. The Grok-1 tokenizer is tokenizer.model in the "
             "Hugging Face repo xai-org/grok-1; `python run.py --tiny` makes a small one for a demo.")
-    return sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+    if not stat.S_ISREG(info.st_mode):  # a directory, or a FIFO that open() would block on
+        raise TokenizerError(f"Tokenizer {path!r} is not a regular file; give the path of tokenizer.model.")
+    if info.st_size == 0:
+        raise TokenizerError(f"Tokenizer {path!r} is empty (0 bytes); download tokenizer.model again.")
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+        if sp.vocab_size() < 1:
+            raise RuntimeError("no pieces")
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(
+            f"Tokenizer {path!r} ({info.st_size} bytes) is not a SentencePiece model "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); download tokenizer.model again.") from None
+    return sp
 
 
 @dataclasses.dataclass
@@ -943,6 +1030,14 @@ class InferenceRunner:
     before the watchdog ends the process with an error (a program's first step, which also
     compiles it, gets FIRST_STEP_TIMEOUT_FACTOR times as long). None: the timeout given to
     initialize_distributed in a multi-process run, no limit otherwise; 0: no limit.
+
+    Threads: the runner serves one consumer at a time, and is safe to share between threads.
+    A consumer is one generate() call, or one stream() / run() generator from its first
+    next() until it is exhausted or closed. A consumer started while another thread's holds
+    the runner waits for it to finish, so concurrent generate() calls run one after another
+    and each returns exactly what it would alone. One started while a consumer of the same
+    thread holds the runner raises RunnerBusyError (it could never be released). Close
+    stream() and run() generators you do not exhaust: an open one holds the runner.
     """
 
     name: str
@@ -953,6 +1048,10 @@ class InferenceRunner:
     between_hosts_config: Optional[tuple[int, int]] = None
     pad_sizes: tuple[int, ...] = (1024,)
     step_timeout: Optional[float] = None
+    # The consumer holding the runner: (what, thread id), or None; guarded by _busy.
+    _holder: Optional[tuple[str, int]] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _busy: threading.Condition = dataclasses.field(
+        default_factory=threading.Condition, init=False, repr=False, compare=False)
 
     # ----- setup -----
 
@@ -981,19 +1080,20 @@ class InferenceRunner:
     def _ensure_tokenizer(self) -> Any:
         if getattr(self, "tokenizer", None) is None:
             config = self.runner.model
-            self.tokenizer = load_tokenizer(self.tokenizer_path)
-            n = self.tokenizer.vocab_size()
+            tokenizer = load_tokenizer(self.tokenizer_path)
+            n = tokenizer.vocab_size()
             if n > config.vocab_size:
-                raise ValueError(
+                raise TokenizerError(
                     f"Tokenizer {self.tokenizer_path!r} has {n} pieces but the model's vocab_size is "
                     f"{config.vocab_size}: they do not belong together.")
-            if (self.tokenizer.pad_id(), self.tokenizer.eos_id()) != (config.pad_token, config.eos_token):
-                _warn(f"Tokenizer pad/eos ids ({self.tokenizer.pad_id()}, {self.tokenizer.eos_id()}) differ "
+            if (tokenizer.pad_id(), tokenizer.eos_id()) != (config.pad_token, config.eos_token):
+                _warn(f"Tokenizer pad/eos ids ({tokenizer.pad_id()}, {tokenizer.eos_id()}) differ "
                       f"from the model config's ({config.pad_token}, {config.eos_token}).", UserWarning)
             # Never sampled: ids the tokenizer cannot decode, and the pad id (fed back, the
             # model would treat it as padding and ignore it).
             self._vocab_mask = np.arange(config.vocab_size) < n
             self._vocab_mask[config.pad_token] = False
+            self.tokenizer = tokenizer
         return self.tokenizer
 
     def _check_pad_sizes(self, config: LanguageModelConfig) -> list[int]:
@@ -1015,7 +1115,9 @@ class InferenceRunner:
     @params.setter
     def params(self, value: Any) -> None:
         if hasattr(self, "_engine"):
-            self._engine.params = grok_model.prepare_for_inference(value, self._engine.config)
+            prepared = grok_model.prepare_for_inference(value, self._engine.config)
+            with self._engine.lock:  # between two steps, never during one
+                self._engine.params = prepared
         else:
             self._params = value
 
@@ -1023,6 +1125,26 @@ class InferenceRunner:
         if not hasattr(self, "_engine"):
             raise RuntimeError("InferenceRunner.initialize() must run first.")
         return self._engine
+
+    def _acquire(self, what: str) -> None:
+        """Hold the runner for one consumer (see the class docstring): wait while another
+        thread's consumer holds it; RunnerBusyError if one of this thread does. Pair with
+        _release()."""
+        me = threading.get_ident()
+        with self._busy:
+            while self._holder is not None:
+                if self._holder[1] == me:
+                    raise RunnerBusyError(
+                        f"{what}: another stream() / run() generator of this thread ({self._holder[0]}) "
+                        "is still in flight on this InferenceRunner; exhaust or close() it first (a "
+                        "runner serves one consumer at a time).")
+                self._busy.wait()
+            self._holder = (what, me)
+
+    def _release(self) -> None:
+        with self._busy:
+            self._holder = None
+            self._busy.notify_all()
 
     # ----- requests -----
 
@@ -1068,6 +1190,8 @@ class InferenceRunner:
         Requests take free slots in order, each as soon as one is free; events carry
         request_id = the request's index in `requests`. A list is checked whole before
         anything runs; other iterables are read lazily. Closing the iterator frees its slots.
+        The iterator holds the runner from its first next() until it is exhausted or closed
+        (another thread's call waits; see the class docstring).
         """
         engine = self._require_initialized()
         if isinstance(requests, (Request, str)):
@@ -1081,6 +1205,7 @@ class InferenceRunner:
     def _stream(self, engine: _Engine, items: Iterator[_Prepared]) -> Iterator[TokenEvent]:
         owner = object()
         exhausted = False
+        self._acquire("stream()")
         try:
             while True:
                 while not exhausted and engine.free_slots():
@@ -1096,12 +1221,15 @@ class InferenceRunner:
                 yield from engine.step()
         finally:
             engine.release(owner)
+            self._release()
 
     def generate(
         self, prompts: Union[str, Sequence[Union[str, Request]]], max_len: int = 100, temperature: float = 0.0,
         nucleus_p: float = 1.0, rng_seed: int = 42,
     ) -> list[Completion]:
-        """Complete each prompt (str, using the keyword settings, or a Request); in input order."""
+        """Complete each prompt (str, using the keyword settings, or a Request); in input order.
+
+        Safe to call from several threads: the calls run one at a time, each as if alone."""
         if isinstance(prompts, (str, Request)):
             prompts = [prompts]
         requests = [p if isinstance(p, Request) else Request(p, temperature, nucleus_p, rng_seed, max_len)
@@ -1120,7 +1248,9 @@ class InferenceRunner:
         decoding), otherwise it decodes until some request finishes and yields that
         request's text (a GeneratedText: a str with .completion). Call next() or send() again
         to continue. With one slot (the release's setup) send(request) returns the text.
-        An invalid request raises from send() and ends the generator.
+        An invalid request raises from send() and ends the generator. The generator holds
+        the runner from its first next() until it is closed (another thread's call waits;
+        see the class docstring).
         """
         engine = self._require_initialized()
         owner = object()
@@ -1135,6 +1265,7 @@ class InferenceRunner:
             pending.append(self.prepare(sent, next(counter)))
             return True
 
+        self._acquire("run()")
         try:
             while True:
                 while pending and engine.free_slots():
@@ -1156,6 +1287,7 @@ class InferenceRunner:
                             outputs.append(GeneratedText(event.completion))
         finally:
             engine.release(owner)
+            self._release()
 
 
 def sample_from_model(server: Iterator, prompt: str, max_len: int, temperature: float) -> str:
