@@ -91,18 +91,12 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     return max(1, (num_rows + nonempty * (block_m - 1)) // block_m)
 
 
-GEMV_MAX_ROWS = 0  # routed rows up to which MoE tiles hold one row (the CUDA-core kernel)
-GEMV_DENSE_MAX_ROWS = 0  # likewise for int8_matmul
-
-
 def default_block_m(num_rows: int) -> int:
-    """Rows per tile for `num_rows` = tokens * k routed rows: 1 or 16 for decode, 64 for prefill.
+    """Rows per tile for `num_rows` = tokens * k routed rows: 16 for decode, 64 for prefill.
 
     Small tiles waste fewer pad rows when each expert gets a handful of rows (decode);
     larger tiles re-read each expert's weights fewer times when experts get hundreds.
     """
-    if num_rows <= GEMV_MAX_ROWS:
-        return 1
     if num_rows <= 256:
         return 16
     if num_rows <= 1024:
@@ -334,57 +328,6 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _int8_to_f32(w: jax.Array, mode: str) -> jax.Array:
-    """int8 tile -> float32 of the same integer values. "cast" uses the int->float converter;
-    "bits" (and "asm") put the biased byte in the mantissa of 2^23 and subtract 2^23 + 128,
-    which costs plain integer and float ops instead (exact: |v| <= 128)."""
-    if mode == "cast":
-        return w.astype(jnp.float32)
-    u = lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.uint32)  # v mod 256, zero-extended
-    return lax.bitcast_convert_type((u ^ 0x80) | 0x4B000000, jnp.float32) - 8388736.0
-
-
-def _gemv_kernel(tile_expert_ref, xt_ref, *refs, n_mats, bn, bk, k_dim, nb, split, dequant, gated):
-    """One routed row (a tile of one row), columns block j, K slice s, on the CUDA cores.
-
-    Decode multiplies one row by each expert: a tensor-core tile would be 15/16 padding, and
-    the per-element cost that matters is the int8 conversion, so each element is converted
-    to float32 and multiply-added into a [bk, bn] float32 accumulator that is summed over K
-    once per scale-block segment. xt is the input transposed, [K, rows].
-    """
-    mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
-    o_ref = refs[2 * n_mats]
-    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e = tile_expert_ref[i]
-    e_safe = jnp.maximum(e, 0)
-    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-    row = pl.ds(i, 1)
-
-    kb, ks = k_dim // nb, k_dim // split
-    seg = math.gcd(kb, ks)
-    n_seg, n_chunk = ks // seg, seg // bk
-    k_base = s * ks
-
-    def chunk(c, part, seg_start):
-        k0 = pl.multiple_of(seg_start + c * bk, bk)
-        x = xt_ref[pl.ds(k0, bk), row].astype(jnp.float32)  # [bk, 1]
-        return tuple(p + x * _int8_to_f32(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)
-                     for (w_ref, _), p in zip(mats, part))
-
-    def segment(g, acc):
-        seg_start = k_base + g * seg
-        part = lax.fori_loop(0, n_chunk, lambda c, p: chunk(c, p, seg_start),
-                             tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(n_mats)))
-        b = seg_start // kb
-        return tuple(a + jnp.sum(p, axis=0, keepdims=True) * sc_ref[e_safe, b, cols].astype(jnp.float32)[None, :]
-                     for a, p, (_, sc_ref) in zip(acc, part, mats))
-
-    valid = (e >= 0).astype(jnp.int32)  # a product, not a select (see _moe_kernel)
-    acc = lax.fori_loop(0, n_seg * valid, segment, tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(n_mats)))
-    out = _gelu_tanh(acc[0]) * acc[1] if gated else acc[0]
-    o_ref[...] = out.astype(o_ref.dtype)
-
-
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n."""
     p = 1
@@ -420,13 +363,13 @@ def _pallas_tiling(xs_rows: int, n_tiles: int, k_dim: int, n_dim: int, nb: int,
     seg = math.gcd(k_dim // nb, k_dim // split)
     bk = _pow2_divisor(seg, cfg.block_k)
     bn = _pow2_divisor(n_dim, cfg.block_n)
-    minimum = 1 if interpret else 16  # Triton's dot needs every side >= 16 (the GEMV has bm = 1)
+    minimum = 1 if interpret else 16  # Triton's dot needs every side >= 16
     if max_elements >= 2**31:
         raise ValueError(
             f"Pallas int8 matmul indexes with int32 offsets; an operand has {max_elements} "
             f"elements (>= 2^31). Split the weight (e.g. shard it) or use backend='xla'."
         )
-    if bm & (bm - 1) or min(bn, bk) < minimum or 1 < bm < minimum:
+    if bm & (bm - 1) or min(bm, bn, bk) < minimum:
         raise ValueError(
             f"Pallas int8 matmul cannot tile rows-per-tile={bm} (a power of two >= {minimum}), "
             f"N={n_dim} (needs a power-of-two divisor >= {minimum}, found {bn}) or scale-block "
@@ -471,15 +414,9 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     if interpret and dequant == "asm":
         dequant = "bits"  # same arithmetic, no PTX on the CPU
 
-    if bm == 1:  # one row per tile: the CUDA-core kernel on the transposed input
-        kernel = functools.partial(
-            _gemv_kernel, n_mats=len(mats), bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-            dequant=dequant, gated=gated)
-        xs = xs.T  # [K, M_pad]: a column per row
-    else:
-        kernel = functools.partial(
-            _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-            dequant=dequant, gated=gated)
+    kernel = functools.partial(
+        _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
+        dequant=dequant, gated=gated)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -631,7 +568,7 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
     if backend == "auto" and m >= _DENSE_PALLAS_MAX_ROWS:
         resolved = "xla"
     if resolved != "xla" and m > 0:
-        bm = 1 if m <= GEMV_DENSE_MAX_ROWS else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
         xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
         cfg = config or default_config("dense", bm, n_tiles, k_dim, n_dim)
