@@ -11,6 +11,10 @@
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
            one MoE layer at 1, 8, 32 and 1024 tokens, tuning sweeps.
 
+  memory   the planner's per-device memory against JAX's peak for the runner's compiled
+           prefill and decode steps on the devices present (zero weights):
+           python bench.py memory --layers 2 --batch 1 --context 8192 [--mesh 1x4]
+
   loader   write a ~N GB checkpoint of random data shaped like a scaled-down Grok, then
            measure, each pass from a dropped page cache where the kernel allows it:
            the raw sequential read speed of the files, this project's loader (to devices
@@ -650,10 +654,118 @@ def model_bench(args: argparse.Namespace) -> dict:
 
 
 def kernels_bench(args: argparse.Namespace) -> None:
-    import kernel_bench  # the kernel micro-benchmarks and tuning sweeps live in their own module
+    import kernel_bench  # the kernel checks and sweeps: a module below this one
 
-    sys.argv = ["kernel_bench.py", *args.rest]
-    kernel_bench.main()
+    kernel_bench.main(args.rest, (copy_bandwidth, matmul_rate))
+
+
+# ---------------------------------------------------------------------------------------
+# memory: the planner's estimate against the peak device memory of the runner's steps
+# ---------------------------------------------------------------------------------------
+
+
+def measure_peak(config: model.LanguageModelConfig, phase: str, batch: int, context: int,
+                 mesh_shape: tuple[int, int] | None = None) -> dict:
+    """Run the runner's compiled prefill or decode step once on the present devices and
+    report JAX's peak device memory (memory_stats()['peak_bytes_in_use'], the largest
+    device) next to the plan. Run each phase in a fresh process: the peak never resets.
+
+    Parameters are zeros (memory does not depend on values). Both steps are compiled
+    before anything is allocated, so compile-time scratch memory does not count. prefill:
+    one request of `context` tokens into a fresh cache, inserted into a batch cache of
+    `batch` x `context`; decode: one step of `batch` active slots.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import planner
+    import runners
+
+    GB = planner.GB
+    config = dataclasses.replace(config, sequence_len=context).initialize()
+    devices = jax.devices()
+    mesh_shape = tuple(mesh_shape) if mesh_shape else planner.choose_mesh(config, len(devices), None, batch,
+                                                                          context)
+    mesh = runners.make_mesh(mesh_shape, config=config, devices=devices)
+    shapes = model.param_shapes(config)
+    shardings = model.param_shardings(config, mesh, shapes)
+    mem_sharding = model.memory_shardings(config, mesh, batch, context)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    prefill, decode = runners.make_step_functions(config, mesh, batch)
+
+    abstract = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), tree, sh)
+    a_params = abstract(shapes, shardings)
+    mem_shapes = jax.eval_shape(lambda: model.init_layer_memories(
+        batch, context, config.model.num_kv_heads, config.model.key_size, config.model.num_layers,
+        config.fprop_dtype))
+    a_mem = abstract(mem_shapes, mem_sharding)
+    state = runners._empty_state(batch, config.vocab_size)
+    a_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)  # noqa: E731
+    if phase == "prefill":
+        args = (np.ones((1, context), np.int32), np.array([context], np.int32), np.int32(0),
+                np.float32(1.0), np.float32(1.0), np.uint32(0), np.int32(context),
+                np.ones((config.vocab_size,), bool))
+        a_args = tuple(sd(np.shape(x), np.asarray(x).dtype) for x in args)
+        compiled = prefill.lower(a_params, a_mem, a_state, *a_args).compile()
+    elif phase == "decode":
+        args = (np.ones((batch,), bool),)
+        compiled = decode.lower(a_params, a_mem, a_state, sd((batch,), np.bool_)).compile()
+    else:
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    analysis = compiled.memory_analysis()
+
+    params = jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                     out_shardings=shardings)()
+    memory = model.init_memory(config, batch, context, mesh)
+    state = jax.device_put(state, replicated)
+    jax.block_until_ready((params, memory, state))
+    stats = lambda: [d.memory_stats() or {} for d in devices]  # noqa: E731
+    resident = max(s.get("bytes_in_use", 0) for s in stats())
+    out = jax.block_until_ready(compiled(params, memory, state, *args))
+    after = stats()
+    del out
+    peak = max(s.get("peak_bytes_in_use", 0) for s in after)
+    p = planner.plan(config, len(devices), max(s.get("bytes_limit", 0) for s in after) / GB or None, batch,
+                     context, mesh_shape, suggest=False, runtime_overhead_gb=0.0)
+    planned_total = p.bytes["prefill_total" if phase == "prefill" else "decode_total"]
+    return dict(
+        phase=phase, devices=len(devices), device_kind=devices[0].device_kind, mesh=list(mesh_shape),
+        batch=batch, context=context, layers=config.model.num_layers, moe_impl=config.model.moe_impl,
+        measured_peak_gb=peak / GB, measured_resident_gb=resident / GB,
+        measured_workspace_gb=(peak - resident) / GB,
+        planned_peak_gb=planned_total / GB,
+        planned_resident_gb=(planned_total - p.bytes[f"{phase}_workspace"]) / GB,
+        planned_workspace_gb=p.bytes[f"{phase}_workspace"] / GB,
+        planned_terms_gb=p.prefill_terms_gb if phase == "prefill" else p.decode_terms_gb,
+        xla_temp_gb=getattr(analysis, "temp_size_in_bytes", 0) / GB if analysis else None,
+        ratio=planned_total / peak if peak else None,
+        bytes_limit_gb=max(s.get("bytes_limit", 0) for s in after) / GB,
+    )
+
+
+def memory_bench(args: argparse.Namespace) -> int:
+    """--phase prefill|decode runs in this process; both runs each in a fresh process (the
+    peak never resets). Prints one JSON line per phase."""
+    import planner
+
+    if args.phase == "both":
+        status = 0
+        for phase in ("prefill", "decode"):
+            cmd = [sys.executable, os.path.abspath(__file__), "memory", "--phase", phase,
+                   "--batch", str(args.batch)]
+            for flag, value in (("--context", args.context), ("--layers", args.layers),
+                                ("--mesh", args.mesh), ("--moe-impl", args.moe_impl)):
+                if value is not None:
+                    cmd += [flag, str(value)]
+            cmd += ["--tiny"] if args.tiny else []
+            status |= subprocess.call(cmd, cwd=REPO)
+        return status
+    config = planner.config_from_args(args)
+    mesh = tuple(int(n) for n in args.mesh.lower().split("x")) if args.mesh else None
+    result = measure_peak(config, args.phase, args.batch, args.context or config.sequence_len, mesh)
+    print(json.dumps(result))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -694,10 +806,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="bench_model.json", help="write the results here")
     p.set_defaults(func=model_bench)
 
-    p = sub.add_parser("kernels", help="GPU kernel checks, micro-benchmarks and tuning sweeps "
-                                       "(arguments go to kernel_bench.py; see --help there)")
+    p = sub.add_parser("kernels", add_help=False,  # --help goes to kernel_bench's own parser
+                       help="GPU kernel checks, micro-benchmarks and tuning sweeps "
+                            "(kernel_bench.py; `bench.py kernels --help` lists its options)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=kernels_bench)
+
+    p = sub.add_parser("memory", help="the planner's per-device memory against the peak of the "
+                                      "runner's compiled steps on the devices present (zero weights)")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--layers", type=int, default=None, help="layers of Grok-1 width (default 64)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=None, help="KV cache length (default 8192)")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL (default: the planner's layout)")
+    p.add_argument("--moe-impl", choices=model.MOE_IMPLS, default=None)
+    p.add_argument("--tiny", action="store_true", help="the tiny config instead of Grok-1 width")
+    p.set_defaults(func=memory_bench)
 
     c = sub.add_parser("_loader_child", help=argparse.SUPPRESS)
     c.add_argument("--dir", required=True)
@@ -706,8 +830,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--cold", action="store_true")
     c.set_defaults(func=loader_child)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:  # its options, --help included, are kernel_bench's own
+        return kernels_bench(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
-    args.func(args)
+    status = args.func(args)
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":
