@@ -8,6 +8,12 @@
            full 64-layer model (abstract shapes, nothing allocated).
            python bench.py model --layers 4 --json bench_model.json
 
+  project  arithmetic, no devices: per-layer decode times measured on 1 and 2 devices (given,
+           or fitted from `model --json` files at 2 layer counts) -> t(n) = F + V/n -> a
+           64-layer step and tokens/s at batch 1, 8, 32 on N devices, beside the roofline:
+           python bench.py project --devices 8 --device-kind h200 --measured 1=1:0.59,2:0.45
+           python bench.py project --devices 8 --from-json l2.json l8.json l2_1x2.json l8_1x2.json
+
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
            one MoE layer at 1, 8, 32 and 1024 tokens, tuning sweeps.
 
@@ -33,6 +39,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import pickle
 import shutil
@@ -474,9 +481,10 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
 
 
 def weight_bytes(leaf: Any) -> int:
+    """Bytes of a leaf (array or jax.ShapeDtypeStruct); a quantized weight: int8 + scales."""
     if isinstance(leaf, model.QuantizedWeight8bit):
-        return leaf.weight.nbytes + leaf.scales.nbytes
-    return leaf.nbytes
+        return weight_bytes(leaf.weight) + weight_bytes(leaf.scales)
+    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
 
 def decode_bytes(params: dict, config: model.LanguageModelConfig, experts: list, batch: int, context: int) -> int:
@@ -660,6 +668,251 @@ def kernels_bench(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# project: measured per-layer decode times -> a 64-layer tokens/s on N devices
+# ---------------------------------------------------------------------------------------
+
+# Nominal HBM bandwidth per device, bytes/s (the vendors' data sheets).
+NOMINAL_BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12}
+PROJECT_BATCHES = (1, 8, 32)
+
+
+def fit_fixed_variable(points: dict[int, float]) -> tuple[float, float]:
+    """(F, V) of t(n) = F + V / n, least squares over {devices n: time t} (exact for two n)."""
+    if len(points) < 2:
+        raise ValueError(f"fitting t(n) = F + V/n needs times on at least 2 device counts, got "
+                         f"{sorted(points) or 'none'}")
+    x = np.array([1.0 / n for n in points])
+    t = np.array(list(points.values()), dtype=np.float64)
+    slope, intercept = np.polyfit(x, t, 1)
+    return float(intercept), float(slope)
+
+
+def fit_line(points: dict[int, float]) -> tuple[float, float]:
+    """(intercept, slope) of t(L) = c + s * L, least squares over {layers L: time t}."""
+    if len(points) < 2:
+        raise ValueError(f"a per-layer time needs runs at 2 or more layer counts, got {sorted(points)}")
+    slope, intercept = np.polyfit(np.array(list(points), dtype=np.float64),
+                                  np.array(list(points.values()), dtype=np.float64), 1)
+    return float(intercept), float(slope)
+
+
+def expected_experts_touched(batch: int, num_experts: int = 8, selected: int = 2) -> float:
+    """Distinct experts a layer reads for `batch` tokens, if each token picks `selected` of
+    `num_experts` uniformly: E * (1 - ((E - k) / E) ** B). 2 at batch 1, 7.2 at 8, 8.0 at 32."""
+    return num_experts * (1.0 - ((num_experts - selected) / num_experts) ** batch)
+
+
+def decode_step_bytes(config: model.LanguageModelConfig, batch: int, context: int,
+                      experts_touched: float) -> tuple[float, float]:
+    """(bytes per layer, bytes outside the layers) a decode step of the config's width must
+    read, by decode_bytes on abstract 1- and 2-layer trees: per layer the attention weights,
+    norms, router, `experts_touched` experts (linear in it, so a fraction is an average)
+    and the KV cache of `context` tokens; outside, the bf16 unembedding and the final norm."""
+    totals = {}
+    for layers in (1, 2):
+        cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=layers))
+        shapes = model.param_shapes(cfg)
+        no_expert = decode_bytes(shapes, cfg, [np.zeros((0,), np.int32)] * layers, batch, context)
+        one_expert = decode_bytes(shapes, cfg, [np.zeros((1,), np.int32)] * layers, batch, context)
+        totals[layers] = no_expert + experts_touched * (one_expert - no_expert)
+    per_layer = totals[2] - totals[1]
+    return per_layer, totals[1] - per_layer
+
+
+@dataclasses.dataclass
+class BatchInputs:
+    """What the projection of one batch size starts from (times in ms)."""
+    per_layer_ms: dict[int, float]  # devices -> measured per-layer decode time
+    non_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # devices -> intercept
+
+
+def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
+                   context: int, config: model.LanguageModelConfig,
+                   non_layer_ms: float | None = None) -> list[dict]:
+    """Per batch: fit t(n) = F + V/n to the per-layer times, then a `layers`-layer step on
+    `devices` devices = layers * t(devices) + the non-layer cost, next to the roofline
+    (the step's bytes over devices * bandwidth, bytes/s per device).
+
+    The non-layer cost is, first found: `non_layer_ms` as given; the same F + V/n fit of
+    the measured intercepts (time at 0 layers) when there are 2 device counts of them; else
+    the roofline of the non-layer bytes (not measured)."""
+    rows = []
+    for batch in sorted(inputs):
+        inp = inputs[batch]
+        fixed, variable = fit_fixed_variable(inp.per_layer_ms)
+        touched = expected_experts_touched(batch, config.model.num_experts,
+                                           config.model.num_selected_experts)
+        layer_bytes, other_bytes = decode_step_bytes(config, batch, context, touched)
+        roof_layer_ms = {n: layer_bytes / (n * bandwidth) * 1e3 for n in inp.per_layer_ms}
+        roof_other_ms = other_bytes / (devices * bandwidth) * 1e3
+        if non_layer_ms is not None:
+            other_ms, other_source = non_layer_ms, "given (--non-layer-ms)"
+        elif len(inp.non_layer_ms) >= 2:
+            f_o, v_o = fit_fixed_variable(inp.non_layer_ms)
+            other_ms = f_o + v_o / devices
+            other_source = f"the fit of the measured intercepts ({f_o:.3f} {v_o:+.3f}/n ms)"
+        else:
+            other_ms, other_source = roof_other_ms, "its roofline (not measured)"
+        layer_ms = fixed + variable / devices
+        step_ms = layers * layer_ms + other_ms
+        roof_ms = (layers * layer_bytes + other_bytes) / (devices * bandwidth) * 1e3
+        rows.append(dict(
+            batch=batch, measured_per_layer_ms=dict(inp.per_layer_ms), fixed_ms=fixed,
+            variable_ms=variable, per_layer_roofline_ms=roof_layer_ms, experts_touched=touched,
+            layer_bytes=layer_bytes, non_layer_bytes=other_bytes, per_layer_ms=layer_ms,
+            layers_ms=layers * layer_ms, layers_tokens_per_s=batch / (layers * layer_ms) * 1e3,
+            non_layer_ms=other_ms, non_layer_source=other_source, step_ms=step_ms,
+            tokens_per_s=batch / step_ms * 1e3, roofline_ms=roof_ms,
+            roofline_tokens_per_s=batch / roof_ms * 1e3, roofline_pct=100 * roof_ms / step_ms))
+    return rows
+
+
+def parse_measured(specs: list[str]) -> dict[int, BatchInputs]:
+    """--measured BATCH=N:MS,N:MS (per-layer ms on N devices), once per batch size."""
+    out: dict[int, BatchInputs] = {}
+    for spec in specs:
+        try:
+            batch_text, points_text = spec.split("=", 1)
+            batch = int(batch_text)
+            points = {}
+            for item in points_text.split(","):
+                n, ms = item.split(":")
+                points[int(n)] = float(ms)
+            if batch < 1 or any(n < 1 or ms <= 0 for n, ms in points.items()):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--measured {spec!r}: expected BATCH=N:MS,N:MS, e.g. 1=1:0.59,2:0.45 "
+                             "(batch 1: 0.59 ms per layer on 1 device, 0.45 ms on 2)") from None
+        if batch in out:
+            raise ValueError(f"--measured: batch {batch} given twice")
+        out[batch] = BatchInputs(points)
+    return out
+
+
+def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs], dict]:
+    """Per-layer times from `bench.py model --json` files: for every (devices, batch) the
+    decode ms of `mode` at 2 or more layer counts, fitted as intercept + per layer * layers.
+    Devices: the mesh's size (1x N meshes only), 1 without a mesh. Returns the inputs and
+    what the files say about themselves (device kinds, copy bandwidths, contexts)."""
+    times: dict[tuple[int, int], dict[int, float]] = {}
+    meta: dict[str, set] = {"device": set(), "copy_bandwidth_GBps": set(), "context": set()}
+    for path in paths:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            mesh = res.get("mesh") or {}
+            layers, rows = int(res["layers"]), res["rows"]
+            meta["context"].add(int(res["context"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a `bench.py model --json` result ({type(e).__name__}: {e})") from None
+        if mesh.get("data", 1) != 1:
+            raise ValueError(f"{path}: mesh {mesh}: the projection needs 1xN meshes (data axis 1)")
+        devices = math.prod(mesh.values()) if mesh else 1
+        meta["device"].add(res.get("device"))
+        if res.get("copy_bandwidth_GBps"):
+            meta["copy_bandwidth_GBps"].add(round(float(res["copy_bandwidth_GBps"])))
+        for r in rows:
+            if r.get("kind") == "decode" and r.get("mode") == mode:
+                seen = times.setdefault((devices, int(r["batch"])), {})
+                if layers in seen:
+                    raise ValueError(f"{path}: a second run of {layers} layers on {devices} device(s), "
+                                     f"batch {r['batch']}; give one file per (devices, layers)")
+                seen[layers] = float(r["ms"])
+    if not times:
+        raise ValueError(f"{', '.join(paths)}: no decode rows of mode {mode!r}")
+    out: dict[int, BatchInputs] = {}
+    for (devices, batch), by_layers in sorted(times.items()):
+        if len(by_layers) < 2:
+            raise ValueError(f"{devices} device(s), batch {batch}: runs at layers {sorted(by_layers)} only; "
+                             "the per-layer time is a slope: give runs at 2 layer counts (e.g. 2 and 8)")
+        intercept, slope = fit_line(by_layers)
+        inp = out.setdefault(batch, BatchInputs({}))
+        inp.per_layer_ms[devices] = slope
+        inp.non_layer_ms[devices] = intercept
+    return out, {k: sorted(v, key=str) for k, v in meta.items()}
+
+
+def format_projection(rows: list[dict], header: list[str]) -> str:
+    """The inputs, then one line per batch: projected step and tokens/s beside the roofline."""
+    lines = list(header)
+    for r in rows:
+        measured = ", ".join(f"{n} dev {ms:.3f} (roofline {r['per_layer_roofline_ms'][n]:.3f}, "
+                             f"{100 * r['per_layer_roofline_ms'][n] / ms:.0f}%)"
+                             for n, ms in sorted(r["measured_per_layer_ms"].items()))
+        lines.append(f"  batch {r['batch']:>2}: per-layer ms measured: {measured}; fit F + V/n = {r['fixed_ms']:.3f} "
+                     f"{r['variable_ms']:+.3f}/n ms")
+        lines.append(f"            bytes per layer {r['layer_bytes'] / 1e9:.3f} GB ({r['experts_touched']:.2f} "
+                     f"experts), outside the layers {r['non_layer_bytes'] / 1e9:.3f} GB; non-layer cost "
+                     f"{r['non_layer_ms']:.3f} ms from {r['non_layer_source']}")
+    lines.append("")
+    lines.append(f"{'batch':>5} {'ms/layer':>9} {'layers ms':>10} {'tok/s':>8} {'+non-layer':>10} "
+                 f"{'step ms':>8} {'tok/s':>8} | {'roofline ms':>11} {'tok/s':>8} {'% roofline':>10}")
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['per_layer_ms']:9.3f} {r['layers_ms']:10.2f} "
+                     f"{r['layers_tokens_per_s']:8.1f} {r['non_layer_ms']:10.3f} {r['step_ms']:8.2f} "
+                     f"{r['tokens_per_s']:8.1f} | {r['roofline_ms']:11.3f} {r['roofline_tokens_per_s']:8.1f} "
+                     f"{r['roofline_pct']:9.1f}%")
+    return "\n".join(lines)
+
+
+def project_bench(args: argparse.Namespace) -> dict:
+    """`bench.py project`: the inputs checked and printed, then the projection."""
+    if bool(args.measured) == bool(args.from_json):
+        raise ValueError("give the per-layer times either with --measured (per batch) or with "
+                         "--from-json (bench.py model result files), not both and not neither")
+    if args.devices < 1 or args.layers < 1:
+        raise ValueError(f"--devices and --layers must be >= 1, got {args.devices} and {args.layers}")
+    meta: dict = {}
+    if args.measured:
+        inputs = parse_measured(args.measured)
+        source = "command line (--measured)"
+    else:
+        inputs, meta = read_model_runs(args.from_json, args.mode)
+        source = f"{len(args.from_json)} bench.py model file(s), mode {args.mode}: {', '.join(args.from_json)}"
+    context = args.context
+    if meta.get("context"):
+        if len(meta["context"]) > 1:
+            raise ValueError(f"--from-json: the files were measured at different contexts {meta['context']}")
+        if context is not None and context != meta["context"][0]:
+            raise ValueError(f"--context {context}, but the files were measured with {meta['context'][0]} "
+                             "tokens in the cache; leave --context out or give files of that context")
+        context = meta["context"][0]
+    context = 1024 if context is None else context
+    if args.bandwidth_gbs is not None:
+        if args.bandwidth_gbs <= 0:
+            raise ValueError(f"--bandwidth-gbs must be > 0, got {args.bandwidth_gbs}")
+        bandwidth, bw_source = args.bandwidth_gbs * 1e9, "given by --bandwidth-gbs"
+    else:
+        bandwidth, bw_source = NOMINAL_BANDWIDTH[args.device_kind], f"{args.device_kind} nominal"
+    config = model.grok_1_config()
+    rows = project_decode(inputs, args.devices, args.layers, bandwidth, context, config, args.non_layer_ms)
+    header = [
+        f"Projected decode: Grok-1 ({config.model.emb_size} wide, {args.layers} layers) on {args.devices} x "
+        f"{args.device_kind}, model axis {args.devices}",
+        "inputs:",
+        f"  per-layer decode times from {source}",
+        f"  bandwidth per device {bandwidth / 1e9:.0f} GB/s ({bw_source})"
+        + (f"; the files' measured copy bandwidth: {meta['copy_bandwidth_GBps']} GB/s on {meta['device']}"
+           if meta.get("copy_bandwidth_GBps") else ""),
+        f"  KV cache holds {context} tokens per sequence; experts per layer: the expectation under "
+        "uniform top-2 routing",
+        "  model: step = layers x (F + V/n) + non-layer cost (embedding, final norm, logits); roofline = "
+        "the step's bytes / (n x bandwidth)",
+    ]
+    missing = [b for b in PROJECT_BATCHES if b not in inputs]
+    if missing:
+        header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
+    print(format_projection(rows, header))
+    report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
+              "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
+              "source": source, "files_meta": meta, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+# ---------------------------------------------------------------------------------------
 # memory: the planner's estimate against the peak device memory of the runner's steps
 # ---------------------------------------------------------------------------------------
 
@@ -773,7 +1026,8 @@ def memory_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Any:
+    """Runs one subcommand; returns what it returns (a report dict for most)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -812,6 +1066,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=kernels_bench)
 
+    p = sub.add_parser("project", help="measured per-layer decode times -> 64-layer tokens/s on N devices, "
+                                       "beside the roofline (arithmetic only, no devices)")
+    p.add_argument("--devices", type=int, default=8, help="devices of the projected 1xN mesh")
+    p.add_argument("--device-kind", choices=sorted(NOMINAL_BANDWIDTH), default="h200")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="bandwidth per device in GB/s for the roofline, e.g. the measured copy bandwidth "
+                        "(default: the kind's nominal)")
+    p.add_argument("--measured", action="append", default=[], metavar="BATCH=N:MS,N:MS",
+                   help="per-layer decode ms on N devices, once per batch: --measured 1=1:0.59,2:0.45")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="bench.py model --json results instead: 2+ layer counts per device count")
+    p.add_argument("--mode", default="fast", help="which mode's rows to read from the files")
+    p.add_argument("--layers", type=int, default=64)
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens in the KV cache for the roofline (default: the files', else 1024)")
+    p.add_argument("--non-layer-ms", type=float, default=None,
+                   help="measured time outside the layers on N devices (default: fitted from the files' "
+                        "intercepts, else its roofline)")
+    p.add_argument("--json", default=None, help="write the projection here")
+    p.set_defaults(func=project_bench)
+
     p = sub.add_parser("memory", help="the planner's per-device memory against the peak of the "
                                       "runner's compiled steps on the devices present (zero weights)")
     p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
@@ -834,9 +1109,16 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["kernels"]:  # its options, --help included, are kernel_bench's own
         return kernels_bench(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
-    status = args.func(args)
+    try:
+        status = args.func(args)
+    except ValueError as e:  # bad inputs of `project`: one line, exit 2
+        if args.command != "project":
+            raise
+        print(f"bench.py project: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if isinstance(status, int) and status:
         sys.exit(status)
+    return status
 
 
 if __name__ == "__main__":
