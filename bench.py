@@ -264,11 +264,18 @@ METHODS = {
 
 
 def loader_child(args: argparse.Namespace) -> None:
-    """One measured pass; prints a JSON line."""
+    """One measured pass; prints a JSON line (with the loader's own log lines)."""
+    import logging
+
     import checkpoint  # noqa: F401  (imports jax, model: outside the timed region)
     import jax
 
-    jax.devices()
+    device = jax.devices()[0]  # the platform jax picks: the GPU where there is one
+    log: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: log.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("checkpoint").addHandler(handler)
+    logging.getLogger("checkpoint").setLevel(logging.INFO)
     if args.cold:
         drop_page_cache(checkpoint_files(args.dir))
     base_rss = _proc_status("VmRSS")
@@ -284,14 +291,16 @@ def loader_child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = _proc_status("VmHWM")
     print(json.dumps({"method": m, "seconds": seconds, "bytes": nbytes, "base_rss": base_rss,
-                      "peak_rss": peak}))
+                      "peak_rss": peak, "platform": device.platform,
+                      "device": getattr(device, "device_kind", str(device)), "log": log}))
 
 
 def measure(method: str, directory: str, cold: bool, workers: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "_loader_child", "--dir", directory,
            "--method", method, "--workers", str(workers)] + (["--cold"] if cold else [])
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    # JAX_PLATFORMS is left as the caller has it: unset, jax picks the GPU where there is one,
+    # so "onto devices" means onto the GPU (JAX_PLATFORMS=cpu measures onto CPU devices).
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -322,12 +331,16 @@ def loader_bench(args: argparse.Namespace) -> dict:
     # Warm reference read first (pages cached), then every method cold, repeated; methods
     # interleaved so that a slow phase of the disk hits all of them alike.
     warm = measure("raw_read", directory, cold=False, workers=args.workers)
+    info.update(platform=warm["platform"], device=warm["device"])
+    print(f"onto devices = onto {warm['device']} ({warm['platform']}; JAX_PLATFORMS="
+          f"{os.environ.get('JAX_PLATFORMS', '(unset: jax picks)')})", flush=True)
     for _ in range(args.repeats):
         for method in METHODS:
             r = measure(method, directory, cold=True, workers=args.workers)
             results.setdefault(method, []).append(r)
-            print(f"  cold {method:<22} {r['seconds']:7.3f} s  {size / 1e9 / r['seconds']:6.2f} GB/s",
-                  flush=True)
+            placing = [line.split("; ", 1)[1] for line in r.get("log", []) if "; placing:" in line]
+            print(f"  cold {method:<22} {r['seconds']:7.3f} s  {size / 1e9 / r['seconds']:6.2f} GB/s"
+                  + (f"  ({placing[0]})" if placing else ""), flush=True)
     if args.warm:  # everything in the page cache: the loaders' own (CPU) cost
         measure("raw_read", directory, cold=False, workers=args.workers)
         for _ in range(args.repeats):
@@ -373,7 +386,8 @@ def loader_bench(args: argparse.Namespace) -> dict:
         rows.append(row)
     print()
     print(f"checkpoint: {len(files)} files, {size / 1e9:.3f} GB in {directory} ({fstype}, "
-          f"use_shm='auto' -> {auto}); page cache: {cache_note}")
+          f"use_shm='auto' -> {auto}); page cache: {cache_note}; devices: {info['device']} "
+          f"({info['platform']})")
     print(f"warm raw read: {warm_gbps:.2f} GB/s; {args.repeats} cold passes per method: best, "
           "median (vs raw's median), paired (median over rounds of raw s / method s); "
           "peak RSS over the checkpoint size (worst pass)")
@@ -388,7 +402,18 @@ def loader_bench(args: argparse.Namespace) -> dict:
               f"{row['vs_raw']:7.2f} {row['median_seconds']:9.3f} {row['median_vs_raw_median']:7.2f} "
               f"{row['paired_vs_raw']:7.2f} {row['vs_release_host']:9.2f} {row['peak_rss_over_size']:9.2f}"
               + (f"  {row['warm_gb_per_s']:9.2f} {row['warm_vs_raw']:6.2f}" if warm_results else ""))
+    # Issue 11's target: restore() onto the devices at >= 90% of the best rate to host memory.
+    host = min(("loader_host", "loader_host_shm"), key=lambda m: best[m]["seconds"])
+    onto = {}
+    for m in ("loader_devices", "loader_devices_shm"):
+        onto[m] = {"vs_best_host": best[host]["seconds"] / best[m]["seconds"],
+                   "paired_vs_best_host": float(np.median([h["seconds"] / x["seconds"] for h, x in
+                                                           zip(results[host], results[m])]))}
+        print(f"{m} ({info['device']}): {100 * onto[m]['vs_best_host']:.0f}% of the best host rate "
+              f"({host}, {size / 1e9 / best[host]['seconds']:.2f} GB/s); paired "
+              f"{100 * onto[m]['paired_vs_best_host']:.0f}%")
     report = {"checkpoint": {**info, "dir": directory, "dims": BENCH_DIMS}, "cache": cache_note,
+              "best_host_method": host, "onto_devices": onto,
               "warm_raw_gb_per_s": warm_gbps, "repeats": args.repeats, "workers": args.workers,
               "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(), "rows": rows}
     if args.json:
