@@ -8,8 +8,18 @@
            full 64-layer model (abstract shapes, nothing allocated).
            python bench.py model --layers 4 --json bench_model.json
 
+  project  arithmetic, no devices: per-layer decode times measured on 1 and 2 devices (given,
+           or fitted from `model --json` files at 2 layer counts) -> t(n) = F + V/n -> a
+           64-layer step and tokens/s at batch 1, 8, 32 on N devices, beside the roofline:
+           python bench.py project --devices 8 --device-kind h200 --measured 1=1:0.59,2:0.45
+           python bench.py project --devices 8 --from-json l2.json l8.json l2_1x2.json l8_1x2.json
+
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
            one MoE layer at 1, 8, 32 and 1024 tokens, tuning sweeps.
+
+  memory   the planner's per-device memory against JAX's peak for the runner's compiled
+           prefill and decode steps on the devices present (zero weights):
+           python bench.py memory --layers 2 --batch 1 --context 8192 [--mesh 1x4]
 
   loader   write a ~N GB checkpoint of random data shaped like a scaled-down Grok, then
            measure, each pass from a dropped page cache where the kernel allows it:
@@ -29,6 +39,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import pickle
 import shutil
@@ -253,11 +264,18 @@ METHODS = {
 
 
 def loader_child(args: argparse.Namespace) -> None:
-    """One measured pass; prints a JSON line."""
+    """One measured pass; prints a JSON line (with the loader's own log lines)."""
+    import logging
+
     import checkpoint  # noqa: F401  (imports jax, model: outside the timed region)
     import jax
 
-    jax.devices()
+    device = jax.devices()[0]  # the platform jax picks: the GPU where there is one
+    log: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: log.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("checkpoint").addHandler(handler)
+    logging.getLogger("checkpoint").setLevel(logging.INFO)
     if args.cold:
         drop_page_cache(checkpoint_files(args.dir))
     base_rss = _proc_status("VmRSS")
@@ -273,14 +291,16 @@ def loader_child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = _proc_status("VmHWM")
     print(json.dumps({"method": m, "seconds": seconds, "bytes": nbytes, "base_rss": base_rss,
-                      "peak_rss": peak}))
+                      "peak_rss": peak, "platform": device.platform,
+                      "device": getattr(device, "device_kind", str(device)), "log": log}))
 
 
 def measure(method: str, directory: str, cold: bool, workers: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "_loader_child", "--dir", directory,
            "--method", method, "--workers", str(workers)] + (["--cold"] if cold else [])
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    # JAX_PLATFORMS is left as the caller has it: unset, jax picks the GPU where there is one,
+    # so "onto devices" means onto the GPU (JAX_PLATFORMS=cpu measures onto CPU devices).
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -311,12 +331,16 @@ def loader_bench(args: argparse.Namespace) -> dict:
     # Warm reference read first (pages cached), then every method cold, repeated; methods
     # interleaved so that a slow phase of the disk hits all of them alike.
     warm = measure("raw_read", directory, cold=False, workers=args.workers)
+    info.update(platform=warm["platform"], device=warm["device"])
+    print(f"onto devices = onto {warm['device']} ({warm['platform']}; JAX_PLATFORMS="
+          f"{os.environ.get('JAX_PLATFORMS', '(unset: jax picks)')})", flush=True)
     for _ in range(args.repeats):
         for method in METHODS:
             r = measure(method, directory, cold=True, workers=args.workers)
             results.setdefault(method, []).append(r)
-            print(f"  cold {method:<22} {r['seconds']:7.3f} s  {size / 1e9 / r['seconds']:6.2f} GB/s",
-                  flush=True)
+            placing = [line.split("; ", 1)[1] for line in r.get("log", []) if "; placing:" in line]
+            print(f"  cold {method:<22} {r['seconds']:7.3f} s  {size / 1e9 / r['seconds']:6.2f} GB/s"
+                  + (f"  ({placing[0]})" if placing else ""), flush=True)
     if args.warm:  # everything in the page cache: the loaders' own (CPU) cost
         measure("raw_read", directory, cold=False, workers=args.workers)
         for _ in range(args.repeats):
@@ -362,7 +386,8 @@ def loader_bench(args: argparse.Namespace) -> dict:
         rows.append(row)
     print()
     print(f"checkpoint: {len(files)} files, {size / 1e9:.3f} GB in {directory} ({fstype}, "
-          f"use_shm='auto' -> {auto}); page cache: {cache_note}")
+          f"use_shm='auto' -> {auto}); page cache: {cache_note}; devices: {info['device']} "
+          f"({info['platform']})")
     print(f"warm raw read: {warm_gbps:.2f} GB/s; {args.repeats} cold passes per method: best, "
           "median (vs raw's median), paired (median over rounds of raw s / method s); "
           "peak RSS over the checkpoint size (worst pass)")
@@ -377,7 +402,18 @@ def loader_bench(args: argparse.Namespace) -> dict:
               f"{row['vs_raw']:7.2f} {row['median_seconds']:9.3f} {row['median_vs_raw_median']:7.2f} "
               f"{row['paired_vs_raw']:7.2f} {row['vs_release_host']:9.2f} {row['peak_rss_over_size']:9.2f}"
               + (f"  {row['warm_gb_per_s']:9.2f} {row['warm_vs_raw']:6.2f}" if warm_results else ""))
+    # Issue 11's target: restore() onto the devices at >= 90% of the best rate to host memory.
+    host = min(("loader_host", "loader_host_shm"), key=lambda m: best[m]["seconds"])
+    onto = {}
+    for m in ("loader_devices", "loader_devices_shm"):
+        onto[m] = {"vs_best_host": best[host]["seconds"] / best[m]["seconds"],
+                   "paired_vs_best_host": float(np.median([h["seconds"] / x["seconds"] for h, x in
+                                                           zip(results[host], results[m])]))}
+        print(f"{m} ({info['device']}): {100 * onto[m]['vs_best_host']:.0f}% of the best host rate "
+              f"({host}, {size / 1e9 / best[host]['seconds']:.2f} GB/s); paired "
+              f"{100 * onto[m]['paired_vs_best_host']:.0f}%")
     report = {"checkpoint": {**info, "dir": directory, "dims": BENCH_DIMS}, "cache": cache_note,
+              "best_host_method": host, "onto_devices": onto,
               "warm_raw_gb_per_s": warm_gbps, "repeats": args.repeats, "workers": args.workers,
               "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(), "rows": rows}
     if args.json:
@@ -470,9 +506,10 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
 
 
 def weight_bytes(leaf: Any) -> int:
+    """Bytes of a leaf (array or jax.ShapeDtypeStruct); a quantized weight: int8 + scales."""
     if isinstance(leaf, model.QuantizedWeight8bit):
-        return leaf.weight.nbytes + leaf.scales.nbytes
-    return leaf.nbytes
+        return weight_bytes(leaf.weight) + weight_bytes(leaf.scales)
+    return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
 
 def decode_bytes(params: dict, config: model.LanguageModelConfig, experts: list, batch: int, context: int) -> int:
@@ -756,10 +793,363 @@ def model_bench(args: argparse.Namespace) -> dict:
 
 
 def kernels_bench(args: argparse.Namespace) -> None:
-    import kernel_bench  # the kernel micro-benchmarks and tuning sweeps live in their own module
+    import kernel_bench  # the kernel checks and sweeps: a module below this one
 
-    sys.argv = ["kernel_bench.py", *args.rest]
-    kernel_bench.main()
+    kernel_bench.main(args.rest, (copy_bandwidth, matmul_rate))
+
+
+# ---------------------------------------------------------------------------------------
+# project: measured per-layer decode times -> a 64-layer tokens/s on N devices
+# ---------------------------------------------------------------------------------------
+
+# Nominal HBM bandwidth per device, bytes/s (the vendors' data sheets).
+NOMINAL_BANDWIDTH = {"h200": 4.8e12, "h100": 3.35e12}
+PROJECT_BATCHES = (1, 8, 32)
+
+
+def fit_fixed_variable(points: dict[int, float]) -> tuple[float, float]:
+    """(F, V) of t(n) = F + V / n, least squares over {devices n: time t} (exact for two n)."""
+    if len(points) < 2:
+        raise ValueError(f"fitting t(n) = F + V/n needs times on at least 2 device counts, got "
+                         f"{sorted(points) or 'none'}")
+    x = np.array([1.0 / n for n in points])
+    t = np.array(list(points.values()), dtype=np.float64)
+    slope, intercept = np.polyfit(x, t, 1)
+    return float(intercept), float(slope)
+
+
+def fit_line(points: dict[int, float]) -> tuple[float, float]:
+    """(intercept, slope) of t(L) = c + s * L, least squares over {layers L: time t}."""
+    if len(points) < 2:
+        raise ValueError(f"a per-layer time needs runs at 2 or more layer counts, got {sorted(points)}")
+    slope, intercept = np.polyfit(np.array(list(points), dtype=np.float64),
+                                  np.array(list(points.values()), dtype=np.float64), 1)
+    return float(intercept), float(slope)
+
+
+def expected_experts_touched(batch: int, num_experts: int = 8, selected: int = 2) -> float:
+    """Distinct experts a layer reads for `batch` tokens, if each token picks `selected` of
+    `num_experts` uniformly: E * (1 - ((E - k) / E) ** B). 2 at batch 1, 7.2 at 8, 8.0 at 32."""
+    return num_experts * (1.0 - ((num_experts - selected) / num_experts) ** batch)
+
+
+def decode_step_bytes(config: model.LanguageModelConfig, batch: int, context: int,
+                      experts_touched: float) -> tuple[float, float]:
+    """(bytes per layer, bytes outside the layers) a decode step of the config's width must
+    read, by decode_bytes on abstract 1- and 2-layer trees: per layer the attention weights,
+    norms, router, `experts_touched` experts (linear in it, so a fraction is an average)
+    and the KV cache of `context` tokens; outside, the bf16 unembedding and the final norm."""
+    totals = {}
+    for layers in (1, 2):
+        cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=layers))
+        shapes = model.param_shapes(cfg)
+        no_expert = decode_bytes(shapes, cfg, [np.zeros((0,), np.int32)] * layers, batch, context)
+        one_expert = decode_bytes(shapes, cfg, [np.zeros((1,), np.int32)] * layers, batch, context)
+        totals[layers] = no_expert + experts_touched * (one_expert - no_expert)
+    per_layer = totals[2] - totals[1]
+    return per_layer, totals[1] - per_layer
+
+
+@dataclasses.dataclass
+class BatchInputs:
+    """What the projection of one batch size starts from (times in ms)."""
+    per_layer_ms: dict[int, float]  # devices -> measured per-layer decode time
+    non_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # devices -> intercept
+
+
+def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
+                   context: int, config: model.LanguageModelConfig,
+                   non_layer_ms: float | None = None) -> list[dict]:
+    """Per batch: fit t(n) = F + V/n to the per-layer times, then a `layers`-layer step on
+    `devices` devices = layers * t(devices) + the non-layer cost, next to the roofline
+    (the step's bytes over devices * bandwidth, bytes/s per device).
+
+    The non-layer cost is, first found: `non_layer_ms` as given; the same F + V/n fit of
+    the measured intercepts (time at 0 layers) when there are 2 device counts of them; else
+    the roofline of the non-layer bytes (not measured)."""
+    rows = []
+    for batch in sorted(inputs):
+        inp = inputs[batch]
+        fixed, variable = fit_fixed_variable(inp.per_layer_ms)
+        touched = expected_experts_touched(batch, config.model.num_experts,
+                                           config.model.num_selected_experts)
+        layer_bytes, other_bytes = decode_step_bytes(config, batch, context, touched)
+        roof_layer_ms = {n: layer_bytes / (n * bandwidth) * 1e3 for n in inp.per_layer_ms}
+        roof_other_ms = other_bytes / (devices * bandwidth) * 1e3
+        if non_layer_ms is not None:
+            other_ms, other_source = non_layer_ms, "given (--non-layer-ms)"
+        elif len(inp.non_layer_ms) >= 2:
+            f_o, v_o = fit_fixed_variable(inp.non_layer_ms)
+            other_ms = f_o + v_o / devices
+            other_source = f"the fit of the measured intercepts ({f_o:.3f} {v_o:+.3f}/n ms)"
+        else:
+            other_ms, other_source = roof_other_ms, "its roofline (not measured)"
+        layer_ms = fixed + variable / devices
+        step_ms = layers * layer_ms + other_ms
+        roof_ms = (layers * layer_bytes + other_bytes) / (devices * bandwidth) * 1e3
+        rows.append(dict(
+            batch=batch, measured_per_layer_ms=dict(inp.per_layer_ms), fixed_ms=fixed,
+            variable_ms=variable, per_layer_roofline_ms=roof_layer_ms, experts_touched=touched,
+            layer_bytes=layer_bytes, non_layer_bytes=other_bytes, per_layer_ms=layer_ms,
+            layers_ms=layers * layer_ms, layers_tokens_per_s=batch / (layers * layer_ms) * 1e3,
+            non_layer_ms=other_ms, non_layer_source=other_source, step_ms=step_ms,
+            tokens_per_s=batch / step_ms * 1e3, roofline_ms=roof_ms,
+            roofline_tokens_per_s=batch / roof_ms * 1e3, roofline_pct=100 * roof_ms / step_ms))
+    return rows
+
+
+def parse_measured(specs: list[str]) -> dict[int, BatchInputs]:
+    """--measured BATCH=N:MS,N:MS (per-layer ms on N devices), once per batch size."""
+    out: dict[int, BatchInputs] = {}
+    for spec in specs:
+        try:
+            batch_text, points_text = spec.split("=", 1)
+            batch = int(batch_text)
+            points = {}
+            for item in points_text.split(","):
+                n, ms = item.split(":")
+                points[int(n)] = float(ms)
+            if batch < 1 or any(n < 1 or ms <= 0 for n, ms in points.items()):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--measured {spec!r}: expected BATCH=N:MS,N:MS, e.g. 1=1:0.59,2:0.45 "
+                             "(batch 1: 0.59 ms per layer on 1 device, 0.45 ms on 2)") from None
+        if batch in out:
+            raise ValueError(f"--measured: batch {batch} given twice")
+        out[batch] = BatchInputs(points)
+    return out
+
+
+def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs], dict]:
+    """Per-layer times from `bench.py model --json` files: for every (devices, batch) the
+    decode ms of `mode` at 2 or more layer counts, fitted as intercept + per layer * layers.
+    Devices: the mesh's size (1x N meshes only), 1 without a mesh. Returns the inputs and
+    what the files say about themselves (device kinds, copy bandwidths, contexts)."""
+    times: dict[tuple[int, int], dict[int, float]] = {}
+    meta: dict[str, set] = {"device": set(), "copy_bandwidth_GBps": set(), "context": set()}
+    for path in paths:
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            mesh = res.get("mesh") or {}
+            layers, rows = int(res["layers"]), res["rows"]
+            meta["context"].add(int(res["context"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a `bench.py model --json` result ({type(e).__name__}: {e})") from None
+        if mesh.get("data", 1) != 1:
+            raise ValueError(f"{path}: mesh {mesh}: the projection needs 1xN meshes (data axis 1)")
+        devices = math.prod(mesh.values()) if mesh else 1
+        meta["device"].add(res.get("device"))
+        if res.get("copy_bandwidth_GBps"):
+            meta["copy_bandwidth_GBps"].add(round(float(res["copy_bandwidth_GBps"])))
+        for r in rows:
+            if r.get("kind") == "decode" and r.get("mode") == mode:
+                seen = times.setdefault((devices, int(r["batch"])), {})
+                if layers in seen:
+                    raise ValueError(f"{path}: a second run of {layers} layers on {devices} device(s), "
+                                     f"batch {r['batch']}; give one file per (devices, layers)")
+                seen[layers] = float(r["ms"])
+    if not times:
+        raise ValueError(f"{', '.join(paths)}: no decode rows of mode {mode!r}")
+    out: dict[int, BatchInputs] = {}
+    for (devices, batch), by_layers in sorted(times.items()):
+        if len(by_layers) < 2:
+            raise ValueError(f"{devices} device(s), batch {batch}: runs at layers {sorted(by_layers)} only; "
+                             "the per-layer time is a slope: give runs at 2 layer counts (e.g. 2 and 8)")
+        intercept, slope = fit_line(by_layers)
+        inp = out.setdefault(batch, BatchInputs({}))
+        inp.per_layer_ms[devices] = slope
+        inp.non_layer_ms[devices] = intercept
+    return out, {k: sorted(v, key=str) for k, v in meta.items()}
+
+
+def format_projection(rows: list[dict], header: list[str]) -> str:
+    """The inputs, then one line per batch: projected step and tokens/s beside the roofline."""
+    lines = list(header)
+    for r in rows:
+        measured = ", ".join(f"{n} dev {ms:.3f} (roofline {r['per_layer_roofline_ms'][n]:.3f}, "
+                             f"{100 * r['per_layer_roofline_ms'][n] / ms:.0f}%)"
+                             for n, ms in sorted(r["measured_per_layer_ms"].items()))
+        lines.append(f"  batch {r['batch']:>2}: per-layer ms measured: {measured}; fit F + V/n = {r['fixed_ms']:.3f} "
+                     f"{r['variable_ms']:+.3f}/n ms")
+        lines.append(f"            bytes per layer {r['layer_bytes'] / 1e9:.3f} GB ({r['experts_touched']:.2f} "
+                     f"experts), outside the layers {r['non_layer_bytes'] / 1e9:.3f} GB; non-layer cost "
+                     f"{r['non_layer_ms']:.3f} ms from {r['non_layer_source']}")
+    lines.append("")
+    lines.append(f"{'batch':>5} {'ms/layer':>9} {'layers ms':>10} {'tok/s':>8} {'+non-layer':>10} "
+                 f"{'step ms':>8} {'tok/s':>8} | {'roofline ms':>11} {'tok/s':>8} {'% roofline':>10}")
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['per_layer_ms']:9.3f} {r['layers_ms']:10.2f} "
+                     f"{r['layers_tokens_per_s']:8.1f} {r['non_layer_ms']:10.3f} {r['step_ms']:8.2f} "
+                     f"{r['tokens_per_s']:8.1f} | {r['roofline_ms']:11.3f} {r['roofline_tokens_per_s']:8.1f} "
+                     f"{r['roofline_pct']:9.1f}%")
+    return "\n".join(lines)
+
+
+def project_bench(args: argparse.Namespace) -> dict:
+    """`bench.py project`: the inputs checked and printed, then the projection."""
+    if bool(args.measured) == bool(args.from_json):
+        raise ValueError("give the per-layer times either with --measured (per batch) or with "
+                         "--from-json (bench.py model result files), not both and not neither")
+    if args.devices < 1 or args.layers < 1:
+        raise ValueError(f"--devices and --layers must be >= 1, got {args.devices} and {args.layers}")
+    meta: dict = {}
+    if args.measured:
+        inputs = parse_measured(args.measured)
+        source = "command line (--measured)"
+    else:
+        inputs, meta = read_model_runs(args.from_json, args.mode)
+        source = f"{len(args.from_json)} bench.py model file(s), mode {args.mode}: {', '.join(args.from_json)}"
+    context = args.context
+    if meta.get("context"):
+        if len(meta["context"]) > 1:
+            raise ValueError(f"--from-json: the files were measured at different contexts {meta['context']}")
+        if context is not None and context != meta["context"][0]:
+            raise ValueError(f"--context {context}, but the files were measured with {meta['context'][0]} "
+                             "tokens in the cache; leave --context out or give files of that context")
+        context = meta["context"][0]
+    context = 1024 if context is None else context
+    if args.bandwidth_gbs is not None:
+        if args.bandwidth_gbs <= 0:
+            raise ValueError(f"--bandwidth-gbs must be > 0, got {args.bandwidth_gbs}")
+        bandwidth, bw_source = args.bandwidth_gbs * 1e9, "given by --bandwidth-gbs"
+    else:
+        bandwidth, bw_source = NOMINAL_BANDWIDTH[args.device_kind], f"{args.device_kind} nominal"
+    config = model.grok_1_config()
+    rows = project_decode(inputs, args.devices, args.layers, bandwidth, context, config, args.non_layer_ms)
+    header = [
+        f"Projected decode: Grok-1 ({config.model.emb_size} wide, {args.layers} layers) on {args.devices} x "
+        f"{args.device_kind}, model axis {args.devices}",
+        "inputs:",
+        f"  per-layer decode times from {source}",
+        f"  bandwidth per device {bandwidth / 1e9:.0f} GB/s ({bw_source})"
+        + (f"; the files' measured copy bandwidth: {meta['copy_bandwidth_GBps']} GB/s on {meta['device']}"
+           if meta.get("copy_bandwidth_GBps") else ""),
+        f"  KV cache holds {context} tokens per sequence; experts per layer: the expectation under "
+        "uniform top-2 routing",
+        "  model: step = layers x (F + V/n) + non-layer cost (embedding, final norm, logits); roofline = "
+        "the step's bytes / (n x bandwidth)",
+    ]
+    missing = [b for b in PROJECT_BATCHES if b not in inputs]
+    if missing:
+        header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
+    print(format_projection(rows, header))
+    report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
+              "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
+              "source": source, "files_meta": meta, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# memory: the planner's estimate against the peak device memory of the runner's steps
+# ---------------------------------------------------------------------------------------
+
+
+def measure_peak(config: model.LanguageModelConfig, phase: str, batch: int, context: int,
+                 mesh_shape: tuple[int, int] | None = None) -> dict:
+    """Run the runner's compiled prefill or decode step once on the present devices and
+    report JAX's peak device memory (memory_stats()['peak_bytes_in_use'], the largest
+    device) next to the plan. Run each phase in a fresh process: the peak never resets.
+
+    Parameters are zeros (memory does not depend on values). Both steps are compiled
+    before anything is allocated, so compile-time scratch memory does not count. prefill:
+    one request of `context` tokens into a fresh cache, inserted into a batch cache of
+    `batch` x `context`; decode: one step of `batch` active slots.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import planner
+    import runners
+
+    GB = planner.GB
+    config = dataclasses.replace(config, sequence_len=context).initialize()
+    devices = jax.devices()
+    mesh_shape = tuple(mesh_shape) if mesh_shape else planner.choose_mesh(config, len(devices), None, batch,
+                                                                          context)
+    mesh = runners.make_mesh(mesh_shape, config=config, devices=devices)
+    shapes = model.param_shapes(config)
+    shardings = model.param_shardings(config, mesh, shapes)
+    mem_sharding = model.memory_shardings(config, mesh, batch, context)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    prefill, decode = runners.make_step_functions(config, mesh, batch)
+
+    abstract = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), tree, sh)
+    a_params = abstract(shapes, shardings)
+    mem_shapes = jax.eval_shape(lambda: model.init_layer_memories(
+        batch, context, config.model.num_kv_heads, config.model.key_size, config.model.num_layers,
+        config.fprop_dtype))
+    a_mem = abstract(mem_shapes, mem_sharding)
+    state = runners._empty_state(batch, config.vocab_size)
+    a_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)  # noqa: E731
+    if phase == "prefill":
+        args = (np.ones((1, context), np.int32), np.array([context], np.int32), np.int32(0),
+                np.float32(1.0), np.float32(1.0), np.uint32(0), np.int32(context),
+                np.ones((config.vocab_size,), bool))
+        a_args = tuple(sd(np.shape(x), np.asarray(x).dtype) for x in args)
+        compiled = prefill.lower(a_params, a_mem, a_state, *a_args).compile()
+    elif phase == "decode":
+        args = (np.ones((batch,), bool),)
+        compiled = decode.lower(a_params, a_mem, a_state, sd((batch,), np.bool_)).compile()
+    else:
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    analysis = compiled.memory_analysis()
+
+    params = jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                     out_shardings=shardings)()
+    memory = model.init_memory(config, batch, context, mesh)
+    state = jax.device_put(state, replicated)
+    jax.block_until_ready((params, memory, state))
+    stats = lambda: [d.memory_stats() or {} for d in devices]  # noqa: E731
+    resident = max(s.get("bytes_in_use", 0) for s in stats())
+    out = jax.block_until_ready(compiled(params, memory, state, *args))
+    after = stats()
+    del out
+    peak = max(s.get("peak_bytes_in_use", 0) for s in after)
+    p = planner.plan(config, len(devices), max(s.get("bytes_limit", 0) for s in after) / GB or None, batch,
+                     context, mesh_shape, suggest=False, runtime_overhead_gb=0.0)
+    planned_total = p.bytes["prefill_total" if phase == "prefill" else "decode_total"]
+    return dict(
+        phase=phase, devices=len(devices), device_kind=devices[0].device_kind, mesh=list(mesh_shape),
+        batch=batch, context=context, layers=config.model.num_layers, moe_impl=config.model.moe_impl,
+        measured_peak_gb=peak / GB, measured_resident_gb=resident / GB,
+        measured_workspace_gb=(peak - resident) / GB,
+        planned_peak_gb=planned_total / GB,
+        planned_resident_gb=(planned_total - p.bytes[f"{phase}_workspace"]) / GB,
+        planned_workspace_gb=p.bytes[f"{phase}_workspace"] / GB,
+        planned_terms_gb=p.prefill_terms_gb if phase == "prefill" else p.decode_terms_gb,
+        xla_temp_gb=getattr(analysis, "temp_size_in_bytes", 0) / GB if analysis else None,
+        ratio=planned_total / peak if peak else None,
+        bytes_limit_gb=max(s.get("bytes_limit", 0) for s in after) / GB,
+    )
+
+
+def memory_bench(args: argparse.Namespace) -> int:
+    """--phase prefill|decode runs in this process; both runs each in a fresh process (the
+    peak never resets). Prints one JSON line per phase."""
+    import planner
+
+    if args.phase == "both":
+        status = 0
+        for phase in ("prefill", "decode"):
+            cmd = [sys.executable, os.path.abspath(__file__), "memory", "--phase", phase,
+                   "--batch", str(args.batch)]
+            for flag, value in (("--context", args.context), ("--layers", args.layers),
+                                ("--mesh", args.mesh), ("--moe-impl", args.moe_impl)):
+                if value is not None:
+                    cmd += [flag, str(value)]
+            cmd += ["--tiny"] if args.tiny else []
+            status |= subprocess.call(cmd, cwd=REPO)
+        return status
+    config = planner.config_from_args(args)
+    mesh = tuple(int(n) for n in args.mesh.lower().split("x")) if args.mesh else None
+    result = measure_peak(config, args.phase, args.batch, args.context or config.sequence_len, mesh)
+    print(json.dumps(result))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -767,7 +1157,8 @@ def kernels_bench(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Any:
+    """Runs one subcommand; returns what it returns (a report dict for most)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -812,10 +1203,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="write the per-kernel table here")
     p.set_defaults(func=profile_bench)
 
-    p = sub.add_parser("kernels", help="GPU kernel checks, micro-benchmarks and tuning sweeps "
-                                       "(arguments go to kernel_bench.py; see --help there)")
+    p = sub.add_parser("kernels", add_help=False,  # --help goes to kernel_bench's own parser
+                       help="GPU kernel checks, micro-benchmarks and tuning sweeps "
+                            "(kernel_bench.py; `bench.py kernels --help` lists its options)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=kernels_bench)
+
+    p = sub.add_parser("project", help="measured per-layer decode times -> 64-layer tokens/s on N devices, "
+                                       "beside the roofline (arithmetic only, no devices)")
+    p.add_argument("--devices", type=int, default=8, help="devices of the projected 1xN mesh")
+    p.add_argument("--device-kind", choices=sorted(NOMINAL_BANDWIDTH), default="h200")
+    p.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="bandwidth per device in GB/s for the roofline, e.g. the measured copy bandwidth "
+                        "(default: the kind's nominal)")
+    p.add_argument("--measured", action="append", default=[], metavar="BATCH=N:MS,N:MS",
+                   help="per-layer decode ms on N devices, once per batch: --measured 1=1:0.59,2:0.45")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="bench.py model --json results instead: 2+ layer counts per device count")
+    p.add_argument("--mode", default="fast", help="which mode's rows to read from the files")
+    p.add_argument("--layers", type=int, default=64)
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens in the KV cache for the roofline (default: the files', else 1024)")
+    p.add_argument("--non-layer-ms", type=float, default=None,
+                   help="measured time outside the layers on N devices (default: fitted from the files' "
+                        "intercepts, else its roofline)")
+    p.add_argument("--json", default=None, help="write the projection here")
+    p.set_defaults(func=project_bench)
+
+    p = sub.add_parser("memory", help="the planner's per-device memory against the peak of the "
+                                      "runner's compiled steps on the devices present (zero weights)")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--layers", type=int, default=None, help="layers of Grok-1 width (default 64)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=None, help="KV cache length (default 8192)")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL (default: the planner's layout)")
+    p.add_argument("--moe-impl", choices=model.MOE_IMPLS, default=None)
+    p.add_argument("--tiny", action="store_true", help="the tiny config instead of Grok-1 width")
+    p.set_defaults(func=memory_bench)
 
     c = sub.add_parser("_loader_child", help=argparse.SUPPRESS)
     c.add_argument("--dir", required=True)
@@ -824,8 +1248,20 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--cold", action="store_true")
     c.set_defaults(func=loader_child)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:  # its options, --help included, are kernel_bench's own
+        return kernels_bench(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        status = args.func(args)
+    except ValueError as e:  # bad inputs of `project`: one line, exit 2
+        if args.command != "project":
+            raise
+        print(f"bench.py project: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(status, int) and status:
+        sys.exit(status)
+    return status
 
 
 if __name__ == "__main__":

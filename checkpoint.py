@@ -23,6 +23,7 @@ This module reads top to bottom in the order a load runs:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import io
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import pickle
+import queue
 import re
 import secrets
 import sys
@@ -984,11 +986,13 @@ def _block_index(idx: tuple, box: _Box, where: str) -> tuple:
 
 
 def _place(value: Any, sharding: Any, boxes: Optional[dict[str, _Box]] = None,
-           where: str = "") -> Any:
+           where: str = "", wait: bool = True) -> Any:
     """Host value -> global jax array(s); each device receives only its own slice.
 
     Only this process's devices call back, so with several processes each one supplies
     its devices' slices. boxes: the value is a host shard's block of a larger leaf.
+    wait=False returns as soon as the transfers are queued (jax keeps the host buffer
+    alive until they are done); the caller waits for the result (see _PlacementPipeline).
     """
 
     def put(a: np.ndarray, s: jax.sharding.Sharding, box: Optional[_Box]) -> jax.Array:
@@ -1008,7 +1012,8 @@ def _place(value: Any, sharding: Any, boxes: Optional[dict[str, _Box]] = None,
     else:
         s = sharding.weight if _is_qw(sharding) else sharding
         out = put(value, s, boxes.get("value"))
-    jax.block_until_ready(out)  # the host buffer may be dropped once this returns
+    if wait:
+        jax.block_until_ready(out)  # the host buffer may be dropped once this returns
     return out
 
 
@@ -1042,6 +1047,91 @@ class _ByteBudget:
         with self._cond:
             self.in_use -= n
             self._cond.notify_all()
+
+
+def _is_ready(value: Any) -> bool:
+    """Whether every transfer behind a placed value (jax arrays) has completed."""
+    arrays = (value.weight, value.scales) if _is_qw(value) else (value,)
+    return all(getattr(a, "is_ready", lambda: False)() for a in arrays)
+
+
+class _PlacementPipeline:
+    """Overlaps file reads with host->device transfers (restore onto devices).
+
+    Reader threads hand over checked host leaves (`put`); the loading thread (`run`)
+    queues each leaf's transfers as it arrives, without waiting for them, and gives its
+    host bytes back to the byte budget once its transfers are done: so the readers keep
+    the disk busy while earlier leaves are copied, and host memory stays within the
+    budget. Everything is waited for at the end.
+    """
+
+    def __init__(self, n: int, place: Callable[[int, Any], Any], budget: _ByteBudget,
+                 control: _LoadControl):
+        self._n, self._place, self._budget, self._control = n, place, budget, control
+        self._ready: "queue.SimpleQueue[tuple[int, Any, int]]" = queue.SimpleQueue()
+        # Seconds the loading thread spent queueing transfers, waiting for transfers to
+        # finish (the budget was needed back, or the end), and waiting for the readers.
+        self.stats = {"queue_s": 0.0, "wait_transfers_s": 0.0, "wait_reads_s": 0.0}
+
+    def put(self, k: int, value: Any, host_bytes: int) -> None:
+        """From a reader: leaf k is read and checked; `host_bytes` of the budget go with it."""
+        self._ready.put((k, value, host_bytes))
+
+    def _retire(self, pending: "collections.deque[tuple[Any, int]]", wait_for_oldest: bool) -> None:
+        """Release the budget of finished transfers, oldest first; optionally wait for one."""
+        while pending:
+            value, nbytes = pending[0]
+            if not _is_ready(value):
+                if not wait_for_oldest:
+                    return
+                start = time.perf_counter()
+                jax.block_until_ready(value)
+                self.stats["wait_transfers_s"] += time.perf_counter() - start
+            wait_for_oldest = False
+            pending.popleft()
+            self._budget.release(nbytes)
+
+    def run(self) -> list[Any]:
+        """Place all n leaves as they arrive; returns them in leaf order once all are on
+        their devices. Raises _Cancelled as soon as a reader has failed (the caller raises
+        the reader's error), or the placing error itself."""
+        results: list[Any] = [None] * self._n
+        pending: collections.deque = collections.deque()  # (placed value, host bytes), in order
+        placed = 0
+        while placed < self._n:
+            self._control.check()
+            start = time.perf_counter()
+            try:
+                # Short waits: the loop re-checks for a failed reader between them.
+                k, value, nbytes = self._ready.get(timeout=0.01 if pending else 0.1)
+            except queue.Empty:
+                self.stats["wait_reads_s"] += time.perf_counter() - start
+                # Nothing read yet: the readers may be waiting for budget, so wait for the
+                # oldest transfer (the copy engine finishes them in order anyway).
+                self._retire(pending, wait_for_oldest=True)
+                continue
+            self.stats["wait_reads_s"] += time.perf_counter() - start
+            start = time.perf_counter()
+            results[k] = self._place(k, value)
+            del value  # jax holds the host buffer until its transfer is done
+            self.stats["queue_s"] += time.perf_counter() - start
+            pending.append((results[k], nbytes))
+            placed += 1
+            self._retire(pending, wait_for_oldest=False)
+        start = time.perf_counter()
+        jax.block_until_ready(results)
+        self.stats["wait_transfers_s"] += time.perf_counter() - start
+        while pending:
+            self._budget.release(pending.popleft()[1])
+        return results
+
+    def drop(self) -> None:
+        """After a failure: forget leaves read but not placed (their host buffers go)."""
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                return
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -1089,6 +1179,9 @@ def load_tensors(
 
     Memory: host buffers and RAM-disk copies in flight stay under `max_inflight_bytes`
     (default 10% of the total, at least one file), each freed as soon as its leaf is placed.
+    With shardings, reads and host->device transfers overlap (_PlacementPipeline): the
+    workers only read, and this thread queues each leaf's transfers as it arrives; a host
+    buffer counts against the budget until its transfer is done.
     On any error all workers stop, nothing is returned, and the first error is raised.
     mesh_config is accepted for compatibility with the release and not needed.
     """
@@ -1129,11 +1222,28 @@ def load_tensors(
     budget = _ByteBudget(limit, control)
     results: list[Any] = [None] * n
 
+    def place(k: int, value: Any) -> Any:
+        """Queue leaf k's transfers to its devices (the pipeline waits for them)."""
+        try:
+            return _place(value, shardings[k], manifest.get(indices[k]),
+                          f"{files[k]}: parameter {paths[k]}", wait=False)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"{files[k]}: parameter {paths[k]}: placing {_describe(value)} "
+                f"with {shardings[k]} failed: {e}"
+            ) from e
+
+    # Onto devices, reads and transfers overlap: the workers only read and check.
+    pipeline = None if shardings is None else _PlacementPipeline(n, place, budget, control)
+
     def work(k: int) -> None:
         try:
             control.check()
             cost = sizes[k] * per_byte
             budget.acquire(cost)
+            handed_over = 0  # budget bytes that travel with the leaf to the pipeline
             try:
                 value, _ = _unpickle_file(files[k], control, use_shm, shm_dir)
                 boxes = manifest.get(indices[k])
@@ -1145,20 +1255,13 @@ def load_tensors(
                         raise CheckpointError(
                             f"{files[k]}: parameter {paths[k]}: holds only host {shard}'s block of "
                             "the leaf; pass shardings (restore does) to place it")
-                if shardings is not None:
-                    control.check()
-                    try:
-                        value = _place(value, shardings[k], boxes, f"{files[k]}: parameter {paths[k]}")
-                    except CheckpointError:
-                        raise
-                    except Exception as e:
-                        raise CheckpointError(
-                            f"{files[k]}: parameter {paths[k]}: placing {_describe(value)} "
-                            f"with {shardings[k]} failed: {e}"
-                        ) from e
-                results[k] = value
+                if pipeline is None:
+                    results[k] = value
+                else:  # the RAM-disk copy is gone; the host buffer lives until transferred
+                    handed_over = min(cost, sizes[k])
+                    pipeline.put(k, value, handed_over)
             finally:
-                budget.release(cost)
+                budget.release(cost - handed_over)
         except _Cancelled:
             raise
         except CheckpointError as e:
@@ -1174,27 +1277,41 @@ def load_tensors(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_workers, n)))
     try:
         futures = [pool.submit(work, k) for k in range(n)]
-        for fut in concurrent.futures.as_completed(futures):
-            if fut.exception() is not None:
-                break
+        if pipeline is None:
+            for fut in concurrent.futures.as_completed(futures):
+                if fut.exception() is not None:
+                    break
+        else:
+            try:
+                results = pipeline.run()
+            except _Cancelled:
+                pass  # a reader failed: its error is raised below
+            except CheckpointError as e:  # placing failed
+                control.fail(e)
+                raise
     finally:
         # Stops the other workers at their next chunk if anything failed or the caller was
         # interrupted; after a success every job is done and this changes nothing.
         control.cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        if pipeline is not None:
+            pipeline.drop()
         bar.close()
     if control.first_error is not None:
         results.clear()
         raise control.first_error
     seconds = time.perf_counter() - start
+    placing = "" if pipeline is None else (
+        "; placing: %.2f s queueing transfers, %.2f s waiting for them, %.2f s for reads" % (
+            pipeline.stats["queue_s"], pipeline.stats["wait_transfers_s"], pipeline.stats["wait_reads_s"]))
     logger.info(
-        "Loaded %d tensors, %.2f GB in %.2f s (%.2f GB/s) from %s%s",
+        "Loaded %d tensors, %.2f GB in %.2f s (%.2f GB/s) from %s%s%s",
         n, total / 1e9, seconds, total / 1e9 / max(seconds, 1e-9), directory,
-        " through the RAM disk" if use_shm else "",
+        " through the RAM disk" if use_shm else "", placing,
     )
     if _stats is not None:
         _stats.update(bytes=total, seconds=seconds, peak_inflight=budget.peak, limit=limit,
-                      use_shm=use_shm)
+                      use_shm=use_shm, **(pipeline.stats if pipeline is not None else {}))
     return results
 
 

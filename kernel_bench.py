@@ -1,6 +1,10 @@
 """Check and time the int8 MoE and linear kernels of kernels.py on one GPU.
 
-    PYTHONUNBUFFERED=1 python kernel_bench.py --out $OUT/kernel_bench.json
+    PYTHONUNBUFFERED=1 python bench.py kernels --out $OUT/kernel_bench.json
+
+This module sits below bench.py and never imports it: bench.py hands it the two ceiling
+measurements (main's `ceiling_fns`), so both benches measure them the same way.
+`python kernel_bench.py ARGS` still works: it re-executes as `python bench.py kernels ARGS`.
 
 In one run, on random data at Grok-1 width (D=6144, F=32768, 8 experts, top-2):
 1. the two ceilings: copy bandwidth (a large device-to-device elementwise pass, bytes read
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Callable, Optional, Sequence
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
@@ -120,12 +125,15 @@ def check(res: Results, name: str, got, want, **extra) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def ceilings(res: Results, small: bool = False) -> tuple[float, float]:
-    """Copy bandwidth and bf16 matmul rate, measured as `bench.py model` measures them."""
-    import bench  # imports model.py, so dm-haiku must be installed (or carried) here too
+CeilingFns = tuple[Callable[[float], float], Callable[[int], float]]
 
-    bw = bench.copy_bandwidth(2**-8 if small else 1.0)
-    rate = bench.matmul_rate(512 if small else 8192)
+
+def ceilings(res: Results, ceiling_fns: CeilingFns, small: bool = False) -> tuple[float, float]:
+    """Copy bandwidth and bf16 matmul rate, measured by `ceiling_fns` = (copy_bandwidth(gbytes),
+    matmul_rate(n)): bench.py passes its own, so `bench.py model` and this bench agree."""
+    copy_bandwidth, matmul_rate = ceiling_fns
+    bw = copy_bandwidth(2**-8 if small else 1.0)
+    rate = matmul_rate(512 if small else 8192)
     res.data["ceilings"] = {"copy_bytes_per_s": bw, "bf16_matmul_flops_per_s": rate}
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s, bf16 matmul {rate / 1e12:.1f} TFLOP/s")
     res.save()
@@ -431,8 +439,10 @@ def table(res: Results) -> str:
     return "\n".join(lines + [""] + dense)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
+    """The whole run; `argv` are the options below, `ceiling_fns` see ceilings()."""
+    ap = argparse.ArgumentParser(prog="bench.py kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernel_bench.json"))
     ap.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget for the whole run")
     ap.add_argument("--quick", action="store_true", help="fewer sweep configs")
@@ -445,7 +455,7 @@ def main() -> None:
     ap.add_argument("--checks", choices=("full", "quick", "none"), default="full",
                     help="float32-reference checks: full (M=8 and prefill), quick (M=8), none")
     ap.add_argument("--dense-ms", type=int, nargs="+", default=[1, 8, 16, 32])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global D, F, PALLAS, PREFILL_M
     PREFILL_M = max(args.ms)
     if args.dims:
@@ -461,11 +471,11 @@ def main() -> None:
         pass
     res.data["meta"] = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(), "jax": jax.__version__,
                         "device": str(dev), "device_kind": getattr(dev, "device_kind", "?"), "nvidia_smi": smi,
-                        "argv": sys.argv, "E": E, "D": D, "F": F, "k": TOPK}
+                        "argv": list(argv) if argv is not None else sys.argv, "E": E, "D": D, "F": F, "k": TOPK}
     log("device", res.data["meta"]["device_kind"], "jax", jax.__version__, smi.replace("\n", " | "))
     res.save()
 
-    bw, rate = ceilings(res, small=bool(args.dims))
+    bw, rate = ceilings(res, ceiling_fns, small=bool(args.dims))
     weights = make_weights()
     log("weights ready")
     if args.checks != "none":
@@ -509,5 +519,6 @@ def main() -> None:
         print("  ", e[:300])
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the old entry point: the same run through bench.py (above this module)
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                           "bench.py"), "kernels", *sys.argv[1:]])

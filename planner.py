@@ -469,7 +469,7 @@ def workspace_bytes(terms: dict[str, int], phase: str) -> int:
     of the embedding table after the layers: the peak is the largest of the three stages.
     In decode it keeps that copy alive across the layers: the head stage adds to the
     layers'. The slot state and the prefill cache live through the whole call. (Both rules are what
-    compiled programs showed on an H100: see measure_peak; their memory_analysis and the
+    compiled programs showed on an H100: see bench.py measure_peak; their memory_analysis and the
     measured peak agreed.)
     """
     stage = lambda names: sum(terms.get(k, 0) for k in names)  # noqa: E731
@@ -888,116 +888,6 @@ def refuse_if_cannot_fit(config: Any, devices: Sequence[Any], batch: int, contex
 
 
 # ---------------------------------------------------------------------------------------
-# Checking the estimate: measured peak device memory of the runner's compiled steps
-# ---------------------------------------------------------------------------------------
-
-
-def measure_peak(config: Any, phase: str, batch: int, context: int,
-                 mesh_shape: Optional[Sequence[int]] = None) -> dict:
-    """Run the runner's compiled prefill or decode step once on the present devices and
-    report JAX's peak device memory (memory_stats()['peak_bytes_in_use'], the largest
-    device) next to the plan. Run each phase in a fresh process: the peak never resets.
-
-    Parameters are zeros (memory does not depend on values). Both steps are compiled
-    before anything is allocated, so compile-time scratch memory does not count. prefill:
-    one request of `context` tokens into a fresh cache, inserted into a batch cache of
-    `batch` x `context`; decode: one step of `batch` active slots.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    import runners
-
-    config = dataclasses.replace(config, sequence_len=context).initialize()
-    devices = jax.devices()
-    mesh_shape = tuple(mesh_shape) if mesh_shape else choose_mesh(config, len(devices), None, batch, context)
-    mesh = runners.make_mesh(mesh_shape, config=config, devices=devices)
-    shapes = model_lib.param_shapes(config)
-    shardings = model_lib.param_shardings(config, mesh, shapes)
-    mem_sharding = model_lib.memory_shardings(config, mesh, batch, context)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    prefill, decode = runners.make_step_functions(config, mesh, batch)
-
-    abstract = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
-        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), tree, sh)
-    a_params = abstract(shapes, shardings)
-    mem_shapes = jax.eval_shape(lambda: model_lib.init_layer_memories(
-        batch, context, config.model.num_kv_heads, config.model.key_size, config.model.num_layers,
-        config.fprop_dtype))
-    a_mem = abstract(mem_shapes, mem_sharding)
-    state = runners._empty_state(batch, config.vocab_size)
-    a_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)  # noqa: E731
-    if phase == "prefill":
-        args = (np.ones((1, context), np.int32), np.array([context], np.int32), np.int32(0),
-                np.float32(1.0), np.float32(1.0), np.uint32(0), np.int32(context),
-                np.ones((config.vocab_size,), bool))
-        a_args = tuple(sd(np.shape(x), np.asarray(x).dtype) for x in args)
-        compiled = prefill.lower(a_params, a_mem, a_state, *a_args).compile()
-    elif phase == "decode":
-        args = (np.ones((batch,), bool),)
-        compiled = decode.lower(a_params, a_mem, a_state, sd((batch,), np.bool_)).compile()
-    else:
-        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
-    analysis = compiled.memory_analysis()
-
-    params = jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                     out_shardings=shardings)()
-    memory = model_lib.init_memory(config, batch, context, mesh)
-    state = jax.device_put(state, replicated)
-    jax.block_until_ready((params, memory, state))
-    stats = lambda: [d.memory_stats() or {} for d in devices]  # noqa: E731
-    resident = max(s.get("bytes_in_use", 0) for s in stats())
-    out = jax.block_until_ready(compiled(params, memory, state, *args))
-    after = stats()
-    del out
-    peak = max(s.get("peak_bytes_in_use", 0) for s in after)
-    p = plan(config, len(devices), max(s.get("bytes_limit", 0) for s in after) / GB or None, batch,
-             context, mesh_shape, suggest=False, runtime_overhead_gb=0.0)
-    planned_total = p.bytes["prefill_total" if phase == "prefill" else "decode_total"]
-    return dict(
-        phase=phase, devices=len(devices), device_kind=devices[0].device_kind, mesh=list(mesh_shape),
-        batch=batch, context=context, layers=config.model.num_layers, moe_impl=config.model.moe_impl,
-        measured_peak_gb=peak / GB, measured_resident_gb=resident / GB,
-        measured_workspace_gb=(peak - resident) / GB,
-        planned_peak_gb=planned_total / GB,
-        planned_resident_gb=(planned_total - p.bytes[f"{phase}_workspace"]) / GB,
-        planned_workspace_gb=p.bytes[f"{phase}_workspace"] / GB,
-        planned_terms_gb=p.prefill_terms_gb if phase == "prefill" else p.decode_terms_gb,
-        xla_temp_gb=getattr(analysis, "temp_size_in_bytes", 0) / GB if analysis else None,
-        ratio=planned_total / peak if peak else None,
-        bytes_limit_gb=max(s.get("bytes_limit", 0) for s in after) / GB,
-    )
-
-
-def _measure_cli(args: argparse.Namespace) -> int:
-    """--measure prefill|decode runs in this process; both runs each in a fresh process."""
-    import subprocess
-
-    phases = ["prefill", "decode"] if args.measure == "both" else [args.measure]
-    if len(phases) > 1:
-        status = 0
-        for ph in phases:
-            rest, skip = [], False
-            for a in sys.argv[1:]:  # the same options, one phase
-                if skip or a.startswith("--measure"):
-                    skip = a == "--measure"
-                    continue
-                rest.append(a)
-            cmd = [sys.executable, os.path.abspath(__file__), "--measure", ph] + rest
-            status |= subprocess.call(cmd)
-        return status
-    config = config_from_args(args)
-    mesh = _mesh_arg(args.mesh)
-    context = args.context or config.sequence_len
-    result = measure_peak(config, phases[0], args.batch, context, mesh)
-    print(json.dumps(result))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------
 # Command line: python planner.py ... / python run.py --plan ...
 # ---------------------------------------------------------------------------------------
 
@@ -1124,12 +1014,7 @@ def run_plan(args: argparse.Namespace, out: Any = None, config: Any = None) -> i
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = OneLineArgumentParser(description="Grok-1 memory planner: will it fit?")
     add_plan_arguments(parser)
-    parser.add_argument("--measure", choices=("prefill", "decode", "both"), default=None,
-                        help="run the runner's step on the devices present and compare JAX's "
-                             "peak memory with the plan (random-free: zero weights)")
-    args = parser.parse_args(argv)
-    if args.measure:
-        return _measure_cli(args)
+    args = parser.parse_args(argv)  # measuring the plan on GPUs: `bench.py memory`
     return run_plan(args)
 
 

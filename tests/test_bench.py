@@ -41,3 +41,118 @@ def test_model_bench_smoke(tmp_path):
     assert not any(res["nan"].values())
     assert max(res["fast_vs_reference_rel_l2"].values()) < 5e-2  # bf16 noise, one layer
     assert "fast" in bench.format_model_table(res)
+
+
+# ---------------------------------------------------------------------------------------
+# bench.py project: the arithmetic against hand-computed numbers
+# ---------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Grok-1 from SPEC section 1 and 3.
+D, F, V, KV_HEADS, KEY = 6144, 32768, 131072, 8, 128
+# One layer without experts: int8 q [D, 6144] + 1 scale row, k and v [D, 1024] + 1 row each,
+# o [6144, D] + 8 scale rows (bf16), 4 float32 norms, the float32 router [D, 8].
+GROK_LAYER = (D * 6144 + 6144 * 2) + 2 * (D * 1024 + 1024 * 2) + (6144 * D + 8 * D * 2) + 4 * D * 4 + D * 8 * 4
+# One expert: linear and linear_v [D, F] + 1 scale row each, linear_1 [F, D] + 8 rows.
+GROK_EXPERT = 2 * (D * F + F * 2) + F * D + 8 * D * 2
+GROK_OUTSIDE = D * 4 + V * D * 2  # the final norm, the unembedding read as bf16
+
+
+def test_fit_fixed_variable_by_hand():
+    # The 1 x H200 and 2 x H200 per-layer times: V = (0.59 - 0.45) / (1 - 1/2), F = 0.59 - V.
+    fixed, variable = bench.fit_fixed_variable({1: 0.59, 2: 0.45})
+    assert fixed == pytest.approx(0.31, abs=1e-12) and variable == pytest.approx(0.28, abs=1e-12)
+    # Three points on t = 0.1 + 0.4 / n: least squares recovers them exactly.
+    fixed, variable = bench.fit_fixed_variable({1: 0.5, 2: 0.3, 4: 0.2})
+    assert fixed == pytest.approx(0.1, abs=1e-12) and variable == pytest.approx(0.4, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2 device counts"):
+        bench.fit_fixed_variable({1: 0.5})
+
+
+def test_expected_experts_touched_by_hand():
+    assert bench.expected_experts_touched(1) == pytest.approx(2.0)
+    assert bench.expected_experts_touched(8) == pytest.approx(8 * (1 - 0.75**8))  # 7.199
+    assert bench.expected_experts_touched(32) == pytest.approx(8 * (1 - 0.75**32))
+
+
+def test_decode_step_bytes_of_grok_1():
+    config = model.grok_1_config()
+    kv = 2 * 1 * 1024 * KV_HEADS * KEY * 2  # k and v, batch 1, 1024 tokens, bf16
+    layer, outside = bench.decode_step_bytes(config, batch=1, context=1024, experts_touched=2.0)
+    assert layer == GROK_LAYER + 2 * GROK_EXPERT + kv == 1_301_102_592
+    assert outside == GROK_OUTSIDE
+    # A fractional expert count is the average of the byte counts around it.
+    layer_frac, _ = bench.decode_step_bytes(config, batch=8, context=1024, experts_touched=7.5)
+    assert layer_frac == pytest.approx(GROK_LAYER + 7.5 * GROK_EXPERT + 8 * kv)
+
+
+def test_project_decode_by_hand():
+    config = model.grok_1_config()
+    bw = 4.8e12
+    rows = bench.project_decode({1: bench.BatchInputs({1: 0.59, 2: 0.45})}, devices=8, layers=64,
+                                bandwidth=bw, context=1024, config=config)
+    (r,) = rows
+    kv = 2 * 1024 * KV_HEADS * KEY * 2
+    layer_bytes = GROK_LAYER + 2 * GROK_EXPERT + kv
+    outside_ms = GROK_OUTSIDE / (8 * bw) * 1e3  # not measured: its roofline
+    assert r["per_layer_ms"] == pytest.approx(0.31 + 0.28 / 8)
+    assert r["layers_ms"] == pytest.approx(64 * 0.345)  # 22.08 ms, the "about 22 ms"
+    assert r["layers_tokens_per_s"] == pytest.approx(1e3 / 22.08)  # 45.3
+    assert r["step_ms"] == pytest.approx(22.08 + outside_ms)
+    assert r["roofline_ms"] == pytest.approx((64 * layer_bytes + GROK_OUTSIDE) / (8 * bw) * 1e3)  # 2.210
+    assert r["roofline_pct"] == pytest.approx(100 * r["roofline_ms"] / r["step_ms"])
+    assert r["per_layer_roofline_ms"][1] == pytest.approx(layer_bytes / bw * 1e3)
+    # A measured non-layer time replaces the roofline one; tokens/s scale with the batch.
+    (r,) = bench.project_decode({8: bench.BatchInputs({1: 0.7, 2: 0.5})}, devices=8, layers=64, bandwidth=bw,
+                                context=1024, config=config, non_layer_ms=1.5)
+    assert r["step_ms"] == pytest.approx(64 * (0.3 + 0.4 / 8) + 1.5)
+    assert r["tokens_per_s"] == pytest.approx(8 / (64 * 0.35 + 1.5) * 1e3)
+
+
+def _model_json(path, layers, mesh, ms_by_batch):
+    rows = [dict(kind="decode", mode="fast", batch=b, ms=ms) for b, ms in ms_by_batch.items()]
+    rows.append(dict(kind="decode", mode="reference", batch=1, ms=99.0))
+    result = dict(device="NVIDIA H200", layers=layers, context=1024, copy_bandwidth_GBps=4190.0, rows=rows)
+    if mesh:
+        result["mesh"] = mesh
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def test_project_from_model_json_files(tmp_path, capsys):
+    # The table: layers 2 and 8 at batch 1, on 1 device and on a 1x2 mesh.
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66}),
+             _model_json(tmp_path / "b.json", 8, None, {1: 5.20}),
+             _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 1.72}),
+             _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 4.43})]
+    inputs, meta = bench.read_model_runs(files, "fast")
+    per_layer = {1: (5.20 - 1.66) / 6, 2: (4.43 - 1.72) / 6}
+    intercept = {1: 1.66 - 2 * per_layer[1], 2: 1.72 - 2 * per_layer[2]}
+    assert inputs[1].per_layer_ms == pytest.approx(per_layer)
+    assert inputs[1].non_layer_ms == pytest.approx(intercept)
+    assert meta["context"] == [1024] and meta["copy_bandwidth_GBps"] == [4190]
+    report = bench.main(["project", "--from-json", *files, "--bandwidth-gbs", "4190", "--json",
+                         str(tmp_path / "p.json")])
+    (r,) = report["rows"]
+    v_o = (intercept[1] - intercept[2]) / (1 - 1 / 2)
+    assert r["non_layer_ms"] == pytest.approx(intercept[1] - v_o + v_o / 8)
+    out = capsys.readouterr().out
+    assert "4190 GB/s" in out and "1024 tokens" in out and "batch 8, 32" in out  # the inputs are stated
+    assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["batch"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["project"], "either with --measured"),
+    (["project", "--measured", "1=1:0.5"], "at least 2 device counts"),
+    (["project", "--measured", "1=0.5"], "expected BATCH=N:MS"),
+    (["project", "--measured", "1=1:0.5,2:0.4", "--bandwidth-gbs", "0"], "must be > 0"),
+])
+def test_project_cli_misuse_is_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
