@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import ctypes
 import errno
+import fcntl
 import io
 import itertools
 import json
@@ -33,9 +36,14 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import queue
 import re
 import secrets
+import shutil
+import socket
+import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -97,6 +105,61 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint's tensors or parameter names differ from what the code expects."""
 
 
+class CheckpointAccessError(CheckpointError, OSError):
+    """A checkpoint file or directory cannot be read or written: permissions, a symlink loop,
+    a directory or FIFO where a file should be, a file where the directory should be, I/O
+    errors, a full disk."""
+
+
+def _reason(e: OSError) -> str:
+    """An OSError's reason without the file descriptor number or path it may carry."""
+    return e.strerror or type(e).__name__
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """(read-only fd, its stat) of `path`, which must be a regular file (symlinks followed).
+
+    The type is checked before opening, and the open itself is non-blocking: a FIFO or
+    device named like a tensor file can never block a load (the flag is cleared once the fd
+    is known to be a regular file). Every failure is a CheckpointError naming `path`.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MissingCheckpointFileError(f"{path}: file not found") from None
+    except OSError as e:  # ELOOP, EACCES, ENOTDIR, EIO, ...
+        raise CheckpointAccessError(f"{path}: cannot read: {_reason(e)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointAccessError(
+            f"{path}: is {_file_kind(st.st_mode)}, not a regular file; a checkpoint file must "
+            "be a regular file (or a symbolic link to one)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MissingCheckpointFileError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointAccessError(f"{path}: cannot open: {_reason(e)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # replaced between stat and open
+            raise CheckpointAccessError(
+                f"{path}: is {_file_kind(st.st_mode)}, not a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 class _Cancelled(Exception):
     """Raised inside workers once another worker has failed."""
 
@@ -138,8 +201,208 @@ _ALLOWED_DTYPE_CODES = frozenset(
 )
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
+# Bounds on what a tensor file may ask the unpickler to build. The release's files use about
+# 60-130 opcodes, lines of a few dozen bytes, integers of at most 64 bits and at most 4 dims.
+_MAX_PICKLE_OPS = 4096
+_MAX_PICKLE_LINE = 1024  # text lines (old protocols): GLOBAL names, STRING / UNICODE
+_MAX_NUMBER_LINE = 32  # text numbers: INT, LONG, FLOAT, PUT, GET
+_MAX_INT_BYTES = 9  # LONG1 / LONG4 payloads: a dimension never needs more than 64 bits
+_MAX_NDIM = 32
+_MAX_DIM = (1 << 63) - 1
 
-class _Refused:
+
+def _show(x: Any, depth: int = 0) -> str:
+    """A short, safe description of an untrusted unpickled value for error messages: bounded
+    in length and nesting, no huge integer's digits, and no contents of a bytes object
+    longer than 32 bytes (in --inspect's skip-data mode those were never read from the
+    file, so their memory holds whatever was there before)."""
+    kind = type(x)
+    if x is None or kind in (bool, float):
+        return repr(x)
+    if kind is int:
+        return repr(x) if x.bit_length() <= 64 else f"<int of {x.bit_length()} bits>"
+    if kind is str:
+        return repr(x[:80]) + ("..." if len(x) > 80 else "")
+    if kind in (bytes, bytearray):
+        return repr(x) if len(x) <= 32 else f"<{kind.__name__} of {len(x)} bytes>"
+    if kind in (tuple, list):
+        if depth >= 3:
+            return f"<{kind.__name__} of {len(x)} items>"
+        inner = ", ".join(_show(v, depth + 1) for v in x[:6])
+        if len(x) > 6:
+            inner += f", ... ({len(x)} items)"
+        return f"({inner})" if kind is tuple else f"[{inner}]"
+    if kind is dict:
+        keys = ", ".join(_show(k, depth + 1) for k in itertools.islice(x, 6))
+        return f"<dict of {len(x)} items, keys {keys}{', ...' if len(x) > 6 else ''}>"
+    if isinstance(x, _StandIn):
+        return x._label
+    if isinstance(x, type) and issubclass(x, _StandIn):
+        return f"the class {x._label}"
+    return f"<{kind.__name__}>"
+
+
+# ---- bounding the opcode stream before unpickling ---------------------------------------
+
+def _opcode_table() -> dict[int, tuple[str, int, str]]:
+    """opcode byte -> (name, argument size, argument type name); the size is pickletools'
+    count of bytes, or one of its markers (a text line, or a length-prefixed argument)."""
+    return {op.code.encode("latin-1")[0]: (op.name, op.arg.n if op.arg else 0,
+                                           op.arg.name if op.arg else "")
+            for op in pickletools.opcodes}
+
+
+_OPCODES = _opcode_table()
+_LENGTH_PREFIX = {  # argument-size marker -> (bytes of the length, struct format)
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, "<B"),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, "<i"),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, "<I"),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, "<Q"),
+}
+_NUMBER_LINE_OPS = frozenset(("INT", "LONG", "FLOAT", "PUT", "GET"))
+
+
+class _Window:
+    """Reads small pieces of a file by offset (pread), 64 KB at a time, never moving the
+    file position that the unpickler reads from afterwards."""
+
+    def __init__(self, fd: int):
+        self._fd, self._start, self._buf = fd, 0, b""
+
+    def get(self, pos: int, n: int) -> bytes:
+        end = pos + n
+        if not (self._start <= pos and end <= self._start + len(self._buf)):
+            parts, want, at = [], max(n, 65536), pos
+            while want > 0:
+                piece = os.pread(self._fd, want, at)
+                if not piece:
+                    break
+                parts.append(piece)
+                want -= len(piece)
+                at += len(piece)
+            self._start, self._buf = pos, b"".join(parts)
+        return self._buf[pos - self._start: end - self._start]
+
+
+def _check_pickle_bounds(fd: int, size: int, file: str) -> None:
+    """Walks the pickle's opcodes (without building anything) and refuses a file that would
+    make the unpickler build something unbounded: more than _MAX_PICKLE_OPS opcodes, text
+    lines (old protocols) longer than _MAX_PICKLE_LINE (numbers: _MAX_NUMBER_LINE), integers
+    of more than _MAX_INT_BYTES bytes, memo indices beyond the opcodes seen (the unpickler
+    sizes its memo table by the index), or lengths beyond the end of the file. Array
+    payloads are skipped, not read. Costs a few small reads per file."""
+    win = _Window(fd)
+    pos = ops = 0
+
+    def truncated(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{file}: truncated pickle ({what}) at byte {size} of {size}")
+
+    while True:
+        if pos >= size:
+            raise truncated("no STOP opcode")
+        start = pos
+        code = win.get(pos, 1)[0]
+        if code not in _OPCODES:
+            raise CorruptCheckpointError(
+                f"{file}: corrupt pickle (unknown opcode 0x{code:02x}) at byte {pos} of {size}")
+        name, n, argtype = _OPCODES[code]
+        ops += 1
+        if ops > _MAX_PICKLE_OPS:
+            raise UnsafeCheckpointError(
+                f"{file}: refused a pickle of more than {_MAX_PICKLE_OPS} opcodes (at byte {pos} "
+                f"of {size}); a tensor file holds one array or one quantized weight")
+        pos += 1
+        value = None
+        if n >= 0:  # fixed-size argument
+            arg = win.get(pos, n)
+            if len(arg) < n:
+                raise truncated(f"it ends inside {name}")
+            pos += n
+            value = int.from_bytes(arg, "little")
+        elif n == pickletools.UP_TO_NEWLINE:
+            limit = _MAX_NUMBER_LINE if name in _NUMBER_LINE_OPS else _MAX_PICKLE_LINE
+            for _ in range(2 if argtype == "stringnl_noescape_pair" else 1):
+                chunk = win.get(pos, limit + 1)
+                end = chunk.find(b"\n")
+                if end < 0:
+                    if len(chunk) <= limit:
+                        raise truncated(f"it ends inside {name}")
+                    raise UnsafeCheckpointError(
+                        f"{file}: refused a text line of more than {limit} bytes in {name} at "
+                        f"byte {start} of {size}")
+                value = chunk[:end]
+                pos += end + 1
+        else:  # length-prefixed argument: only the length is read
+            width, fmt = _LENGTH_PREFIX[n]
+            head = win.get(pos, width)
+            if len(head) < width:
+                raise truncated(f"it ends inside {name}")
+            length = struct.unpack(fmt, head)[0]
+            pos += width
+            if length < 0:
+                raise CorruptCheckpointError(
+                    f"{file}: corrupt pickle ({name} of negative length) at byte {start} of {size}")
+            if length > size - pos:
+                raise truncated(f"{name} claims {length} bytes, {size - pos} remain")
+            if name in ("LONG1", "LONG4") and length > _MAX_INT_BYTES:
+                raise UnsafeCheckpointError(
+                    f"{file}: refused an integer of {length} bytes at byte {start} of {size}; "
+                    f"the format needs at most {_MAX_INT_BYTES}")
+            pos += length
+        if name == "FRAME" and value > size - pos:
+            raise truncated(f"FRAME claims {value} bytes, {size - pos} remain")
+        if name == "PUT":
+            value = int(value) if value.isdigit() else 0  # not a number: the unpickler says so
+        if name in ("PUT", "BINPUT", "LONG_BINPUT") and value > ops:
+            raise UnsafeCheckpointError(
+                f"{file}: refused memo index {value} at byte {start} of {size} (only {ops} "
+                "opcodes so far); the unpickler would size its memo table by it")
+        if name == "STOP":
+            break
+    if pos != size:
+        raise CorruptCheckpointError(f"{file}: {size - pos} unexpected bytes after the end of the pickle")
+
+
+# ---- stand-ins for the allowed globals ----------------------------------------------------
+
+
+class _StandIn:
+    """Base of every object the restricted unpickler hands to a pickle.
+
+    Each one has its own __setstate__ (by default refusing), so BUILD never falls back to
+    pickle's default, which assigns attributes (__class__ included) and could turn one
+    stand-in into another."""
+
+    _file = "?"
+    _label = "an internal object"
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(
+            f"{self._file}: refused BUILD state {_show(state)} on {self._label}; the format "
+            "sets state only on arrays, dtypes and QuantizedWeight8bit")
+
+    def __reduce__(self):  # never re-pickle a stand-in
+        raise TypeError("not picklable")
+
+
+class _InstanceOnly:
+    """A method that exists only on instances: looked up on the class object itself (BUILD
+    applied to the class a pickle got from find_class) it refuses instead of running with
+    the wrong `self`."""
+
+    def __init__(self, fn: Callable):
+        self._fn = fn
+
+    def __get__(self, obj: Any, owner: Any = None) -> Callable:
+        if obj is None:
+            def refuse(*args, **kwargs):
+                raise UnsafeCheckpointError(
+                    f"{owner._file}: refused BUILD on the class {owner._label} itself")
+            return refuse
+        return self._fn.__get__(obj, owner)
+
+
+class _Refused(_StandIn):
     """Stands for an allowed global that may only appear as an argument, never be called."""
 
     def __init__(self, label: str, file: str):
@@ -151,12 +414,30 @@ class _Refused:
             "argument to numpy's array reconstruction"
         )
 
-    def __reduce__(self):  # never re-pickle a marker
-        raise TypeError("not picklable")
+
+class _Callable(_StandIn):
+    """Stands for an allowed numpy function: calls our checking replacement `fn`."""
+
+    def __init__(self, fn: Callable, label: str, file: str):
+        self._fn, self._label, self._file = fn, label, file
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
 
 
-class _DtypeSpec:
+class _BF16Token(_StandIn):
+    """The class ml_dtypes.bfloat16 as the unpickler sees it (one per load)."""
+
+    _label = "ml_dtypes.bfloat16"
+
+    def __init__(self, file: str):
+        self._file = file
+
+
+class _DtypeSpec(_StandIn):
     """What `numpy.dtype(spec, align, copy)` + BUILD(state) build: a checked numeric dtype."""
+
+    _label = "a numpy.dtype"
 
     def __init__(self, dtype: np.dtype, file: str):
         self.dtype, self._file, self._built = dtype, file, False
@@ -165,52 +446,54 @@ class _DtypeSpec:
         if self._built:
             raise UnsafeCheckpointError(f"{self._file}: dtype state set twice")
         self._built = True
+        size = self.dtype.itemsize
+        # numpy writes (3, byte order, None, None, None, elsize, alignment, flags[, metadata]),
+        # elsize / alignment being -1 for builtin types (bfloat16: 2, 2, flags 64).
         ok = (
-            isinstance(state, tuple)
+            type(state) is tuple
             and len(state) in (8, 9)
-            and state[0] in (3, 4)
-            and state[1] in ("<", ">", "|", "=")
+            and type(state[0]) is int and state[0] in (3, 4)
+            and type(state[1]) is str and state[1] in ("<", ">", "|", "=")
             and state[2] is None  # no sub-array
             and state[3] is None  # no field names (structured dtypes can hide objects)
             and state[4] is None  # no fields
-            and (len(state) == 8 or not state[8])  # no metadata
+            and all(type(v) is int for v in state[5:8])
+            and -1 <= state[5] <= 64 and -1 <= state[6] <= 64 and 0 <= state[7] < 1 << 16
+            and (len(state) == 8 or state[8] is None or (type(state[8]) is dict and not state[8]))
         )
         if not ok:
             raise UnsafeCheckpointError(
-                f"{self._file}: refused dtype state {state!r:.200}; only plain numeric "
+                f"{self._file}: refused dtype state {_show(state)}; only plain numeric "
                 "dtypes are allowed"
             )
-        elsize = state[5]
-        if isinstance(elsize, int) and elsize > 0 and elsize != self.dtype.itemsize:
+        if state[5] > 0 and state[5] != size:
             raise CorruptCheckpointError(
-                f"{self._file}: dtype {self.dtype} has item size {self.dtype.itemsize}, "
-                f"the file says {elsize}"
+                f"{self._file}: dtype {self.dtype} has item size {size}, the file says {state[5]}"
             )
-        if state[1] in ("<", ">") and self.dtype.itemsize > 1:
+        if state[1] in ("<", ">") and size > 1:
             ordered = self.dtype.newbyteorder(state[1])
             self.dtype = self.dtype if ordered.isnative else ordered
 
 
-def _make_dtype(file: str):
+def _make_dtype(file: str) -> Callable:
     def numpy_dtype(spec, align=False, copy=True):
-        if spec is _BF16_TOKEN:
+        if isinstance(spec, _BF16Token):
             dtype = _BF16
-        elif isinstance(spec, str) and spec in _ALLOWED_DTYPE_CODES:
+        elif type(spec) is str and spec in _ALLOWED_DTYPE_CODES:
             dtype = np.dtype(spec)
         else:
-            what = "an object dtype" if spec in ("O", "O8", "O4") else f"dtype spec {spec!r:.80}"
+            what = ("an object dtype" if type(spec) is str and spec in ("O", "O8", "O4")
+                    else f"dtype spec {_show(spec)}")
             raise UnsafeCheckpointError(
                 f"{file}: refused {what}; only numeric dtypes and ml_dtypes.bfloat16 are allowed"
             )
-        if align not in (False, 0) or copy not in (True, 1):
+        if align not in (False, 0) or copy not in (True, 1) or type(align) not in (bool, int) \
+                or type(copy) not in (bool, int):
             raise UnsafeCheckpointError(
-                f"{file}: refused numpy.dtype arguments {align!r}, {copy!r}")
+                f"{file}: refused numpy.dtype arguments {_show(align)}, {_show(copy)}")
         return _DtypeSpec(dtype, file)
 
     return numpy_dtype
-
-
-_BF16_TOKEN = object()  # the class ml_dtypes.bfloat16 as the unpickler sees it
 
 
 def _address(buf) -> int:
@@ -224,16 +507,37 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     return base[start: start + nbytes]
 
 
-def _payload(data, diverted: dict[int, np.ndarray]) -> Any:
+class _Diverted(dict):
+    """{address in an unpickler-owned bytes object: our aligned buffer holding its data},
+    plus the addresses already handed to an array (`consumed`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.consumed: set[int] = set()
+
+
+def _payload(data, diverted: dict[int, np.ndarray], file: str = "?") -> Any:
     """The real bytes of an array payload: the aligned buffer its read was diverted to,
     or `data` itself (small payloads), or both merged if the unpickler had already taken
-    a prefix from its own buffer."""
-    if not diverted or len(data) < _DIVERT_MIN_BYTES:
+    a prefix from its own buffer. A diverted payload used a second time (the unpickler's
+    own buffer holds no data, only our nonce) is refused."""
+    if len(data) < _DIVERT_MIN_BYTES:
         return data
     start = _address(data)
     end = start + len(data)
+    consumed = getattr(diverted, "consumed", ())
+    for a in consumed:
+        if start <= a <= end - 16 and a not in diverted \
+                and bytes(data[a - start: a - start + 16]) == _DIVERT_NONCE:
+            raise UnsafeCheckpointError(
+                f"{file}: refused an array payload used twice (by reference); each array of "
+                "the format has its own data")
+    if not diverted:
+        return data
     inside = [a for a, v in diverted.items() if start <= a and a + len(v) <= end
               and bytes(data[a - start: a - start + 16]) == _DIVERT_NONCE]
+    if isinstance(consumed, set):
+        consumed.update(inside)
     if inside == [start] and len(diverted[start]) == len(data):
         return diverted.pop(start)
     if not inside:
@@ -250,25 +554,32 @@ def _array_from_parts(file: str, shape, dtype, fortran, data,
                       diverted: Optional[dict] = None) -> np.ndarray:
     """Builds the array a pickle describes, after checking every part. No copy of `data`."""
     if not isinstance(dtype, _DtypeSpec):
-        raise UnsafeCheckpointError(f"{file}: array dtype is {type(dtype).__name__}, not a dtype")
-    if isinstance(data, list):
+        raise UnsafeCheckpointError(f"{file}: array dtype is {_show(dtype)}, not a dtype")
+    if type(data) is list:
         raise UnsafeCheckpointError(f"{file}: refused an object array (its data is a list)")
-    if not isinstance(data, (bytes, bytearray)):
-        raise UnsafeCheckpointError(f"{file}: array data is {type(data).__name__}, not bytes")
-    if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CorruptCheckpointError(f"{file}: bad array shape {shape!r:.200}")
+    if type(data) not in (bytes, bytearray):
+        raise UnsafeCheckpointError(f"{file}: array data is {_show(data)}, not bytes")
+    # Bounded before any arithmetic: a shape of huge integers or of thousands of dimensions
+    # would otherwise cost minutes of big-number multiplication.
+    if not (type(shape) is tuple and len(shape) <= _MAX_NDIM
+            and all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)):
+        raise CorruptCheckpointError(
+            f"{file}: bad array shape {_show(shape)}; expected a tuple of at most {_MAX_NDIM} "
+            "non-negative 64-bit integers")
     count = math.prod(shape)
     if len(data) != count * dtype.dtype.itemsize:
         raise CorruptCheckpointError(
             f"{file}: array {dtype.dtype}{list(shape)} needs {count * dtype.dtype.itemsize} "
             f"bytes of data, the file holds {len(data)}"
         )
-    array = np.frombuffer(_payload(data, diverted), dtype=dtype.dtype, count=count)
+    array = np.frombuffer(_payload(data, {} if diverted is None else diverted, file), dtype=dtype.dtype, count=count)
     return array.reshape(shape, order="F" if fortran else "C")
 
 
-class _ArraySpec:
+class _ArraySpec(_StandIn):
     """What `_reconstruct(ndarray, (0,), b'b')` + BUILD(state) build."""
+
+    _label = "a numpy array"
 
     def __init__(self, file: str, diverted: Optional[dict] = None):
         self._file, self.array, self._diverted = file, None, diverted
@@ -276,72 +587,74 @@ class _ArraySpec:
     def __setstate__(self, state):
         if self.array is not None:
             raise UnsafeCheckpointError(f"{self._file}: array state set twice")
-        if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise UnsafeCheckpointError(f"{self._file}: refused array state {state!r:.200}")
+        if type(state) is not tuple or len(state) not in (4, 5):
+            raise UnsafeCheckpointError(f"{self._file}: refused array state {_show(state)}")
         if len(state) == 5:
-            if state[0] != 1:
-                raise CorruptCheckpointError(f"{self._file}: array state version {state[0]!r}")
+            if type(state[0]) is not int or state[0] != 1:
+                raise CorruptCheckpointError(
+                    f"{self._file}: array state version {_show(state[0])}")
             state = state[1:]
         shape, dtype, fortran, data = state
-        if fortran not in (True, False):
-            raise CorruptCheckpointError(f"{self._file}: bad fortran flag {fortran!r:.80}")
+        if type(fortran) not in (bool, int) or fortran not in (True, False):
+            raise CorruptCheckpointError(f"{self._file}: bad fortran flag {_show(fortran)}")
         self.array = _array_from_parts(self._file, shape, dtype, bool(fortran), data,
                                        self._diverted)
 
 
-def _make_reconstruct(file: str, ndarray_marker: _Refused, diverted: dict):
+def _make_reconstruct(file: str, ndarray_marker: _Refused, diverted: dict) -> Callable:
     def reconstruct(subtype, shape, typecode):
-        if subtype is not ndarray_marker or shape != (0,) or typecode not in (b"b", "b"):
+        if subtype is not ndarray_marker or type(shape) is not tuple or shape != (0,) \
+                or typecode not in (b"b", "b"):
             raise UnsafeCheckpointError(
-                f"{file}: refused _reconstruct({subtype!r:.80}, {shape!r:.80}, "
-                f"{typecode!r:.80}); only plain numpy.ndarray reconstruction is allowed"
+                f"{file}: refused _reconstruct({_show(subtype)}, {_show(shape)}, "
+                f"{_show(typecode)}); only plain numpy.ndarray reconstruction is allowed"
             )
         return _ArraySpec(file, diverted)
 
     return reconstruct
 
 
-def _make_frombuffer(file: str, diverted: dict):
+def _make_frombuffer(file: str, diverted: dict) -> Callable:
     def frombuffer(buffer, dtype, shape, order):
-        if order not in ("C", "F"):
-            raise CorruptCheckpointError(f"{file}: bad array order {order!r:.80}")
+        if type(order) is not str or order not in ("C", "F"):
+            raise CorruptCheckpointError(f"{file}: bad array order {_show(order)}")
         spec = _ArraySpec(file)
-        spec.array = _array_from_parts(file, tuple(shape) if isinstance(shape, tuple) else shape,
-                                       dtype, order == "F", buffer, diverted)
+        spec.array = _array_from_parts(file, shape, dtype, order == "F", buffer, diverted)
         return spec
 
     return frombuffer
 
 
-class _QuantizedSpec:
+class _QuantizedSpec(_StandIn):
     """What NEWOBJ(model.QuantizedWeight8bit) + BUILD({'weight', 'scales'}) build."""
 
     _file = "?"  # set on the per-load subclass
+    _label = "model.QuantizedWeight8bit"
 
     def __new__(cls, *args, **kwargs):
         if args or kwargs:
             raise UnsafeCheckpointError(
                 f"{cls._file}: refused model.QuantizedWeight8bit called with arguments "
-                f"{args!r:.120}; the format only rebuilds it from its field state"
+                f"{_show(args)}; the format only rebuilds it from its field state"
             )
         obj = super().__new__(cls)
         obj.fields = None
         return obj
 
+    @_InstanceOnly
     def __setstate__(self, state):
         if self.fields is not None:
             raise UnsafeCheckpointError(f"{self._file}: QuantizedWeight8bit state set twice")
-        if not (isinstance(state, dict) and set(state) == {"weight", "scales"}):
-            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+        if not (type(state) is dict and len(state) == 2
+                and all(type(k) is str for k in state) and set(state) == {"weight", "scales"}):
             raise UnsafeCheckpointError(
-                f"{self._file}: refused QuantizedWeight8bit state {shown!r:.200}; "
+                f"{self._file}: refused QuantizedWeight8bit state {_show(state)}; "
                 "expected exactly the fields 'weight' and 'scales'"
             )
         for key, value in state.items():
-            if not isinstance(value, _ArraySpec) or value.array is None:
+            if type(value) is not _ArraySpec or type(value.array) is not np.ndarray:
                 raise UnsafeCheckpointError(
-                    f"{self._file}: QuantizedWeight8bit.{key} is {type(value).__name__}, "
-                    "not a numpy array"
+                    f"{self._file}: QuantizedWeight8bit.{key} is {_show(value)}, not a numpy array"
                 )
         self.fields = {k: v.array for k, v in state.items()}
 
@@ -352,48 +665,55 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, stream, file: str):
         super().__init__(stream)
         self._file = file
-        self._diverted = getattr(stream, "diverted", {})
+        self._diverted = getattr(stream, "diverted", _Diverted())
         self._ndarray = _Refused("numpy.ndarray", file)
+        self._bf16 = _BF16Token(file)
         self._qw_class = type("QuantizedWeight8bit", (_QuantizedSpec,), {"_file": file})
 
     def find_class(self, module: str, name: str):
         if module in _ARRAY_RECONSTRUCT_MODULES and name == "_reconstruct":
-            return _make_reconstruct(self._file, self._ndarray, self._diverted)
+            return _Callable(_make_reconstruct(self._file, self._ndarray, self._diverted),
+                             f"{module}._reconstruct", self._file)
         if module in _FROMBUFFER_MODULES and name == "_frombuffer":
-            return _make_frombuffer(self._file, self._diverted)
+            return _Callable(_make_frombuffer(self._file, self._diverted),
+                             f"{module}._frombuffer", self._file)
         if module == "numpy" and name == "ndarray":
             return self._ndarray
         if module == "numpy" and name == "dtype":
-            return _make_dtype(self._file)
+            return _Callable(_make_dtype(self._file), "numpy.dtype", self._file)
         if (module == "ml_dtypes" or module.startswith("ml_dtypes.")) and name == "bfloat16":
-            return _BF16_TOKEN
+            return self._bf16
         if module in _QW_MODULES and name == "QuantizedWeight8bit":
             return self._qw_class
         raise UnsafeCheckpointError(
-            f"{self._file}: refused global '{module}.{name}'. A checkpoint file may only use "
-            "numpy array reconstruction, numpy.dtype, numpy.ndarray, ml_dtypes.bfloat16 and "
-            "model.QuantizedWeight8bit; this file is not a Grok-1 tensor file or was tampered with"
+            f"{self._file}: refused global '{repr(module[:100])[1:-1]}.{repr(name[:100])[1:-1]}'. A "
+            "checkpoint file may only use numpy array reconstruction, numpy.dtype, "
+            "numpy.ndarray, ml_dtypes.bfloat16 and model.QuantizedWeight8bit; this file is "
+            "not a Grok-1 tensor file or was tampered with"
         )
 
     def persistent_load(self, pid):
-        raise UnsafeCheckpointError(f"{self._file}: refused a persistent id {pid!r:.80}")
+        raise UnsafeCheckpointError(f"{self._file}: refused a persistent id {_show(pid)}")
 
 
 def _finish(obj: Any, file: str) -> Any:
-    """Turns the unpickled stand-in into a numpy array or a QuantizedWeight8bit of arrays."""
+    """Turns the unpickled stand-in into a numpy array or a QuantizedWeight8bit of arrays;
+    nothing else (no stand-in, no internal object) ever leaves this module."""
 
-    def native(a: np.ndarray) -> np.ndarray:
+    def native(a: Any) -> np.ndarray:
+        if type(a) is not np.ndarray:  # unreachable through the stand-ins; checked anyway
+            raise UnsafeCheckpointError(f"{file}: holds {_show(a)} where an array belongs")
         return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
-    if isinstance(obj, _ArraySpec) and obj.array is not None:
+    if type(obj) is _ArraySpec and obj.array is not None:
         return native(obj.array)
-    if isinstance(obj, _QuantizedSpec) and obj.fields is not None:
+    if isinstance(obj, _QuantizedSpec) and type(obj.fields) is dict:
         return QuantizedWeight8bit(
-            weight=native(obj.fields["weight"]), scales=native(obj.fields["scales"])
+            weight=native(obj.fields.get("weight")), scales=native(obj.fields.get("scales"))
         )
+    kind = obj._label if isinstance(obj, _StandIn) else f"a {type(obj).__name__}"
     raise CorruptCheckpointError(
-        f"{file}: holds a {type(obj).__name__}, expected a numpy array or a "
-        "QuantizedWeight8bit"
+        f"{file}: holds {kind}, expected a numpy array or a QuantizedWeight8bit"
     )
 
 
@@ -447,7 +767,7 @@ class _Reader:
                  count_progress: bool, skip_data: bool = False):
         self._raw, self._size, self._file = raw, size, file
         self._control, self._count, self._skip = control, count_progress, skip_data
-        self.diverted: dict[int, np.ndarray] = {}
+        self.diverted = _Diverted()
 
     def _exact(self, view: memoryview) -> int:
         done = 0
@@ -489,13 +809,18 @@ class _Reader:
         del buf[got:]
         return bytes(buf)
 
-    def readline(self) -> bytes:  # only protocol-0 pickles use it
-        out = bytearray()
-        while True:
-            c = self._raw.read(1)
-            out += c
-            if not c or c == b"\n":
-                return bytes(out)
+    def readline(self) -> bytes:  # text opcodes outside frames (old protocols) use it
+        start = self._raw.tell()
+        chunk = self._raw.read(_MAX_PICKLE_LINE + 1) or b""
+        end = chunk.find(b"\n")
+        if end < 0:
+            if len(chunk) > _MAX_PICKLE_LINE:  # _check_pickle_bounds refused such files already
+                raise UnsafeCheckpointError(
+                    f"{self._file}: refused a text line of more than {_MAX_PICKLE_LINE} bytes "
+                    f"at byte {start}")
+            return chunk
+        self._raw.seek(start + end + 1)
+        return chunk[: end + 1]
 
 
 _shm_lock = threading.Lock()
@@ -600,14 +925,9 @@ def _open_tensor_file(path: str, control: _LoadControl, use_shm: bool,
     RAM-disk file (this is the release's method, which helps on network filesystems), then
     read from there. Any failure of that path falls back to reading the file directly.
     """
+    src, st = _open_regular(path)
     try:
-        src = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise MissingCheckpointFileError(f"{path}: file not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e}") from e
-    try:
-        size = os.fstat(src).st_size
+        size = st.st_size
         shm_dir = shm_dir or SHM_DIR
         if (
             use_shm
@@ -650,14 +970,24 @@ def _open_tensor_file(path: str, control: _LoadControl, use_shm: bool,
 def _unpickle_file(path: str, control: _LoadControl, use_shm: bool = True,
                    shm_dir: Optional[str] = None, skip_data: bool = False) -> tuple[Any, int]:
     """Reads one tensor file; returns (numpy array or QuantizedWeight8bit, file size)."""
-    raw, size, counted = _open_tensor_file(path, control, use_shm and not skip_data, shm_dir)
+    try:
+        raw, size, counted = _open_tensor_file(path, control, use_shm and not skip_data, shm_dir)
+    except (CheckpointError, _Cancelled):
+        raise
+    except OSError as e:  # an I/O error while copying through the RAM disk
+        raise CheckpointAccessError(f"{path}: cannot read: {_reason(e)}") from None
     with raw:
         reader = _Reader(raw, size, path, control, count_progress=not counted,
                          skip_data=skip_data)
         try:
+            _check_pickle_bounds(raw.fileno(), size, path)
             obj = _SafeUnpickler(reader, path).load()
         except (CheckpointError, _Cancelled):
             raise
+        except OSError as e:
+            raise CheckpointAccessError(f"{path}: cannot read: {_reason(e)}") from None
+        except RecursionError:
+            raise CorruptCheckpointError(f"{path}: corrupt pickle (nested too deeply)") from None
         except MemoryError:
             raise CorruptCheckpointError(
                 f"{path}: out of memory while unpickling (a damaged length field, or too "
@@ -667,7 +997,7 @@ def _unpickle_file(path: str, control: _LoadControl, use_shm: bool = True,
             at = raw.tell()
             what = "truncated" if at >= size else "corrupt"
             raise CorruptCheckpointError(
-                f"{path}: {what} pickle ({type(e).__name__}: {e}) at byte {at} of {size}"
+                f"{path}: {what} pickle ({type(e).__name__}: {str(e)[:200]}) at byte {at} of {size}"
             ) from None
         trailing = size - raw.tell()
         if trailing:
@@ -691,6 +1021,129 @@ def fast_unpickle(path: str, *, use_shm: Any = "auto", shm_dir: Optional[str] = 
     return _unpickle_file(path, _LoadControl(), use_shm, shm_dir)[0]
 
 
+# ---------------------------------------------------------------------------------------
+# Temporary names, and tidying up after killed saves
+#
+# Every temporary file or directory this module creates is named
+#   .{final name}.grok1-{kind}-{pid}-{host}-{8 hex digits}
+# kind "tmp": a file being written; "save": a checkpoint being written beside the old one;
+# "old": the old checkpoint moved aside (where the filesystem cannot swap two directories
+# atomically). A later save or load removes those whose process is gone (same host, pid no
+# longer running), and moves an "old" one back if the checkpoint itself is missing.
+# ---------------------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+_TEMP_NAME = re.compile(
+    r"^\.(?P<name>.+)\.grok1-(?P<kind>tmp|save|old)-(?P<pid>[0-9]{1,10})-(?P<host>.+)-[0-9a-f]{8}$")
+# Temporary files of earlier versions of this module: .{name}.{pid}.{hex}.tmp (tensor
+# files) and {manifest}.{pid}.{hex}.tmp.
+_LEGACY_TEMP_NAME = re.compile(
+    r"^(\.tensor[0-9]{5}_[0-9]{3}|host_shard_[0-9]{3}\.json)\.(?P<pid>[0-9]{1,10})\.[0-9a-f]{8}\.tmp$")
+
+
+def _token() -> str:
+    return f"{os.getpid()}-{_HOST}-{secrets.token_hex(4)}"
+
+
+def _temp_name(name: str, kind: str, token: Optional[str] = None) -> str:
+    return f".{name}.grok1-{kind}-{token or _token()}"
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether no process `pid` runs on this host (a zombie counts as gone)."""
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # EPERM: it exists, owned by someone else
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _owner_gone(m: re.Match) -> bool:
+    return m.group("host") == _HOST and _pid_gone(int(m.group("pid")))
+
+
+def _remove(path: str) -> None:
+    """Removes a file or a directory tree; best effort."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _tidy_leftovers(directory: str) -> None:
+    """Cleans up after saves of `directory` that were killed: removes their temporary
+    directories beside it and temporary files inside it, and moves the old checkpoint back
+    if a kill left it moved aside with `directory` missing. Best effort and silent where the
+    place is read-only; things of live processes (or of other hosts) are left alone."""
+    directory = os.path.abspath(directory)
+    parent, name = os.path.split(directory)
+    try:
+        siblings = os.listdir(parent)
+    except OSError:
+        siblings = []
+    done, aside = [], []
+    for entry in siblings:
+        m = _TEMP_NAME.match(entry)
+        if not (m and m.group("name") == name and m.group("kind") != "tmp" and _owner_gone(m)):
+            continue
+        if m.group("kind") == "old":
+            aside.append(os.path.join(parent, entry))
+        else:
+            _remove(os.path.join(parent, entry))
+            done.append(entry)
+    if aside and not os.path.lexists(directory):
+        newest = max(aside, key=lambda p: os.stat(p).st_mtime if os.path.exists(p) else 0)
+        try:
+            os.rename(newest, directory)
+            aside.remove(newest)
+            logger.warning("%s: restored the checkpoint that an interrupted save had moved to %s",
+                           directory, newest)
+        except OSError:
+            aside = []
+    for path in aside:
+        _remove(path)
+        done.append(os.path.basename(path))
+    try:
+        inside = os.listdir(directory)
+    except OSError:
+        inside = []
+    for entry in inside:
+        m = _TEMP_NAME.match(entry)
+        legacy = _LEGACY_TEMP_NAME.match(entry)
+        if (m and m.group("kind") == "tmp" and _owner_gone(m)) or (
+                legacy and _pid_gone(int(legacy.group("pid")))):
+            _remove(os.path.join(directory, entry))
+            done.append(entry)
+    if done:
+        logger.info("%s: removed %d leftover(s) of interrupted saves: %s", directory, len(done),
+                    ", ".join(done[:5]))
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a directory's entries durable; best effort (some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def fast_pickle(obj: Any, path: str) -> None:
     """Writes `obj` as one pickle (protocol 4, like the release) atomically at `path`.
 
@@ -699,8 +1152,8 @@ def fast_pickle(obj: Any, path: str) -> None:
     """
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as umask allows
+    tmp = os.path.join(directory, _temp_name(name, "tmp"))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # mode as umask allows
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(obj, f, protocol=4)
@@ -769,6 +1222,13 @@ def _scan_directory(directory: str) -> dict[int, set[int]]:
         names = os.listdir(directory)
     except FileNotFoundError:
         raise MissingCheckpointFileError(f"{directory}: checkpoint directory not found") from None
+    except NotADirectoryError:
+        raise CheckpointAccessError(
+            f"{directory}: is a file, not a checkpoint directory; pass the directory that "
+            "holds the tensor files (tensor#####_###)") from None
+    except OSError as e:  # EACCES, ELOOP, EIO, ...
+        raise CheckpointAccessError(
+            f"{directory}: cannot list the checkpoint directory: {_reason(e)}") from None
     shards: dict[int, set[int]] = {}
     for name in names:
         m = _TENSOR_NAME.match(name)
@@ -800,6 +1260,7 @@ def _pick_host_shard(directory: str, shards: dict[int, set[int]], host_index: in
 # ---------------------------------------------------------------------------------------
 
 MANIFEST_FORMAT = "grok-1 host shard"
+_MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 
 def manifest_filename(host: int) -> str:
@@ -826,10 +1287,20 @@ class _Box(NamedTuple):
 
 
 def _box_from_json(entry: Any, where: str) -> _Box:
+    def dims(v: Any) -> tuple:
+        if not (type(v) is list and len(v) <= _MAX_NDIM
+                and all(type(d) is int and 0 <= d <= _MAX_DIM for d in v)):
+            raise ValueError
+        return tuple(v)
+
     try:
-        shape, start, stop = (tuple(int(v) for v in entry[k]) for k in ("shape", "start", "stop"))
-    except (KeyError, TypeError, ValueError):
-        raise CorruptCheckpointError(f"{where}: expected shape, start and stop lists, found {entry!r:.200}") from None
+        if type(entry) is not dict:
+            raise ValueError
+        shape, start, stop = (dims(entry[k]) for k in ("shape", "start", "stop"))
+    except (KeyError, ValueError):
+        raise CorruptCheckpointError(
+            f"{where}: expected shape, start and stop lists of at most {_MAX_NDIM} non-negative "
+            f"64-bit integers, found {_show(entry)}") from None
     if not (len(shape) == len(start) == len(stop)
             and all(0 <= a <= b <= n for a, b, n in zip(start, stop, shape))):
         raise CorruptCheckpointError(f"{where}: block {start}..{stop} does not lie inside shape {shape}")
@@ -840,25 +1311,41 @@ def _read_manifest(directory: str, host: int) -> Optional[dict[int, dict[str, _B
     """{tensor index: {'value' | 'weight' | 'scales': _Box}} of host shard `host`, or None
     when the shard has no manifest (its files hold whole leaves, as the release's do)."""
     path = os.path.join(directory, manifest_filename(host))
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(64 * 1024 * 1024)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
+    fd, st = _open_regular(path)
     try:
-        doc = json.loads(raw)
+        if st.st_size > _MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{path}: {st.st_size} bytes, more than a host shard manifest ever needs "
+                f"({_MAX_MANIFEST_BYTES})")
+        with io.FileIO(fd, "rb", closefd=False) as f:
+            raw = f.read(_MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise CheckpointAccessError(f"{path}: cannot read: {_reason(e)}") from None
+    finally:
+        os.close(fd)
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"non-finite number {name}")
+
+    try:
+        doc = json.loads(raw, parse_constant=no_constants)
         ok = isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT and doc.get("version") == 1
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # also UnicodeDecodeError and too-long integer literals
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     if not ok or not isinstance(doc.get("tensors"), dict):
         raise CorruptCheckpointError(f"{path}: not a host shard manifest (format {MANIFEST_FORMAT!r}, version 1)")
     if doc.get("host") != host:
         raise CorruptCheckpointError(f"{path}: describes host {doc.get('host')!r}, expected {host}")
     out: dict[int, dict[str, _Box]] = {}
     for key, entry in doc["tensors"].items():
-        if not (isinstance(entry, dict) and key.isdigit()
+        if not (isinstance(entry, dict) and re.fullmatch(r"[0-9]{1,9}", key)
                 and set(entry) - {"path"} in ({"value"}, {"weight", "scales"})):
-            raise CorruptCheckpointError(f"{path}: bad entry for tensor {key!r}: {entry!r:.200}")
+            raise CorruptCheckpointError(
+                f"{path}: bad entry for tensor {_show(key)}: {_show(entry)}")
         out[int(key)] = {k: _box_from_json(v, f"{path}: tensor {key} {k}")
                          for k, v in entry.items() if k != "path"}
     return out
@@ -870,7 +1357,7 @@ def _write_manifest(directory: str, host: int, num_hosts: int, paths: Sequence[s
            "tensors": {str(i): {"path": p, **{k: b.to_json() for k, b in bx.items()}}
                        for i, (p, bx) in enumerate(zip(paths, boxes))}}
     path = os.path.join(directory, manifest_filename(host))
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = os.path.join(directory, _temp_name(manifest_filename(host), "tmp"))
     try:
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1)
@@ -1195,15 +1682,23 @@ def load_tensors(
     host_index = jax.process_index() if host_index is None else host_index
     num_hosts = jax.process_count() if num_hosts is None else num_hosts
 
+    _tidy_leftovers(directory)
     shard = _pick_host_shard(directory, _scan_directory(directory), host_index, num_hosts)
     files = [os.path.join(directory, tensor_filename(i, shard)) for i in indices]
     manifest = _read_manifest(directory, shard) or {}
     sizes, missing = [], []
     for f, p in zip(files, paths):
         try:
-            sizes.append(os.stat(f).st_size)
+            st = os.stat(f)
         except FileNotFoundError:
             missing.append(f"{os.path.basename(f)} ({p})")
+            continue
+        except OSError as e:  # a symlink loop, no permission, ...
+            raise CheckpointAccessError(f"{f}: cannot read: {_reason(e)} (parameter {p})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointAccessError(
+                f"{f}: is {_file_kind(st.st_mode)}, not a regular file (parameter {p})")
+        sizes.append(st.st_size)
     if missing:
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         shown = ", ".join(missing[:10]) + more
@@ -1275,11 +1770,15 @@ def load_tensors(
 
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_workers, n)))
+    interrupted = True  # until the loop below ends normally (Ctrl-C raises in it)
     try:
         futures = [pool.submit(work, k) for k in range(n)]
         if pipeline is None:
-            for fut in concurrent.futures.as_completed(futures):
-                if fut.exception() is not None:
+            pending = set(futures)
+            while pending:  # short waits: a KeyboardInterrupt lands at once
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=0.25, return_when=concurrent.futures.FIRST_EXCEPTION)
+                if any(fut.exception() is not None for fut in done):
                     break
         else:
             try:
@@ -1289,11 +1788,13 @@ def load_tensors(
             except CheckpointError as e:  # placing failed
                 control.fail(e)
                 raise
+        interrupted = False
     finally:
         # Stops the other workers at their next chunk if anything failed or the caller was
-        # interrupted; after a success every job is done and this changes nothing.
+        # interrupted; after a success every job is done and this changes nothing. On Ctrl-C
+        # the caller does not wait for them: each stops at its next chunk by itself.
         control.cancelled.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
         if pipeline is not None:
             pipeline.drop()
         bar.close()
@@ -1419,8 +1920,13 @@ def _sharding_leaves(state_sharding: Any, treedef: Any, paths: list[str],
 
 
 def resolve_checkpoint_dir(checkpoint_path: str) -> str:
-    """`checkpoint_path/ckpt-0` when it exists (the release's layout), else the path itself."""
+    """`checkpoint_path/ckpt-0` when it exists (the release's layout), else the path itself.
+
+    First tidies up after killed saves of either (a checkpoint a kill left moved aside is
+    moved back; see _tidy_leftovers)."""
     sub = os.path.join(checkpoint_path, "ckpt-0")
+    _tidy_leftovers(sub)
+    _tidy_leftovers(checkpoint_path)
     return sub if os.path.isdir(sub) else checkpoint_path
 
 
@@ -1611,6 +2117,226 @@ def _barrier(name: str, timeout_s: float) -> None:
             "one may have failed or died") from None
 
 
+# Test hook: called as hook(step) during save: "file" after each file written, "written"
+# once all are, "swapping" just before the new checkpoint is swapped in, "aside" between
+# the two renames of the fallback swap, "swapped" once the new checkpoint is in place.
+_save_hook: Optional[Callable[[str], None]] = None
+# Swap directories with renameat2(RENAME_EXCHANGE) where the filesystem supports it; tests
+# turn it off to exercise the two-rename fallback.
+_USE_RENAME_EXCHANGE = True
+_renameat2: list = []  # [the libc function, or None where there is none]
+
+
+def _step(name: str) -> None:
+    if _save_hook is not None:
+        _save_hook(name)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps the directories at paths a and b (renameat2 RENAME_EXCHANGE: Linux
+    3.15+, glibc 2.28+); False where unavailable or the filesystem refuses (e.g. NFS)."""
+    if not _USE_RENAME_EXCHANGE:
+        return False
+    if not _renameat2:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _renameat2.append(fn)
+    fn = _renameat2[0]
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+@contextlib.contextmanager
+def _dir_lock(path: str):
+    """An exclusive flock on directory `path` (serialises swaps of checkpoints in it by
+    processes saving concurrently); a no-op where the filesystem has no such locks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _host_of(name: str) -> Optional[int]:
+    """The host shard a tensor file or manifest name belongs to, else None."""
+    m = _TENSOR_NAME.match(name) or re.fullmatch(r"host_shard_([0-9]{3})\.json", name)
+    return int(m.groups()[-1]) if m else None
+
+
+def _kept_entries(directory: str, entries: Sequence[str], replaced: set) -> list[str]:
+    """The entries of the old checkpoint directory that a save replacing host shards
+    `replaced` keeps: everything but those shards and temporary files. Only files (and
+    links) can be kept: a subdirectory is refused, since the directory is swapped whole."""
+    kept = []
+    for n in entries:
+        if _host_of(n) in replaced or _TEMP_NAME.match(n) or _LEGACY_TEMP_NAME.match(n):
+            continue
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(os.path.join(directory, n)).st_mode)
+        except FileNotFoundError:
+            continue
+        if is_dir:
+            raise CheckpointError(
+                f"{directory}: holds the subdirectory '{n}'; save replaces a checkpoint directory "
+                "as a whole and keeps only files in it. Move the subdirectory elsewhere, or save "
+                "into a directory of its own")
+        kept.append(n)
+    return kept
+
+
+def _keep(src: str, dst: str) -> None:
+    """Puts an entry of the old checkpoint directory into the new one: a hard link (no copy,
+    and the old directory stays intact until the swap), else a copy."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
+                           errno.EACCES):
+            raise
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copy2(src, dst)
+    else:
+        raise CheckpointAccessError(
+            f"{src}: is {_file_kind(st.st_mode)} and cannot be hard-linked here; save cannot keep it")
+
+
+def _check_before_save(directory: str, host: int, overwrite: bool) -> None:
+    """Refuses early what the swap would refuse after all the writing."""
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        what = ("is a file, not a checkpoint directory" if os.path.isfile(directory)
+                else "a directory above it is a file")
+        raise CheckpointAccessError(f"{directory}: {what}") from None
+    except OSError as e:
+        raise CheckpointAccessError(f"{directory}: cannot list: {_reason(e)}") from None
+    old = [n for n in entries if _TENSOR_NAME.match(n) and _host_of(n) == host]
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{directory}: already holds {len(old)} tensor files for host {host:03d}; "
+            "pass overwrite=True to replace them"
+        )
+    _kept_entries(directory, entries, {host})
+
+
+def _swap_in(staging: str, directory: str, replaced: set, host: int, overwrite: bool) -> None:
+    """Makes the complete checkpoint in `staging` (beside `directory`, same filesystem) the
+    one at `directory`, keeping the old directory's other host shards and files. One atomic
+    exchange where supported; else two renames, the old one moved aside in between (a kill
+    there leaves it for _tidy_leftovers to move back). The old one is deleted last."""
+    parent, name = os.path.split(directory)
+    old = None
+    with _dir_lock(parent):
+        if not os.path.lexists(directory):
+            os.rename(staging, directory)
+        else:
+            try:
+                entries = os.listdir(directory)
+            except NotADirectoryError:
+                raise CheckpointAccessError(f"{directory}: is a file, not a checkpoint directory") from None
+            if not overwrite and any(_TENSOR_NAME.match(n) and _host_of(n) == host for n in entries):
+                raise FileExistsError(  # written meanwhile by another process
+                    f"{directory}: already holds tensor files for host {host:03d}; "
+                    "pass overwrite=True to replace them")
+            for n in _kept_entries(directory, entries, replaced):
+                if not os.path.lexists(os.path.join(staging, n)):
+                    _keep(os.path.join(directory, n), os.path.join(staging, n))
+            _fsync_dir(staging)
+            _step("swapping")
+            if _exchange(staging, directory):
+                old = staging
+            else:
+                old = os.path.join(parent, _temp_name(name, "old"))
+                os.rename(directory, old)
+                try:
+                    _step("aside")
+                    os.rename(staging, directory)
+                except BaseException:
+                    os.rename(old, directory)
+                    raise
+        _fsync_dir(parent)
+    _step("swapped")
+    if old is not None:
+        _remove(old)
+
+
+def _spans_processes(leaves: Sequence[Any]) -> bool:
+    parts = [p for x in leaves for p in ((x.weight, x.scales) if _is_qw(x) else (x,))]
+    return any(isinstance(p, jax.Array) and not p.is_fully_addressable for p in parts)
+
+
+def _staging_dir(parent: str, name: str, collective: bool, timeout_s: float) -> str:
+    """Creates the directory the new checkpoint is written into, beside the old one. In a
+    collective save, process 0 names it and every process that can see it (a shared
+    filesystem) writes its shard there too; the others make their own."""
+    if collective:
+        shared = os.path.join(parent, _temp_name(name, "save", _agree_token(timeout_s)))
+        if jax.process_index() == 0:
+            _make_dir(shared, parent)
+        _barrier("checkpoint-staging", timeout_s)
+        if os.path.isdir(shared):
+            return shared
+    path = os.path.join(parent, _temp_name(name, "save"))
+    _make_dir(path, parent)
+    return path
+
+
+def _make_dir(path: str, parent: str) -> None:
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(path, 0o777)  # as umask allows, like the tensor files
+    except OSError as e:
+        raise CheckpointAccessError(
+            f"{path}: cannot create the temporary directory beside the checkpoint: {_reason(e)}. "
+            f"save writes the new checkpoint there and then swaps it in, so it needs write "
+            f"access to {parent}") from None
+
+
+def _agree_token(timeout_s: float) -> str:
+    """Process 0's temporary-name token, shared through jax's coordination service."""
+    from jax._src import distributed  # the coordination client, as _barrier uses
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() == 1:
+        return _token()
+    key = f"grok1-save-staging-{next(_barrier_ids)}"
+    try:
+        if jax.process_index() == 0:
+            token = _token()
+            client.key_value_set(key, token)
+            return token
+        return client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as e:  # jax raises its runtime error type
+        raise CheckpointError(
+            f"process {jax.process_index()}: could not agree on the save's temporary directory "
+            f"with process 0 within {timeout_s:g} s ({e})") from None
+
+
 def save(state_or_params: Any, directory: str, host_index: Optional[int] = None, *,
          num_workers: int = 8, overwrite: bool = False, sync_timeout_s: float = 600.0) -> list[str]:
     """Writes a params tree (or TrainingState) in the released format; returns the files.
@@ -1618,49 +2344,99 @@ def save(state_or_params: Any, directory: str, host_index: Optional[int] = None,
     Leaves: numpy / jax arrays and QuantizedWeight8bit of them. File i holds leaf i of the
     flattened TrainingState(params=...) as a protocol-4 pickle, named tensor{i:05d}_{h:03d}
     with h = host_index (default: this process's index, 0 in a one-process run). An
-    existing checkpoint for this host is refused unless overwrite, which first removes that
-    host's old files. To produce the release's layout pass `<dir>/ckpt-0`.
+    existing checkpoint for this host is refused unless overwrite. To produce the release's
+    layout pass `<dir>/ckpt-0`.
+
+    Atomic as a whole: the new checkpoint is written (and fsynced) into a temporary
+    directory beside `directory`, then swapped in with renames; the old host shard is
+    deleted only after that. A kill, a full disk or an error at any point leaves the old
+    checkpoint (or none, if there was none) and never a half-written one under `directory`;
+    leftovers of killed saves are removed by the next save or load. Other hosts' shards and
+    other files in `directory` are kept (hard links); a subdirectory in it is refused. Needs
+    write access to the parent directory.
 
     Several processes: when leaves are global arrays spanning processes, every process
     calls save (collectively, same directory or each its own disk): process h writes host
     shard h, its host-local block of each leaf, and host_shard_{h:03d}.json describing the
-    blocks; then all wait (at most sync_timeout_s) until every shard is written. Restore
-    such a checkpoint with the same processes and mesh layout; each reads only its shard.
-    A tree of whole values (numpy, or arrays this process can see entirely) is written
-    whole, exactly as the one-host format, with no manifest.
+    blocks; then all wait (at most sync_timeout_s) until every shard is written, and the
+    shards on one filesystem are swapped in together. Restore such a checkpoint with the
+    same processes and mesh layout; each reads only its shard. A tree of whole values
+    (numpy, or arrays this process can see entirely) is written whole, exactly as the
+    one-host format, with no manifest.
     """
-    directory = os.fspath(directory)
-    host_index = jax.process_index() if host_index is None else int(host_index)
-    os.makedirs(directory, exist_ok=True)
+    given = os.fspath(directory)
+    directory = os.path.realpath(given)  # a symlinked checkpoint is replaced where it lies
     paths, leaves, _ = checkpoint_leaves(state_or_params)
-    old = [n for n in os.listdir(directory)
-           if _TENSOR_NAME.match(n) and int(n[-3:]) == host_index]
-    manifest = os.path.join(directory, manifest_filename(host_index))
-    if old and not overwrite:
-        raise FileExistsError(
-            f"{directory}: already holds {len(old)} tensor files for host {host_index:03d}; "
-            "pass overwrite=True to replace them"
-        )
-    for name in old:
-        os.unlink(os.path.join(directory, name))
-    if os.path.exists(manifest):
-        os.unlink(manifest)
-    files = [os.path.join(directory, tensor_filename(i, host_index)) for i in range(len(leaves))]
+    collective = _spans_processes(leaves)
+    host_index = jax.process_index() if host_index is None else int(host_index)
+    parent, name = os.path.split(directory)
+    _tidy_leftovers(directory)
+    _check_before_save(directory, host_index, overwrite)
+    staging = _staging_dir(parent, name, collective, sync_timeout_s)
+    owns_staging = True  # whether a failure here must delete it
     boxes: list[dict[str, _Box]] = [{}] * len(leaves)
+    stop = threading.Event()  # after a failure or Ctrl-C, queued files are not written
 
     def write(i: int) -> None:
-        value, boxes[i] = _to_host(leaves[i], paths[i])
-        fast_pickle(value, files[i])
+        if stop.is_set():
+            return
+        try:
+            value, boxes[i] = _to_host(leaves[i], paths[i])
+            try:
+                fast_pickle(value, os.path.join(staging, tensor_filename(i, host_index)))
+            except OSError as e:
+                raise CheckpointAccessError(
+                    f"{os.path.join(given, tensor_filename(i, host_index))}: cannot write: "
+                    f"{_reason(e)}; the old checkpoint is unchanged") from None
+            _step("file")
+        except BaseException:
+            stop.set()
+            raise
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for fut in [pool.submit(write, i) for i in range(len(leaves))]:
-            fut.result()
-    if any(boxes):
-        full = [b or ({"weight": _whole_box(x.weight), "scales": _whole_box(x.scales)} if _is_qw(x)
-                      else {"value": _whole_box(x)}) for b, x in zip(boxes, leaves)]
-        _write_manifest(directory, host_index, jax.process_count(), paths, full)
-        _barrier("checkpoint-save", sync_timeout_s)
-    return files
+    try:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, num_workers))
+        try:
+            for fut in [pool.submit(write, i) for i in range(len(leaves))]:
+                fut.result()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if any(boxes):
+            full = [b or ({"weight": _whole_box(x.weight), "scales": _whole_box(x.scales)} if _is_qw(x)
+                          else {"value": _whole_box(x)}) for b, x in zip(boxes, leaves)]
+            try:
+                _write_manifest(staging, host_index, jax.process_count(), paths, full)
+            except OSError as e:
+                raise CheckpointAccessError(
+                    f"{os.path.join(given, manifest_filename(host_index))}: cannot write: "
+                    f"{_reason(e)}; the old checkpoint is unchanged") from None
+        _fsync_dir(staging)
+        _step("written")
+        replaced = {host_index}
+        if collective:
+            _barrier("checkpoint-written", sync_timeout_s)
+            replaced |= {h for h in map(_host_of, os.listdir(staging)) if h is not None}
+            _barrier("checkpoint-listed", sync_timeout_s)
+        if min(replaced) == host_index:  # the one process that swaps this directory
+            try:
+                _swap_in(staging, directory, replaced, host_index, overwrite)
+            except OSError as e:
+                if isinstance(e, (CheckpointError, FileExistsError)):
+                    raise
+                raise CheckpointAccessError(
+                    f"{given}: cannot swap in the new checkpoint: {_reason(e)}; the old "
+                    "checkpoint is unchanged") from None
+        else:  # the shard is in the shared directory that process min(replaced) swaps in
+            owns_staging = False
+        if collective:
+            _barrier("checkpoint-save", sync_timeout_s)
+    except BaseException:
+        if owns_staging:
+            _remove(staging)
+        raise
+    return [os.path.join(given, tensor_filename(i, host_index)) for i in range(len(leaves))]
 
 
 def merge_host_shards(directory: str, out_directory: str, *, overwrite: bool = False) -> list[str]:
@@ -1698,7 +2474,20 @@ def merge_host_shards(directory: str, out_directory: str, *, overwrite: bool = F
                 if tuple(a.shape) != box.local_shape:
                     raise CorruptCheckpointError(f"{f}: {k} block is {list(a.shape)}, manifest says {list(box.local_shape)}")
                 if k not in joined:
-                    joined[k], covered[k] = np.zeros(box.shape, a.dtype), np.zeros(box.shape, bool)
+                    # A manifest's claimed whole shape must be coverable by the blocks the
+                    # shards hold: never allocate what no file can fill (e.g. petabytes).
+                    need = math.prod(box.shape)
+                    have = sum(math.prod(m[i][k].local_shape) if m and k in m.get(i, {}) else need
+                               for m in manifests.values())
+                    if need > have:
+                        raise CorruptCheckpointError(
+                            f"{f}: {k} is a block of a {list(box.shape)} leaf ({need} elements), "
+                            f"but the host shards' blocks hold only {have} elements")
+                    try:
+                        joined[k], covered[k] = np.zeros(box.shape, a.dtype), np.zeros(box.shape, bool)
+                    except MemoryError:
+                        raise CorruptCheckpointError(
+                            f"{f}: {k}: no memory for the whole {list(box.shape)} {a.dtype} leaf") from None
                 elif joined[k].shape != tuple(box.shape) or joined[k].dtype != a.dtype:
                     raise CorruptCheckpointError(f"{f}: {k} is a block of {list(box.shape)} {a.dtype}; other "
                                                  f"hosts say {list(joined[k].shape)} {joined[k].dtype}")
@@ -1815,7 +2604,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="infer parameter paths and check shapes against this config")
     parser.add_argument("--host", type=int, help="only this host shard")
     args = parser.parse_args(argv)
-    return inspect_checkpoint(args.inspect, args.config, args.host)
+    try:
+        return inspect_checkpoint(args.inspect, args.config, args.host)
+    except CheckpointError as e:  # nothing could be listed: a usage error, one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
