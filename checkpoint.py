@@ -1770,7 +1770,7 @@ def load_tensors(
 
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(num_workers, n)))
-    interrupted = True  # until the loop below ends normally (Ctrl-C raises in it)
+    interrupted = False  # set on Ctrl-C: then the workers are not waited for
     try:
         futures = [pool.submit(work, k) for k in range(n)]
         if pipeline is None:
@@ -1788,7 +1788,9 @@ def load_tensors(
             except CheckpointError as e:  # placing failed
                 control.fail(e)
                 raise
-        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         # Stops the other workers at their next chunk if anything failed or the caller was
         # interrupted; after a success every job is done and this changes nothing. On Ctrl-C
