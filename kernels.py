@@ -177,8 +177,6 @@ class KernelConfig(NamedTuple):
     partial results summed afterwards); puts more programs in flight for decode.
     dequant: int8 -> bf16 conversion: "cast" (plain convert), "bits" (float32 exponent
     trick in plain ops), "asm" (the same trick in PTX, 4 values per instruction group).
-    weight_lhs: multiply as (W^T x^T)^T, the converted weight on the left of the MMA, where
-    Hopper's tensor cores can take it straight from registers.
     """
 
     block_n: int = 128
@@ -187,7 +185,6 @@ class KernelConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 4
     dequant: str = "cast"
-    weight_lhs: bool = False
 
 
 # Tilings measured on an H200 (2026-11-30, jax 0.11.2, .scratch sweep of 35 gated, 40 down
@@ -272,14 +269,13 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, weight_lhs=False):
+                gated):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
     refs: (w, scales) per matrix ([E, K, N] int8, [E, nb, N] bf16), then the output block.
     K is walked in segments that never cross a scale block; each segment's float32 sum is
     multiplied by its block's scales and added to the result. Tiles past the used ones
-    (tile_expert < 0) skip all loads and write zeros. With weight_lhs the sums are kept
-    transposed, [bn, bm], and transposed back at the end.
+    (tile_expert < 0) skip all loads and write zeros.
     """
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
     o_ref = refs[2 * n_mats]
@@ -294,7 +290,7 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     seg = math.gcd(kb, ks)  # segment: inside one slice and one scale block
     n_seg, n_chunk = ks // seg, seg // bk
     k_base = s * ks
-    zeros = tuple(jnp.zeros((bn, bm) if weight_lhs else (bm, bn), jnp.float32) for _ in range(n_mats))
+    zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_mats))
 
     def chunk(c, part, seg_start):
         k0 = pl.multiple_of(seg_start + c * bk, bk)
@@ -302,16 +298,13 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
         out = []
         for (w_ref, _), p in zip(mats, part):
             w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
-            if weight_lhs:
-                out.append(p + jnp.dot(w.T, x.T, preferred_element_type=jnp.float32))  # [bn, bm]
-            else:
-                out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))  # [bm, bn]
+            out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))
         return tuple(out)
 
     def scaled(part, seg_start):
         b = seg_start // kb
-        scales = [sc_ref[e_safe, b, cols].astype(jnp.float32) for _, sc_ref in mats]  # [bn] each
-        return tuple(p * (s[:, None] if weight_lhs else s[None, :]) for s, p in zip(scales, part))
+        return tuple(p * sc_ref[e_safe, b, cols].astype(jnp.float32)[None, :]
+                     for (_, sc_ref), p in zip(mats, part))
 
     # Trip counts are n * valid, not jnp.where(valid, n, 0): the Triton lowering of a select
     # between two literals builds an i1 select and truncates the count.
@@ -328,8 +321,6 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
 
         acc = lax.fori_loop(0, n_seg * valid, segment, zeros)
 
-    if weight_lhs:
-        acc = tuple(a.T for a in acc)  # [bm, bn]
     if gated:
         out = _gelu_tanh(acc[0]) * acc[1]
     else:
@@ -425,7 +416,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
 
     kernel = functools.partial(
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-        dequant=dequant, gated=gated, weight_lhs=cfg.weight_lhs)
+        dequant=dequant, gated=gated)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
