@@ -784,12 +784,14 @@ class _TextStream:
 
     MAX_PENDING = 4
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
+        """context: tokens the text continues (e.g. the prompt's last few), so that the first
+        piece reads as it does after them (with its leading space); they are not emitted."""
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
-        self._window: list[int] = []  # context tokens, then pending ones
-        self._read = 0  # window[:_read] is context: its text has been emitted
-        self._context_text = ""  # decode(window[:_read])
+        self._window: list[int] = list(context)  # context tokens, then pending ones
+        self._read = len(self._window)  # window[:_read] is context: its text has been emitted
+        self._context_text = tokenizer.decode(self._window) if self._window else ""  # decode(window[:_read])
         self._is_control = getattr(tokenizer, "is_control", None)
 
     def _emit(self, stop: int, text: str) -> str:
@@ -870,6 +872,10 @@ class _Engine:
         self.prefill, self.decode = make_step_functions(config, mesh, batch_size)
         self.slots: list[Optional[_Slot]] = [None] * batch_size
         self.watchdog = watchdog
+        # Prompt tokens that TokenEvent texts are decoded after. 0: the generated tokens alone,
+        # whose pieces add up to Completion.text; > 0 (server.py): the first piece keeps the
+        # space that joins it to the prompt.
+        self.text_context = 0
         self._warm: set[tuple] = set()  # programs that have compiled and run once
 
     @contextlib.contextmanager
@@ -928,7 +934,8 @@ class _Engine:
                 np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
                 np.int32(prepared.max_len), prepared.mask)
             out = _to_host(out)
-        self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer))
+        context = prepared.tokens[-self.text_context:] if self.text_context else ()
+        self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer, context))
         return self._emit(slot, out, 0)
 
     def step(self) -> list[TokenEvent]:
