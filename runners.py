@@ -948,6 +948,25 @@ class _Engine:
             out = _to_host(out)
         return [self._emit(i, out, i) for i in np.flatnonzero(active)]
 
+    def dispatch(self) -> Optional[tuple[list, StepOutput]]:
+        """Start one decode step of every active slot without waiting for its tokens, so that
+        the host can handle the previous step's meanwhile (collect() them). A slot that
+        finishes in the step before still runs in this one; collect() drops that row.
+        Returns the handle for collect(), or None when no slot is active."""
+        active = np.array([s is not None for s in self.slots])
+        if not active.any():
+            return None
+        self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
+        return list(self.slots), out
+
+    def collect(self, handle: tuple[list, StepOutput]) -> list[TokenEvent]:
+        """Wait for a dispatched step; one event per slot that still holds the request it held
+        at dispatch (a slot freed or re-admitted since then gets nothing from that step)."""
+        slots, out = handle
+        with self._deadline(("decode",)):
+            out = _to_host(out)
+        return [self._emit(i, out, i) for i, s in enumerate(slots) if s is not None and self.slots[i] is s]
+
     def _emit(self, slot: int, out: StepOutput, row: int) -> TokenEvent:
         rec = self.slots[slot]
         token, done = int(out.draw.token[row]), bool(out.done[row])

@@ -392,9 +392,13 @@ class Scheduler:
         self.thread.start()
 
     def run(self) -> None:
+        """The loop. Decode steps are pipelined: step t+1 is dispatched before step t's tokens
+        are handled, so the device never waits for the host. A sequence that ends at step t
+        (or is cancelled) has its row of step t+1 dropped by engine.collect."""
+        in_flight = None  # the dispatched step whose tokens are not handled yet
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._cancelled or self._active):
+                while not (self._stopping or self._waiting or self._cancelled or self._active or in_flight):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -403,16 +407,16 @@ class Scheduler:
                 if self._active.pop(seq.rid, None) is not None:
                     self.engine.cancel(seq.rid, self.owner)
                     seq.done = True
-            self._admit()
-            if self._active:
-                try:
-                    events = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-                    logger.exception("Decode step failed; ending the %d running sequences.", len(self._active))
-                    self._fail_all(e)
-                    events = []
-                new_tokens = sum(self._on_event(self._active[e.request_id], e) for e in events)
-                self.metrics.generated_tokens.inc(new_tokens)
+            try:
+                self._admit()
+                previous, in_flight = in_flight, self.engine.dispatch()
+                events = self.engine.collect(previous) if previous is not None else []
+            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+                logger.exception("A step failed; ending the %d running sequences.", len(self._active))
+                self._fail_all(e)
+                in_flight, events = None, []
+            new_tokens = sum(self._on_event(self._active[e.request_id], e) for e in events)
+            self.metrics.generated_tokens.inc(new_tokens)
             self.metrics.slots_busy.set(len(self._active))
             self._flush()
 
