@@ -779,7 +779,9 @@ class _TextStream:
     UTF-8 character has at most 4 bytes, so their bytes can no longer combine with later
     ones). A control token ([BOS], [PAD], ...) decodes to nothing; with no token pending
     it stays out of the window (it may still split a pending multi-byte character, so
-    then it goes in). The pieces add up to decode(tokens).
+    then it goes in). The pieces add up to decode(tokens). (One case costs more than O(1):
+    with a tokenizer that drops all leading whitespace, as the demo's does, a run of lone
+    "\u2581" tokens decodes to "" on its own, so the window keeps the piece before the run.)
     """
 
     MAX_PENDING = 4
