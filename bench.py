@@ -30,6 +30,16 @@
 Each measured pass runs in a fresh child process so that its peak resident memory can be
 reported next to its speed.
 
+  serve    N streaming clients for T seconds against the HTTP server (server.py) in a child
+           process, on the tiny demo model (--tiny, CPU) or a Grok-1-width model of --layers
+           layers with random int8 weights made on the device. Reports requests/s, output
+           tokens/s (the server's own count over the window), p50/p99 time to first token
+           and per output token, beside the engine's decode rate at the same batch measured
+           in the same server process just before it serves: back-to-back decode steps (what
+           `model` measures) and synchronous engine steps (host work included).
+           python bench.py serve --tiny --slots 8 --clients 16 --seconds 30
+           python bench.py serve --layers 4 --slots 32 --clients 64 --seconds 60 --json bench_out/serve.json
+
   python bench.py loader --dir /tmp/ckpt_bench --size-gb 2 --json bench_out/loader.json
 """
 
@@ -1152,6 +1162,243 @@ def memory_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ---------------------------------------------------------------------------------------
+# serve: the HTTP server under load
+# ---------------------------------------------------------------------------------------
+
+SERVE_PROMPTS = [
+    "The river", "Once upon a time", "On a clear night far from the lights of a town the sky is crowded",
+    "The answer to life the universe and everything is of course", "A cat sat by the door and",
+    "In the morning the baker opened the shop", "She walked along the shore", "The old map showed",
+]
+
+
+def measure_engine(runner: Any, steps: int = 50) -> dict:
+    """Decode rate of the runner's engine with every slot busy: back-to-back jitted decode
+    steps (dispatch overlaps the device, as `model` measures), and synchronous engine.step()
+    calls (each waits for its tokens and turns them into text, as the server's loop does)."""
+    import runners
+
+    engine, owner = runner.engine(), object()
+    batch, seq_len = runner.batch_size, runner.runner.model.sequence_len
+    base = runner.prepare(runners.Request(prompt=SERVE_PROMPTS[0], temperature=0.0,
+                                          max_len=min(4 * steps, seq_len - 64)), 0)
+    mask = base.mask.copy()
+    mask[runner.runner.model.eos_token] = False  # nobody leaves the batch while it is timed
+    for i in range(batch):
+        engine.admit(dataclasses.replace(base, request_id=i, mask=mask), owner)
+    active = np.ones((batch,), bool)
+
+    def raw_step():
+        engine.memory, engine.state, out = engine.decode(engine.params, engine.memory, engine.state, active)
+        return out
+
+    raw = timed(raw_step, warmup=2, iters=max(1, steps // 5), reps=5)
+    for _ in range(2):
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    synchronous = (time.perf_counter() - start) / steps
+    engine.release(owner)
+    return {"batch": batch, "decode_ms": raw * 1e3, "decode_tokens_per_s": batch / raw,
+            "engine_step_ms": synchronous * 1e3, "engine_step_tokens_per_s": batch / synchronous}
+
+
+def serve_child(args: argparse.Namespace) -> None:
+    """The server process of `serve`: build the runner, measure its engine, then serve."""
+    import logging
+
+    import run
+    import runners
+    import server
+
+    logging.basicConfig(level=logging.WARNING)
+    directory = tempfile.mkdtemp(prefix="grok1-bench-serve-")
+
+    class RandomOnDevice(runners.ModelRunner):
+        """Random int8 weights drawn on the devices, already sharded (at Grok-1 width, host
+        memory and transfers would dominate)."""
+
+        def load_or_init(self, init_data: Any = None, from_checkpoint: bool = True) -> dict:
+            return model.init_random_params(self.model, self.rng_seed, self.mesh, on_device=True)
+
+    def load() -> Any:
+        if args.tiny:
+            config = run.tiny_demo_config()
+            ckpt, tokenizer = run.build_tiny_demo(directory, config)
+            model_runner = runners.ModelRunner(model=config, checkpoint_path=ckpt)
+            pad_sizes = run.TINY_PAD_SIZES
+        else:
+            config = model.grok_1_config(num_layers=args.layers)
+            tokenizer = args.tokenizer or run.train_tiny_tokenizer(directory)
+            model_runner = RandomOnDevice(model=config)
+            pad_sizes = (128,)
+        mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
+        devices = math.prod(mesh) if mesh else jax.local_device_count()
+        model_runner.bs_per_device = args.slots / devices
+        r = runners.InferenceRunner(name="bench", runner=model_runner, load=model_runner.checkpoint_path,
+                                    tokenizer_path=tokenizer, local_mesh_config=mesh, pad_sizes=pad_sizes)
+        r.initialize()
+        return r
+
+    def on_ready(runner: Any) -> None:
+        result = measure_engine(runner)
+        result["device"] = str(jax.devices()[0].device_kind)
+        with open(args.engine_json, "w") as f:
+            json.dump(result, f)
+
+    try:
+        server.serve(load, "127.0.0.1", args.port, model_name="bench", max_queue=100000, log_level="warning",
+                     on_ready=on_ready)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve_client(port: int, prompt: str, max_tokens: int, temperature: float) -> dict:
+    """One streamed completion: its timings and token count."""
+    import http.client
+
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    first = last = None
+    tokens = 0
+    for line in resp:
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        now = time.perf_counter()
+        if event["choices"]:
+            first = first if first is not None else now
+            last = now
+        elif event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    conn.close()
+    end = time.perf_counter()
+    return {"start": start, "end": end, "ttft": (first or end) - start, "tokens": tokens,
+            "tpot": (last - first) / (tokens - 1) if tokens > 1 and first is not None else None}
+
+
+def _server_counter(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
+def serve_bench(args: argparse.Namespace) -> dict:
+    import random
+    import socket
+    import threading
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine_json = tempfile.mktemp(prefix="grok1-engine-", suffix=".json")
+    cmd = [sys.executable, os.path.join(REPO, "bench.py"), "_serve_child", "--port", str(port),
+           "--slots", str(args.slots), "--engine-json", engine_json]
+    cmd += ["--tiny"] if args.tiny else ["--layers", str(args.layers)]
+    cmd += ["--mesh", args.mesh] if args.mesh else []
+    cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    child = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + args.load_timeout
+        while True:
+            if child.poll() is not None:
+                raise SystemExit(f"the server process ended with status {child.returncode} while loading")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the server was not ready after {args.load_timeout} s")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as f:
+                    if f.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        with open(engine_json) as f:
+            engine = json.load(f)
+        print(f"engine at batch {engine['batch']}: back-to-back decode {engine['decode_tokens_per_s']:.0f} tok/s "
+              f"({engine['decode_ms']:.2f} ms/step), synchronous engine.step {engine['engine_step_tokens_per_s']:.0f} "
+              f"tok/s ({engine['engine_step_ms']:.2f} ms/step)", flush=True)
+
+        stop = threading.Event()
+        done: list[dict] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            rng = random.Random(i)
+            while not stop.is_set():
+                try:
+                    r = _serve_client(port, rng.choice(SERVE_PROMPTS), args.max_tokens, args.temperature)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                with lock:
+                    done.append(r)
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        time.sleep(args.warmup)  # the batch fills up
+        t0, tokens0 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+        time.sleep(args.seconds)
+        t1, tokens1 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+        stop.set()
+        for t in threads:
+            t.join(timeout=args.seconds + 600)
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        if os.path.exists(engine_json):
+            os.remove(engine_json)
+
+    window = [r for r in done if t0 <= r["end"] <= t1]
+    ttft = [r["ttft"] for r in window]
+    tpot = [r["tpot"] for r in window if r["tpot"] is not None]
+    seconds = t1 - t0
+    out_rate = (tokens1 - tokens0) / seconds
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    results = {
+        "model": "tiny" if args.tiny else f"grok-1 width, {args.layers} layers", "slots": args.slots,
+        "clients": args.clients, "seconds": seconds, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "requests_per_s": len(window) / seconds,
+        "output_tokens_per_s": out_rate, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+        "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "requests": len(window),
+        "errors": len(errors), "engine": engine,
+        "server_vs_decode": out_rate / engine["decode_tokens_per_s"],
+        "server_vs_engine_step": out_rate / engine["engine_step_tokens_per_s"],
+    }
+    print(json.dumps(results, indent=1))
+    print(f"\n{args.clients} clients, {args.slots} slots, {seconds:.0f} s: {results['requests_per_s']:.2f} req/s, "
+          f"{out_rate:.0f} output tok/s = {100 * results['server_vs_decode']:.0f}% of back-to-back decode "
+          f"({engine['decode_tokens_per_s']:.0f} tok/s), {100 * results['server_vs_engine_step']:.0f}% of "
+          f"synchronous engine steps ({engine['engine_step_tokens_per_s']:.0f} tok/s); TTFT p50/p99 "
+          f"{results['ttft_p50_ms']:.1f}/{results['ttft_p99_ms']:.1f} ms, TPOT p50/p99 "
+          f"{results['tpot_p50_ms']:.2f}/{results['tpot_p99_ms']:.2f} ms; {len(errors)} errors"
+          + (f" (first: {errors[0]})" if errors else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
@@ -1240,6 +1487,32 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--moe-impl", choices=model.MOE_IMPLS, default=None)
     p.add_argument("--tiny", action="store_true", help="the tiny config instead of Grok-1 width")
     p.set_defaults(func=memory_bench)
+
+    p = sub.add_parser("serve", help="the HTTP server under load: req/s, tok/s, TTFT, TPOT vs the engine")
+    p.add_argument("--tiny", action="store_true", help="the tiny demo model (CPU); default a Grok-1-width model")
+    p.add_argument("--layers", type=int, default=4, help="layers of the Grok-1-width model (default 4)")
+    p.add_argument("--slots", type=int, default=8, help="the server's batch (default 8)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default 16)")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the measured window (default 30)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window (default 5)")
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request (default 128)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--mesh", default=None, help="DATAxMODEL mesh (default: chosen from the devices present)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer of the Grok-1-width model (default: the demo's, trained on the fly)")
+    p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to wait for the server to load")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(func=serve_bench)
+
+    c = sub.add_parser("_serve_child", help=argparse.SUPPRESS)
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--slots", type=int, required=True)
+    c.add_argument("--engine-json", required=True)
+    c.add_argument("--tiny", action="store_true")
+    c.add_argument("--layers", type=int, default=4)
+    c.add_argument("--mesh", default=None)
+    c.add_argument("--tokenizer", default=None)
+    c.set_defaults(func=serve_child)
 
     c = sub.add_parser("_loader_child", help=argparse.SUPPRESS)
     c.add_argument("--dir", required=True)

@@ -4,6 +4,9 @@
     python run.py --tiny               # a demo on any machine, CPU included, in well under a minute
     python run.py --prompt "Hello" --prompt "Once upon a time" --max-len 50 --temperature 0.7
 
+    python run.py serve --tiny         # an OpenAI-compatible HTTP server (server.py); see serve --help
+    python run.py plan ...             # the same as --plan: will it fit (planner.py)
+
     # several processes (hosts): start one per host, same flags but --process-id
     python run.py --coordinator HOST0:1234 --num-processes 2 --process-id 0 ...   # on HOST0
     python run.py --coordinator HOST0:1234 --num-processes 2 --process-id 1 ...   # on HOST1
@@ -41,7 +44,25 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
 DEFAULT_CHECKPOINT = "./checkpoints/ckpt-0"
 DEFAULT_TOKENIZER = "./tokenizer.model"
-TINY_CORPUS = os.path.join(REPO_ROOT, "data", "tiny_corpus.txt")
+
+
+def _tiny_corpus() -> str:
+    """data/tiny_corpus.txt of a checkout, else the copy `pip install .` ships as package data
+    (the package grok1_data is the repository's data/ directory)."""
+    path = os.path.join(REPO_ROOT, "data", "tiny_corpus.txt")
+    if not os.path.isfile(path):
+        try:
+            from importlib import resources
+
+            installed = resources.files("grok1_data") / "tiny_corpus.txt"
+            if installed.is_file():
+                return str(installed)
+        except ModuleNotFoundError:
+            pass
+    return path
+
+
+TINY_CORPUS = _tiny_corpus()
 TINY_VOCAB = 512  # model and tokenizer vocabulary of the demo
 TINY_SEQUENCE_LEN = 256
 TINY_PAD_SIZES = (32, 128)
@@ -528,7 +549,126 @@ def distributed_settings(args: argparse.Namespace) -> tuple[Optional[str], int, 
     return coordinator, processes, process_id, timeout
 
 
+# ---------------------------------------------------------------------------------------
+# serve: the HTTP server (server.py)
+# ---------------------------------------------------------------------------------------
+
+SERVE_PAD_SIZES = (128, 1024)  # prompt buckets of the real model when serving
+DEFAULT_SLOTS = 8
+
+
+def build_serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    import server
+
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve Grok-1 (or the tiny random demo, --tiny) over an OpenAI-compatible HTTP API: "
+                    "POST /v1/completions (streaming included), GET /v1/models, GET /health, GET /metrics. "
+                    "Requests join the running batch as slots free up (continuous batching).",
+        epilog="Example:\n  python run.py serve --tiny --port 8000\n  curl http://127.0.0.1:8000/v1/completions "
+               "-H 'Content-Type: application/json' -d '{\"prompt\": \"The river\", \"max_tokens\": 16}'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all).")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000).")
+    p.add_argument("--tiny", action="store_true",
+                   help="serve the demo: a small random model and a tokenizer trained from the demo corpus "
+                        "(see `python run.py --help`); its text is random.")
+    p.add_argument("--tiny-dir", default=None,
+                   help="with --tiny: where to write the demo checkpoint and tokenizer (default a temporary "
+                        "directory, removed at exit).")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"checkpoint directory (default {DEFAULT_CHECKPOINT}).")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"SentencePiece tokenizer.model (default {DEFAULT_TOKENIZER}).")
+    p.add_argument("--mesh", type=parse_mesh, default=None,
+                   help="local device mesh DATAxMODEL, e.g. 1x8; default: chosen from the devices present.")
+    p.add_argument("--moe-impl", choices=("fast", "reference"), default="fast",
+                   help="mixture-of-experts implementation (default fast).")
+    p.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
+                   help=f"sequences decoded together (the batch); a request's n may not exceed it "
+                        f"(default {DEFAULT_SLOTS}).")
+    p.add_argument("--max-queue", type=int, default=server.DEFAULT_MAX_QUEUE,
+                   help=f"most sequences (one per prompt and choice) waiting for a slot; past it requests "
+                        f"get 429 (default {server.DEFAULT_MAX_QUEUE}).")
+    p.add_argument("--model-name", default=None,
+                   help="the model id of /v1/models and the responses (default grok-1, or grok-1-tiny with --tiny).")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="log level of the server (default info).")
+    return p
+
+
+def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
+    """`run.py serve ...`: load the model behind an OpenAI-compatible HTTP server."""
+    parser = build_serve_parser(prog)
+    args = parser.parse_args(argv)
+    if args.slots < 1:
+        parser.error(f"--slots {args.slots}: need at least 1 slot.")
+    if args.max_queue < 0:
+        parser.error(f"--max-queue {args.max_queue}: must be >= 0.")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port {args.port}: must lie in 0 .. 65535.")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("jax", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.tiny:
+        missing = missing_files(args.checkpoint, args.tokenizer)
+        if missing:
+            print("Cannot serve Grok-1:\n  " + "\n  ".join(missing) + "\n\n" + DOWNLOAD_HELP, file=sys.stderr)
+            return EXIT_USAGE
+    import socket
+
+    try:  # fail now, not after loading the weights
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        print(f"Error: cannot listen on {args.host}:{args.port}: {e.strerror or e}. Choose another --port "
+              "or --host.", file=sys.stderr)
+        return EXIT_USAGE
+
+    import checkpoint
+    import planner
+    import runners
+    import server
+
+    with contextlib.ExitStack() as stack:
+        def load() -> runners.InferenceRunner:
+            import jax
+
+            import model
+
+            if args.tiny:
+                config = tiny_demo_config(args.moe_impl)
+                directory = args.tiny_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="grok1-tiny-"))
+                checkpoint_path, tokenizer_path = build_tiny_demo(directory, config)
+                pad_sizes = TINY_PAD_SIZES
+            else:
+                config = model.grok_1_config(moe_impl=args.moe_impl)
+                checkpoint_path, tokenizer_path, pad_sizes = args.checkpoint, args.tokenizer, SERVE_PAD_SIZES
+            mesh = args.mesh or runners.auto_mesh_config(config, jax.local_device_count())
+            runner = runners.InferenceRunner(
+                pad_sizes=pad_sizes,
+                runner=runners.ModelRunner(model=config, bs_per_device=args.slots / (mesh[0] * mesh[1]),
+                                           checkpoint_path=checkpoint_path),
+                name="serve", load=checkpoint_path, tokenizer_path=tokenizer_path, local_mesh_config=mesh)
+            runner.initialize()
+            return runner
+
+        name = args.model_name or ("grok-1-tiny" if args.tiny else "grok-1")
+        try:
+            server.serve(load, args.host, args.port, model_name=name, max_queue=args.max_queue,
+                         log_level=args.log_level)
+        except (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError,
+                checkpoint.CheckpointError, FileNotFoundError) as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("run", "serve", "plan") else None
+    if command == "serve":
+        return serve_main(argv[1:], prog=f"{os.path.basename(sys.argv[0])} serve")
+    if command:  # "run" is the default; "plan" is --plan
+        argv = argv[1:] if command == "run" else ["--plan", *argv[1:]]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("jax", "absl"):
@@ -590,6 +730,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{traceback.format_exc()}\nError{context}: {type(e).__name__}: {e}\nAnother process "
             "probably died, was killed or cannot be reached; see its log. Ending this one.",
             EXIT_DISTRIBUTED)
+
+
+def cli() -> None:
+    """The console script `grok1` (pyproject [project.scripts]): grok1 [run] ..., grok1 serve ...,
+    grok1 plan ..."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

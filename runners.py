@@ -815,25 +815,70 @@ class GeneratedText(str):
 
 
 class _TextStream:
-    """Turns a growing token list into text pieces (SentencePiece decodes whole sequences)."""
+    """Turns a growing token list into text pieces at O(1) cost per token.
 
-    def __init__(self, tokenizer: Any):
+    SentencePiece decodes whole sequences (it drops the first piece's leading space and
+    joins byte pieces into characters), so a piece's text depends on its neighbours. Like
+    the usual incremental detokenizers, this decodes only a short window: the tokens of
+    the last emitted piece (context) and those not emitted yet, and emits the difference.
+    Text ending in U+FFFD (a multi-byte character cut short) waits for the next token;
+    once more than MAX_PENDING tokens wait, all but the last MAX_PENDING are emitted (a
+    UTF-8 character has at most 4 bytes, so their bytes can no longer combine with later
+    ones). A control token ([BOS], [PAD], ...) decodes to nothing; with no token pending
+    it stays out of the window (it may still split a pending multi-byte character, so
+    then it goes in). The pieces add up to decode(tokens). (One case costs more than O(1):
+    with a tokenizer that drops all leading whitespace, as the demo's does, a run of lone
+    "\u2581" tokens decodes to "" on its own, so the window keeps the piece before the run.)
+    """
+
+    MAX_PENDING = 4
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
+        """context: tokens the text continues (e.g. the prompt's last few), so that the first
+        piece reads as it does after them (with its leading space); they are not emitted."""
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
-        self.text = ""
+        self._window: list[int] = list(context)  # context tokens, then pending ones
+        self._read = len(self._window)  # window[:_read] is context: its text has been emitted
+        self._context_text = tokenizer.decode(self._window) if self._window else ""  # decode(window[:_read])
+        self._is_control = getattr(tokenizer, "is_control", None)
 
-    def _advance(self, final: bool) -> str:
-        full = self.tokenizer.decode(self.tokens)
-        if (not final and full.endswith("\ufffd")) or not full.startswith(self.text):
-            return ""  # an incomplete byte sequence, or decoding changed earlier text
-        piece, self.text = full[len(self.text):], full
+    def _emit(self, stop: int, text: str) -> str:
+        """Emit text (= decode(window[:stop])) beyond the context; window[_read:stop] becomes
+        the new context, unless its text alone is empty (e.g. a lone "\u2581", which decodes
+        to "" at the start of a text): then the old context stays in front of it, so that the
+        start-of-text rules (SentencePiece strips leading spaces) apply as in the whole text."""
+        piece = text[len(self._context_text):]
+        context_text = self.tokenizer.decode(self._window[self._read:stop])
+        if context_text:
+            self._window = self._window[self._read:]
+            stop -= self._read
+        self._read, self._context_text = stop, context_text or text
         return piece
 
+    def _advance(self, final: bool) -> str:
+        if len(self._window) == self._read:
+            return ""
+        full = self.tokenizer.decode(self._window)
+        if final or (not full.endswith("\ufffd") and full.startswith(self._context_text)):
+            return self._emit(len(self._window), full)
+        if len(self._window) - self._read > self.MAX_PENDING:
+            stop = len(self._window) - self.MAX_PENDING
+            text = self.tokenizer.decode(self._window[:stop])
+            if full.startswith(text) and text.startswith(self._context_text):
+                return self._emit(stop, text)
+        return ""  # an incomplete character (or text that later tokens change): wait
+
     def push(self, token: int) -> str:
+        """Add a generated token; returns the text it completes (often "" or one piece)."""
         self.tokens.append(token)
+        if self._read == len(self._window) and self._is_control is not None and self._is_control(token):
+            return ""  # decodes to nothing; with nothing pending it cannot split a character either
+        self._window.append(token)
         return self._advance(final=False)
 
     def finish(self) -> str:
+        """The text still held back (an unfinished character decodes to U+FFFD)."""
         return self._advance(final=True)
 
 
@@ -878,6 +923,10 @@ class _Engine:
         self.prefill, self.decode = make_step_functions(config, mesh, batch_size)
         self.slots: list[Optional[_Slot]] = [None] * batch_size
         self.watchdog = watchdog
+        # Prompt tokens that TokenEvent texts are decoded after. 0: the generated tokens alone,
+        # whose pieces add up to Completion.text; > 0 (server.py): the first piece keeps the
+        # space that joins it to the prompt.
+        self.text_context = 0
         self._warm: set[tuple] = set()  # programs that have compiled and run once
         self.lock = threading.RLock()
 
@@ -908,8 +957,19 @@ class _Engine:
                 if s is not None and s.owner is owner:
                     self.slots[i] = None
 
+    def cancel(self, request_id: Any, owner: object) -> bool:
+        """Free the slot of `owner`'s request `request_id` at once (the request is dropped).
+        False if no slot holds it (it finished already)."""
+        with self.lock:
+            for i, s in enumerate(self.slots):
+                if s is not None and s.owner is owner and s.prepared.request_id == request_id:
+                    self.slots[i] = None
+                    return True
+            return False
+
     def admit(self, prepared: _Prepared, owner: object) -> TokenEvent:
-        """Prefill a request into a free slot; returns the event of its first token."""
+        """Prefill a request into the first free slot (free_slots()[0]); returns the event
+        of its first token."""
         with self.lock:
             return self._admit(prepared, owner)
 
@@ -932,7 +992,8 @@ class _Engine:
                 np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
                 np.int32(prepared.max_len), prepared.mask)
             out = _to_host(out)
-        self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer))
+        context = prepared.tokens[-self.text_context:] if self.text_context else ()
+        self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer, context))
         return self._emit(slot, out, 0)
 
     def step(self) -> list[TokenEvent]:
@@ -948,6 +1009,27 @@ class _Engine:
             self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
             out = _to_host(out)
         return [self._emit(i, out, i) for i in np.flatnonzero(active)]
+
+    def dispatch(self) -> Optional[tuple[list, StepOutput]]:
+        """Start one decode step of every active slot without waiting for its tokens, so that
+        the host can handle the previous step's meanwhile (collect() them). A slot that
+        finishes in the step before still runs in this one; collect() drops that row.
+        Returns the handle for collect(), or None when no slot is active."""
+        with self.lock:
+            active = np.array([s is not None for s in self.slots])
+            if not active.any():
+                return None
+            self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
+            return list(self.slots), out
+
+    def collect(self, handle: tuple[list, StepOutput]) -> list[TokenEvent]:
+        """Wait for a dispatched step; one event per slot that still holds the request it held
+        at dispatch (a slot freed or re-admitted since then gets nothing from that step)."""
+        slots, out = handle
+        with self.lock:
+            with self._deadline(("decode",)):
+                out = _to_host(out)
+            return [self._emit(i, out, i) for i, s in enumerate(slots) if s is not None and self.slots[i] is s]
 
     def _emit(self, slot: int, out: StepOutput, row: int) -> TokenEvent:
         rec = self.slots[slot]
@@ -1120,6 +1202,17 @@ class InferenceRunner:
                 self._engine.params = prepared
         else:
             self._params = value
+
+    def engine(self) -> _Engine:
+        """The slot engine, for a caller that schedules requests itself (server.py).
+
+        engine.admit(prepare(request, id), owner) prefills a request into a free slot and
+        returns its first TokenEvent; engine.step() decodes every active slot by one token;
+        engine.cancel(id, owner) frees one request's slot; free_slots() / num_active() say
+        what is in use. Not thread-safe: one thread drives it, and nothing else (stream(),
+        generate(), run()) may use this runner meanwhile.
+        """
+        return self._require_initialized()
 
     def _require_initialized(self) -> _Engine:
         if not hasattr(self, "_engine"):

@@ -13,7 +13,7 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Top first. kernel_bench sits right below bench.py: bench hands it the ceiling measurements.
-LAYERS = ["bench", "kernel_bench", "run", "runners", "planner", "checkpoint", "model", "kernels"]
+LAYERS = ["bench", "kernel_bench", "run", "server", "runners", "planner", "checkpoint", "model", "kernels"]
 
 
 def project_imports(path: str, project: set[str]) -> dict[str, int]:

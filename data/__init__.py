@@ -1,0 +1,1 @@
+"""The demo corpus (tiny_corpus.txt), shipped as package data: run.py --tiny trains its tokenizer from it."""
