@@ -613,6 +613,12 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
         if missing:
             print("Cannot serve Grok-1:\n  " + "\n  ".join(missing) + "\n\n" + DOWNLOAD_HELP, file=sys.stderr)
             return EXIT_USAGE
+    elif args.tiny_dir is not None:
+        try:  # refuse a directory holding anything but an earlier demo before loading (issue 13)
+            claim_tiny_dir(args.tiny_dir)
+        except TinyDirError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     import socket
 
     try:  # fail now, not after loading the weights
