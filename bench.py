@@ -554,6 +554,10 @@ def prefill_flops(config: model.LanguageModelConfig, tokens: int) -> float:
     return cfg.num_layers * (proj + experts + attention)
 
 
+def _with_mode(config: model.LanguageModelConfig, mode: str) -> model.LanguageModelConfig:
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, moe_impl=mode))
+
+
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
                 iters: int = 10, tiny: bool = False, json_path: str | None = None,
                 mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None) -> dict:
@@ -580,14 +584,18 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
         results["mesh"] = dict(mesh.shape)
     devices = 1 if mesh is None else mesh.size
     bw_all = bw * devices
-    params = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
-    params = model.prepare_for_inference(params, base)
-    jax.block_until_ready(params)
+    raw = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
+    # Each mode gets the layouts its own runner would (the reference mode keeps the
+    # checkpoint's int8 layout); without the reference mode the conversion is in place.
+    prepared = {mode: model.prepare_for_inference(raw, _with_mode(base, mode), consume=modes == ["fast"])
+                for mode in modes}
+    del raw
+    jax.block_until_ready(prepared)
     cache_len = cache_len or -(-(context + 64) // 128) * 128  # room for the timed steps
     results["cache_len"] = cache_len
     rows, logits = [], {}
     for mode in modes:
-        config = dataclasses.replace(base, model=dataclasses.replace(base.model, moe_impl=mode))
+        config, params = _with_mode(base, mode), prepared[mode]
         forward = routed_forward(config, mesh)
         for batch in batches:
             tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
@@ -709,7 +717,8 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
         import runners
 
         mesh = runners.make_mesh(mesh_shape, (1, 1))
-    params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config)
+    params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config,
+                                         consume=True)
     cache_len = -(-(context + steps + 8) // 128) * 128
     forward = model.make_forward(config, mesh, donate_memory=True)
     tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)

@@ -55,7 +55,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model import QuantizedWeight8bit
+from model import QuantizedWeight8bit, TransposedWeight8bit
 
 logger = logging.getLogger(__name__)
 
@@ -2081,6 +2081,9 @@ def _whole_box(a: Any) -> _Box:
 def _to_host(x: Any, path: str) -> tuple[Any, dict[str, _Box]]:
     """(host value to pickle, {field: _Box} of the parts that are blocks of a global array
     spanning several processes; empty when the value is whole)."""
+    if isinstance(x, TransposedWeight8bit):
+        raise ValueError(f"{path}: an int8 weight stored transposed for inference (model.prepare_for_inference); "
+                         "checkpoints keep the released layout: save the parameters as loaded or created.")
     if _is_qw(x):
         w, wbox = _to_host(x.weight, path + " (weight)")
         s, sbox = _to_host(x.scales, path + " (scales)")

@@ -2,7 +2,10 @@
 
 Works on raw arrays only (no Haiku, no model.py): an int8 weight [..., K, N] with bf16
 block scales [..., nb, N], where rows [b*K/nb, (b+1)*K/nb) of the weight use
-scales[..., b, :] (SPEC section 3). Weights are never dequantized in memory: each kernel
+scales[..., b, :] (SPEC section 3). With transposed=True the int8 weight is stored
+[..., N, K] instead (K contiguous; the scales keep their layout): the layout the tensor
+cores take their right-hand operand in, which the Pallas kernels read at close to the copy
+bandwidth on an H200 (the checkpoint's [K, N] reaches about 65%; BENCHMARKS.md). Weights are never dequantized in memory: each kernel
 converts int8 tiles to bf16 in registers, accumulates x @ w in float32 per scale block and
 multiplies the block's partial result by that block's scales.
 
@@ -187,22 +190,24 @@ class KernelConfig(NamedTuple):
     dequant: str = "cast"
 
 
-# Tilings measured on an H200 (2026-11-30, jax 0.11.2, .scratch sweep of 35 gated, 40 down
-# and 30 dense tilings per shape at M=1; BENCHMARKS.md). Decode: the gated layer peaked at
-# 67% of the copy bandwidth with block_k=64 and the PTX int8 conversion (64% with the H100's
-# 128/128 cast), the down layer at 65% with split-K; tilings within 2% of each other are
-# noise. Dense decode projections are latency-bound: many K slices keep the SMs busy (a
-# [6144, 3072] shard took 15 us against 19 us for XLA's fused int8 dot, a row-blocked
-# [3072, 6144] one 14 us against 55 us). Prefill tilings are the H100's (2026-11-28).
-# Keys: (op, phase); split_k=0 means 'pick by size' (default_config).
+# Tilings measured on an H200 (2026-11-30, jax 0.11.2; BENCHMARKS.md). Keys: (op, phase,
+# transposed). With the checkpoint's [K, N] layout the decode kernels peaked at 65-68% of the
+# copy bandwidth whatever the tiling (35 gated, 40 down, 30 dense tilings per shape swept;
+# the PTX int8 conversion gained 2%): the int8 tile has to be re-read byte by byte into the
+# MMA's operand layout. Stored [N, K] the same kernels read 99% (gated, block_n 64, block_k
+# 256) and 88% (down, split-K 4). Dense decode projections are latency-bound: many K slices
+# keep the SMs busy. Prefill tilings are the H100's (2026-11-28). split_k=0: pick by size.
 _TUNED = {
-    ("gated", "decode"): KernelConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, dequant="asm"),
-    ("gated", "prefill"): KernelConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, dequant="cast"),
-    ("down", "decode"): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3, dequant="cast"),
-    ("down", "prefill"): KernelConfig(block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3, dequant="cast"),
-    ("dense", "decode"): KernelConfig(block_n=128, block_k=256, split_k=0, num_warps=4, num_stages=4, dequant="cast"),
-    ("dense", "prefill"): KernelConfig(block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3, dequant="cast"),
+    ("gated", "decode", False): KernelConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, dequant="asm"),
+    ("gated", "decode", True): KernelConfig(block_n=64, block_k=256, num_warps=4, num_stages=3, dequant="cast"),
+    ("down", "decode", False): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3),
+    ("down", "decode", True): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3),
+    ("dense", "decode", False): KernelConfig(block_n=128, block_k=256, split_k=0, num_warps=4, num_stages=4),
+    ("dense", "decode", True): KernelConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3),
 }
+for _op in ("gated", "down", "dense"):
+    for _layout in (False, True):
+        _TUNED[(_op, "prefill", _layout)] = KernelConfig(block_n=128, block_k=64, split_k=1, num_warps=4, num_stages=3)
 # Smallest K slice per program when split_k is picked by size: the MoE's long K walks keep
 # 1024 rows, the small dense projections go down to 256.
 _MIN_SPLIT_ROWS = {"gated": 1024, "down": 1024, "dense": 256}
@@ -210,12 +215,12 @@ _DENSE_PALLAS_MAX_ROWS = 8  # int8_matmul "auto": Pallas below this many rows, X
 _NUM_SMS = 132  # H100/H200; only used to choose split_k when it is left at 0 (auto).
 
 
-def default_config(op: str, block_m: int, n_tiles: int, k: int, n: int) -> KernelConfig:
-    """A tuned config for op ("gated", "down" or "dense") at this size; split_k=0 in the
-    table means 'pick by size': enough programs for two per SM, K slices of at least
-    _MIN_SPLIT_ROWS[op] rows."""
+def default_config(op: str, block_m: int, n_tiles: int, k: int, n: int, transposed: bool = False) -> KernelConfig:
+    """A tuned config for op ("gated", "down" or "dense") at this size and weight layout;
+    split_k=0 in the table means 'pick by size': enough programs for two per SM, K slices
+    of at least _MIN_SPLIT_ROWS[op] rows."""
     phase = "decode" if block_m <= 32 else "prefill"
-    cfg = _TUNED[(op, phase)]
+    cfg = _TUNED[(op, phase, transposed)]
     if cfg.split_k == 0:
         programs = n_tiles * max(1, n // cfg.block_n)
         split, rows = 1, _MIN_SPLIT_ROWS[op]
@@ -269,10 +274,11 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated):
+                gated, transposed):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
-    refs: (w, scales) per matrix ([E, K, N] int8, [E, nb, N] bf16), then the output block.
+    refs: (w, scales) per matrix ([E, K, N] int8, or [E, N, K] when transposed; [E, nb, N]
+    bf16), then the output block.
     K is walked in segments that never cross a scale block; each segment's float32 sum is
     multiplied by its block's scales and added to the result. Tiles past the used ones
     (tile_expert < 0) skip all loads and write zeros.
@@ -297,7 +303,10 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
         x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16
         out = []
         for (w_ref, _), p in zip(mats, part):
-            w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
+            if transposed:
+                w = _dequant(w_ref[e_safe, cols, pl.ds(k0, bk)], dequant).T  # [bk, bn] view of [bn, bk]
+            else:
+                w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
             out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))
         return tuple(out)
 
@@ -336,20 +345,24 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return p
 
 
-def _check_weight(name: str, weight: jax.Array, scales: jax.Array, expert_dim: bool) -> None:
+def _check_weight(name: str, weight: jax.Array, scales: jax.Array, expert_dim: bool,
+                  transposed: bool = False) -> tuple[int, int]:
+    """(K, N) of a weight [..., K, N] ([..., N, K] when transposed) with scales [..., nb, N]."""
     want = 3 if expert_dim else 2
+    layout = "N, K" if transposed else "K, N"
     if weight.ndim != want or scales.ndim != want:
         raise ValueError(
-            f"{name}: expected weight [{'E, ' if expert_dim else ''}K, N] and scales "
+            f"{name}: expected weight [{'E, ' if expert_dim else ''}{layout}] and scales "
             f"[{'E, ' if expert_dim else ''}nb, N], found {tuple(weight.shape)} and {tuple(scales.shape)}."
         )
-    k, n = weight.shape[-2:]
+    n, k = weight.shape[-2:] if transposed else weight.shape[-2:][::-1]
     nb = scales.shape[-2]
     if scales.shape[-1] != n or weight.shape[:-2] != scales.shape[:-2] or k % nb:
         raise ValueError(
-            f"{name}: scales {tuple(scales.shape)} do not fit weight {tuple(weight.shape)}: need "
-            f"scales [..., nb, N] with nb dividing K={k} (rows [b*K/nb, (b+1)*K/nb) use block b)."
+            f"{name}: scales {tuple(scales.shape)} do not fit weight {tuple(weight.shape)} ([..., {layout}]): "
+            f"need scales [..., nb, N] with nb dividing K={k} (rows [b*K/nb, (b+1)*K/nb) use block b)."
         )
+    return k, n
 
 
 def _pallas_tiling(xs_rows: int, n_tiles: int, k_dim: int, n_dim: int, nb: int,
@@ -393,14 +406,14 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 
 # Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
 # once: a model's lowering then grows with its distinct kernels, not with its depth.
-@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name"))
+@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
-                   out_dtype, name: Optional[str] = None) -> jax.Array:
+                   out_dtype, name: Optional[str] = None, transposed: bool = False) -> jax.Array:
     """xs [M_pad, K] bf16 times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b)."""
     m_pad, k_dim = xs.shape
     w0, s0 = mats[0]
-    _, _, n_dim = w0.shape
+    n_dim = w0.shape[1] if transposed else w0.shape[2]
     nb = s0.shape[-2]
     for w, s in mats[1:]:
         if w.shape != w0.shape or s.shape[-2] != nb:
@@ -416,7 +429,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
 
     kernel = functools.partial(
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-        dequant=dequant, gated=gated)
+        dequant=dequant, gated=gated, transposed=transposed)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -447,8 +460,9 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
 # ---------------------------------------------------------------------------------------
 
 
-def _block_scaled_dot(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
-    """x [m, K] @ (w [K, N] int8 with scales [nb, N]) -> float32 [m, N], no dequantized copy.
+def _block_scaled_dot(x: jax.Array, w: jax.Array, s: jax.Array, transposed: bool = False) -> jax.Array:
+    """x [m, K] @ (w [K, N] int8, or [N, K] when transposed, with scales [nb, N]) -> float32
+    [m, N], no dequantized copy.
 
     One dot per scale block (batched), int8 converted inside the dot's operand, the block
     results scaled and summed.
@@ -457,23 +471,27 @@ def _block_scaled_dot(x: jax.Array, w: jax.Array, s: jax.Array) -> jax.Array:
     nb, n = s.shape
     compute = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16  # float32 in, float32 math
     xb = x.astype(compute).reshape(m, nb, k // nb)
-    wb = w.reshape(nb, k // nb, n).astype(compute)
-    y = jnp.einsum("mbk,bkn->bmn", xb, wb, preferred_element_type=jnp.float32)  # [nb, m, N]
+    if transposed:
+        wb = w.reshape(n, nb, k // nb).astype(compute)
+        y = jnp.einsum("mbk,nbk->bmn", xb, wb, preferred_element_type=jnp.float32)  # [nb, m, N]
+    else:
+        wb = w.reshape(nb, k // nb, n).astype(compute)
+        y = jnp.einsum("mbk,bkn->bmn", xb, wb, preferred_element_type=jnp.float32)
     return jnp.sum(y * s.astype(jnp.float32)[:, None, :], axis=0)
 
 
 def _xla_grouped(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]], plan: MoEPlan, *,
-                 gated: bool, out_dtype) -> jax.Array:
+                 gated: bool, out_dtype, transposed: bool = False) -> jax.Array:
     """Loop over the used tiles; each reads only its own expert's weights."""
     n_tiles = plan.tile_expert.shape[0]
     bm = plan.block_m
-    n_dim = mats[0][0].shape[-1]
+    n_dim = mats[0][1].shape[-1]
     xt = xs.reshape(n_tiles, bm, xs.shape[-1])
 
     def body(t, out):
         e = jnp.maximum(plan.tile_expert[t], 0)
         x = xt[t]  # [bm, K]
-        ys = [_block_scaled_dot(x, w[e], s[e]) for w, s in mats]
+        ys = [_block_scaled_dot(x, w[e], s[e], transposed) for w, s in mats]
         y = _gelu_tanh(ys[0]) * ys[1] if gated else ys[0]
         return out.at[t].set(y.astype(out_dtype))
 
@@ -495,10 +513,10 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name):
+def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name, transposed):
     for t, (w, s) in enumerate(mats):
-        _check_weight(f"{name} matrix {t}", w, s, expert_dim=True)
-        if w.shape[-2] != xs.shape[-1]:
+        k_dim, n_dim = _check_weight(f"{name} matrix {t}", w, s, expert_dim=True, transposed=transposed)
+        if k_dim != xs.shape[-1]:
             raise ValueError(f"{name}: xs {tuple(xs.shape)} does not match weight {tuple(w.shape)} (K).")
     if xs.ndim != 2 or xs.shape[0] != plan.num_padded_rows:
         raise ValueError(
@@ -508,46 +526,50 @@ def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name):
     if resolved != "xla":
         w0, s0 = mats[0]
         cfg = config or default_config("gated" if gated else "down", plan.block_m, plan.tile_expert.shape[0],
-                                       w0.shape[-2], w0.shape[-1])
+                                       k_dim, n_dim, transposed)
         if gated:
             cfg = cfg._replace(split_k=1)  # the gelu needs whole sums
         interpret = resolved == "interpret"
-        biggest = max(w0.size, xs.size, xs.shape[0] * w0.shape[-1] * max(1, cfg.split_k))
-        if _fits_pallas(backend, xs.shape[0], plan.tile_expert.shape[0], w0.shape[-2],
-                        w0.shape[-1], s0.shape[-2], cfg, interpret, biggest):
+        biggest = max(w0.size, xs.size, xs.shape[0] * n_dim * max(1, cfg.split_k))
+        if _fits_pallas(backend, xs.shape[0], plan.tile_expert.shape[0], k_dim, n_dim, s0.shape[-2], cfg,
+                        interpret, biggest):
             return _pallas_matmul(xs, mats, plan.tile_expert, gated=gated, cfg=cfg,
-                                  interpret=interpret, out_dtype=out_dtype)
-    return _xla_grouped(xs, mats, plan, gated=gated, out_dtype=out_dtype)
+                                  interpret=interpret, out_dtype=out_dtype, transposed=transposed)
+    return _xla_grouped(xs, mats, plan, gated=gated, out_dtype=out_dtype, transposed=transposed)
 
 
 def grouped_matmul(xs: jax.Array, weight: jax.Array, scales: jax.Array, plan: MoEPlan, *,
                    backend: str = "auto", config: Optional[KernelConfig] = None,
-                   out_dtype=jnp.bfloat16) -> jax.Array:
-    """Per-tile expert matmul: xs [M_pad, K] x weight [E, K, N] int8 (scales [E, nb, N]).
+                   out_dtype=jnp.bfloat16, transposed: bool = False) -> jax.Array:
+    """Per-tile expert matmul: xs [M_pad, K] x weight [E, K, N] int8 (scales [E, nb, N]);
+    weight [E, N, K] when transposed.
 
     Each tile of plan.block_m rows is multiplied by its expert's matrix, float32
     accumulation, scales applied per K block; pad tiles give zeros and read no weights.
     Returns [M_pad, N] in out_dtype (bf16 by default).
     """
     return _grouped(xs, [(weight, scales)], plan, gated=False, backend=backend, config=config,
-                    out_dtype=out_dtype, name="grouped_matmul")
+                    out_dtype=out_dtype, name="grouped_matmul", transposed=transposed)
 
 
 def grouped_matmul_gated(xs: jax.Array, w: jax.Array, w_scales: jax.Array, v: jax.Array,
                          v_scales: jax.Array, plan: MoEPlan, *, backend: str = "auto",
-                         config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16) -> jax.Array:
+                         config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
+                         transposed: bool = False) -> jax.Array:
     """Fused expert input layer: gelu_tanh(xs @ W) * (xs @ V) -> [M_pad, F], reading xs once.
 
-    W, V int8 [E, K, F] with scales [E, nb, F]; both products are summed in float32 and
-    scaled before the tanh-approximated gelu.
+    W, V int8 [E, K, F] ([E, F, K] when transposed) with scales [E, nb, F]; both products
+    are summed in float32 and scaled before the tanh-approximated gelu.
     """
     return _grouped(xs, [(w, w_scales), (v, v_scales)], plan, gated=True, backend=backend,
-                    config=config, out_dtype=out_dtype, name="grouped_matmul_gated")
+                    config=config, out_dtype=out_dtype, name="grouped_matmul_gated", transposed=transposed)
 
 
 def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: str = "auto",
-                config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16) -> jax.Array:
-    """Dense x [..., K] @ weight [K, N] int8 with block scales [nb, N] -> [..., N].
+                config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
+                transposed: bool = False) -> jax.Array:
+    """Dense x [..., K] @ weight [K, N] int8 ([N, K] when transposed) with block scales
+    [nb, N] -> [..., N].
 
     Leading dimensions of x are kept. The int8 weight is converted tile by tile inside the
     matmul; each scale block's float32 partial result is scaled and summed.
@@ -557,11 +579,10 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
     against XLA's 121 us, while XLA was faster at M=8 (19.8 vs 26.6 us) and M=32 (25.7 vs
     30.7 us).
     """
-    _check_weight("int8_matmul", weight, scales, expert_dim=False)
+    k_w, n_dim = _check_weight("int8_matmul", weight, scales, expert_dim=False, transposed=transposed)
     *lead, k_dim = x.shape
-    if k_dim != weight.shape[0]:
+    if k_dim != k_w:
         raise ValueError(f"int8_matmul: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} (K).")
-    n_dim = weight.shape[1]
     m = math.prod(lead)
     x2 = x.reshape(m, k_dim)
     resolved = _resolve_backend(backend)
@@ -571,16 +592,16 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
         xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
-        cfg = config or default_config("dense", bm, n_tiles, k_dim, n_dim)
+        cfg = config or default_config("dense", bm, n_tiles, k_dim, n_dim, transposed)
         interpret = resolved == "interpret"
         biggest = max(weight.size, n_tiles * bm * max(k_dim, n_dim * max(1, cfg.split_k)))
         if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, n_dim, scales.shape[0], cfg,
                         interpret, biggest):
             y = _pallas_matmul(xp, [(weight[None], scales[None])], jnp.zeros((n_tiles,), jnp.int32),
                                gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype,
-                               name="int8_dense_matmul")
+                               name="int8_dense_matmul", transposed=transposed)
             return y[:m].reshape(*lead, n_dim)
-    y = _block_scaled_dot(x2, weight, scales).astype(out_dtype)
+    y = _block_scaled_dot(x2, weight, scales, transposed).astype(out_dtype)
     return y.reshape(*lead, n_dim)
 
 

@@ -66,6 +66,32 @@ class QuantizedWeight8bit:
 QuantizedWeight8bit.__module__ = "model"
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class TransposedWeight8bit(QuantizedWeight8bit):
+    """A QuantizedWeight8bit whose int8 matrix is stored transposed, for inference.
+
+    weight: int8 [..., n_out, n_in] (n_in contiguous); scales as in QuantizedWeight8bit,
+    [..., n_blocks, n_out]. The tensor cores take a matmul's right-hand operand in this
+    layout, and the int8 kernels read it at close to the copy bandwidth (the checkpoint's
+    [n_in, n_out] at about two thirds of it; BENCHMARKS.md). prepare_for_inference makes
+    it; `shape` is the logical [..., n_in, n_out]. Never saved: checkpoints keep the
+    released layout.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, n_out, n_in = self.weight.shape
+        return (*lead, n_in, n_out)
+
+
+TransposedWeight8bit.__module__ = "model"
+
+
+def is_transposed(w: Any) -> bool:
+    return isinstance(w, TransposedWeight8bit)
+
+
 def dequantize(w: QuantizedWeight8bit, dtype: Any = jnp.bfloat16) -> jax.Array:
     """Return weight * scales by the block rule: one scale row per contiguous input block.
 
@@ -73,6 +99,8 @@ def dequantize(w: QuantizedWeight8bit, dtype: Any = jnp.bfloat16) -> jax.Array:
     it on whole matrices. It depends only on shapes, never on the mesh.
     """
     weight, scales = w.weight, w.scales
+    if is_transposed(w):
+        weight = jnp.swapaxes(weight, -1, -2)
     *lead, n_in, n_out = weight.shape
     nb = scales.shape[-2]
     if n_in % nb:
@@ -340,7 +368,8 @@ def matmul(x: jax.Array, w: Any, impl: str = "fast", backend: str = "auto") -> j
     if isinstance(w, QuantizedWeight8bit):
         if impl == "reference":
             return jnp.dot(x, dequantize(w, x.dtype))
-        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend, out_dtype=x.dtype)
+        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend, out_dtype=x.dtype,
+                                   transposed=is_transposed(w))
     return jnp.dot(x, w.astype(x.dtype))
 
 
@@ -383,14 +412,16 @@ def shardable_scales(w: Any, mesh: Mesh, in_axis: Any) -> Any:
         return w
     nb, shards = w.scales.shape[-2], _axis_size(mesh, in_axis)
     if nb > 1 and nb % shards:
-        w = QuantizedWeight8bit(w.weight, jnp.repeat(w.scales, shards // math.gcd(nb, shards), axis=-2))
+        w = dataclasses.replace(w, scales=jnp.repeat(w.scales, shards // math.gcd(nb, shards), axis=-2))
     return w
 
 
 def weight_in_specs(w: Any, spec: P, mesh: Mesh) -> Any:
-    """shard_map in_specs for a weight leaf (a QuantizedWeight8bit gets one per field)."""
+    """shard_map in_specs for a weight leaf of logical layout `spec` (a QuantizedWeight8bit
+    gets one per field; a transposed int8 matrix has its last two axes swapped)."""
     if isinstance(w, QuantizedWeight8bit):
-        return QuantizedWeight8bit(spec, fit_spec(spec, w.scales.shape, mesh))
+        weight_spec = P(*spec[:-2], spec[-1], spec[-2]) if is_transposed(w) else spec
+        return type(w)(weight_spec, fit_spec(spec, w.scales.shape, mesh))
     return spec
 
 
@@ -407,7 +438,7 @@ def sharded_matmul(x: jax.Array, w: QuantizedWeight8bit, mesh: Mesh, spec: P) ->
     reduce = _axis_size(mesh, in_axis) > 1
 
     def body(x, w):
-        y = kernels.int8_matmul(x, w.weight, w.scales, backend="auto",
+        y = kernels.int8_matmul(x, w.weight, w.scales, backend="auto", transposed=is_transposed(w),
                                 out_dtype=jnp.float32 if reduce else x.dtype)
         return jax.lax.psum(y, in_axis).astype(x.dtype) if reduce else y
 
@@ -614,6 +645,15 @@ def _unpack(w: Any) -> tuple[jax.Array, jax.Array]:
     return w, jnp.ones((*w.shape[:-2], 1, w.shape[-1]), jnp.bfloat16)
 
 
+def _layouts_agree(*ws: Any) -> bool:
+    """True if the expert weights are all transposed (False if none is); mixed is an error."""
+    flags = {is_transposed(w) for w in ws}
+    if len(flags) > 1:
+        raise ValueError("moe_fast: the expert weights mix the checkpoint's and the transposed int8 "
+                         "layout; prepare all of them with model.prepare_for_inference.")
+    return flags.pop()
+
+
 def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str = "auto",
              data_axis: Any = None, model_axis: Any = None) -> jax.Array:
     """Only the selected experts, int8 weights dequantized inside the matmuls.
@@ -625,19 +665,22 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
     plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size))
     xs = kernels.dispatch(x, plan)  # [M_pad, D]
     (wi, si), (wv, sv), (wo, so) = _unpack(w_in), _unpack(w_v), _unpack(w_out)
+    transposed = _layouts_agree(w_in, w_v, w_out)
+    grouped = functools.partial(kernels.grouped_matmul, plan=plan, backend=backend, transposed=transposed)
     if data_axis is None:
-        h = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend, out_dtype=x.dtype)  # [M_pad, F]
+        h = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend, out_dtype=x.dtype,
+                                         transposed=transposed)  # [M_pad, F]
     else:  # the contraction over D is split over the data axis: sum before the gelu
-        a = kernels.grouped_matmul(xs, wi, si, plan, backend=backend, out_dtype=jnp.float32)
-        b = kernels.grouped_matmul(xs, wv, sv, plan, backend=backend, out_dtype=jnp.float32)
+        a = grouped(xs, wi, si, out_dtype=jnp.float32)
+        b = grouped(xs, wv, sv, out_dtype=jnp.float32)
         a, b = jax.lax.psum((a, b), data_axis)
         h = (jax.nn.gelu(a.astype(x.dtype)) * b.astype(x.dtype))
     if model_axis is None:
-        y = kernels.grouped_matmul(h, wo, so, plan, backend=backend, out_dtype=x.dtype)  # [M_pad, D]
+        y = grouped(h, wo, so, out_dtype=x.dtype)  # [M_pad, D]
         return kernels.combine(y, gates, plan)
     # Combine the float32 partial sums first, then add them over the model axis: the
     # all-reduce carries [N, D], not the padded [M_pad, D] (16x fewer bytes at batch 1).
-    y = kernels.grouped_matmul(h, wo, so, plan, backend=backend, out_dtype=jnp.float32)
+    y = grouped(h, wo, so, out_dtype=jnp.float32)
     return jax.lax.psum(kernels.combine(y, gates, plan), model_axis).astype(x.dtype)
 
 
@@ -1048,20 +1091,55 @@ def init_memory(config: LanguageModelConfig, batch_size: int, seq_len: int, mesh
     return Memory(layers=[layer() for _ in range(cfg.num_layers)])
 
 
-def prepare_for_inference(params: dict, config: LanguageModelConfig) -> dict:
-    """Store the embedding table in the compute dtype (bf16) once, instead of every step.
+def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bool = False) -> dict:
+    """The parameter tree in the layouts inference reads fastest.
 
-    Exact: the model only ever uses the table cast to fprop_dtype (the embedding lookup casts
-    the gathered rows, the output projection casts the table). It halves the table's memory,
-    and in decode it saves reading 4 bytes and writing 2 per entry (3.2 GB for Grok-1) on
-    every step. The result no longer holds the float32 values, so save checkpoints from the
-    original tree.
+    - The embedding table in the compute dtype (bf16), stored once instead of cast every
+      step. Exact: the model only ever uses the table cast to fprop_dtype. It halves the
+      table's memory, and decode no longer reads 4 bytes and writes 2 per entry (3.2 GB for
+      Grok-1) every step.
+    - In the fast mode, every int8 matrix transposed (TransposedWeight8bit, n_in contiguous),
+      the layout the int8 kernels read at close to the copy bandwidth. Same bytes, same values.
+
+    consume=True frees each array of `params` as soon as its replacement exists, so the
+    conversion needs one leaf of extra memory instead of a second copy of the model; the
+    tree passed in is unusable afterwards. Save checkpoints from the original tree, never
+    from the result (save refuses transposed weights).
     """
-    out = dict(params)
-    module = "language_model/in_out_embed"
-    table = params[module]["embeddings"]
-    out[module] = {"embeddings": table.astype(config.fprop_dtype)}
+    transpose = config.model.moe_impl == "fast"
+    out: dict = {}
+    for module, leaves in params.items():
+        out[module] = dict(leaves)
+        for name, leaf in leaves.items():
+            if module.endswith("in_out_embed") and name == "embeddings":
+                old, new = leaf, jnp.asarray(leaf).astype(config.fprop_dtype)
+                out[module][name] = new
+            elif transpose and isinstance(leaf, QuantizedWeight8bit) and not is_transposed(leaf):
+                old, new = leaf.weight, _transposed(leaf.weight)
+                out[module][name] = TransposedWeight8bit(new, leaf.scales)
+            else:
+                continue
+            if consume and isinstance(old, jax.Array) and old is not new:
+                new.block_until_ready()
+                old.delete()
     return out
+
+
+def _transposed(a: Any) -> jax.Array:
+    """a [..., m, n] -> [..., n, m], on the devices that hold a, each shard transposed in place."""
+    a = jnp.asarray(a)
+    sharding = a.sharding
+    if isinstance(sharding, NamedSharding):
+        spec = list(sharding.spec) + [None] * (a.ndim - len(sharding.spec))
+        spec[-2], spec[-1] = spec[-1], spec[-2]
+        sharding = NamedSharding(sharding.mesh, P(*spec))
+    return _swap_last_axes(sharding)(a)
+
+
+@functools.lru_cache(maxsize=None)
+def _swap_last_axes(sharding: Any):
+    """A compiled transpose per output sharding: 64 layers share a handful of programs."""
+    return jax.jit(lambda a: jnp.swapaxes(a, -1, -2), out_shardings=sharding)
 
 
 def make_apply(config: LanguageModelConfig, mesh: Optional[Mesh] = None):

@@ -846,3 +846,14 @@ def test_release_style_training_state_class(saved_small):
     state = ck.restore(d, shapes, mesh, (1, 1), False, specs, progress=False)
     assert type(state) is ReleaseTrainingState
     assert_bit_exact(params, state.params)
+
+
+def test_save_refuses_weights_transposed_for_inference(tmp_path):
+    """Checkpoints keep the released layout: a tree from model.prepare_for_inference (int8
+    stored transposed) is refused with the parameter's path, and nothing is written."""
+    cfg = model.tiny_config(num_layers=1)
+    prepared = model.prepare_for_inference(model.init_random_params(cfg, 0), cfg)
+    with pytest.raises(ValueError, match="decoder_layer_0.*transposed for inference"):
+        ck.save(prepared, str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists() or not any(
+        name.startswith("tensor") for name in os.listdir(tmp_path / "ckpt"))

@@ -162,7 +162,8 @@ def test_dispatch_and_combine_use_raw_gates():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nb", [1, 8])
 @pytest.mark.parametrize("m,case", CASES)
-def test_grouped_matmul_and_gated(backend, nb, m, case):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_matmul_and_gated(backend, nb, m, case, transposed):
     rng = np.random.default_rng(nb * 100 + m)
     k = 2
     idx, _ = routing(rng, m, k, case)
@@ -171,14 +172,16 @@ def test_grouped_matmul_and_gated(backend, nb, m, case):
     w, ws = quantized(rng, (E, D, F), nb)
     v, vs = quantized(rng, (E, D, F), nb)
     w1, w1s = quantized(rng, (E, F, D), nb)
+    # The kernels' transposed layout holds the same matrices stored [E, N, K].
+    layout = (lambda a: jnp.swapaxes(a, -1, -2)) if transposed else (lambda a: a)
 
     @jax.jit
     def run(x, plan, w, ws, v, vs, w1, w1s):
         xs = kernels.dispatch(x, plan)
-        h = kernels.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=backend)
-        return h, kernels.grouped_matmul(h, w1, w1s, plan, backend=backend)
+        h = kernels.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=backend, transposed=transposed)
+        return h, kernels.grouped_matmul(h, w1, w1s, plan, backend=backend, transposed=transposed)
 
-    h, y = run(x, plan, w, ws, v, vs, w1, w1s)
+    h, y = run(x, plan, layout(w), ws, layout(v), vs, layout(w1), w1s)
     assert h.shape == (plan.num_padded_rows, F) and h.dtype == jnp.bfloat16
     assert y.shape == (plan.num_padded_rows, D) and y.dtype == jnp.bfloat16
 
@@ -234,12 +237,13 @@ def test_pallas_variants_split_k_and_dequant(dequant, split_k, nb):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("nb,lead", [(1, (1,)), (8, (2, 1, 3))])
-def test_int8_matmul_keeps_leading_dims(backend, nb, lead):
+@pytest.mark.parametrize("nb,lead,transposed", [(1, (1,), False), (8, (2, 1, 3), False), (8, (1,), True)])
+def test_int8_matmul_keeps_leading_dims(backend, nb, lead, transposed):
     rng = np.random.default_rng(nb + len(lead))
     x = bf16(rng.standard_normal((*lead, D)))
     w, s = quantized(rng, (D, F), nb)
-    y = jax.jit(functools.partial(kernels.int8_matmul, backend=backend))(x, w, s)
+    stored = w.T if transposed else w  # the transposed layout holds the same matrix [F, D]
+    y = jax.jit(functools.partial(kernels.int8_matmul, backend=backend, transposed=transposed))(x, stored, s)
     assert y.shape == (*lead, F) and y.dtype == jnp.bfloat16
     ref = f64(x).reshape(-1, D) @ dequant_np(w, s)
     assert rel_err(f64(y).reshape(-1, F), ref) < 1e-2

@@ -200,6 +200,29 @@ def test_fast_matches_reference_mode():
     assert_close_bf16(fast[real], ref[real])
 
 
+def test_prepared_params_give_the_same_logits():
+    """prepare_for_inference (bf16 table, int8 stored transposed) changes layouts, not values:
+    the fast mode gives the raw tree's logits on one device and on a (2, 4) mesh, the
+    weights hold the same matrices, and consume=True frees what it replaced."""
+    cfg, params = setup("fast", num_layers=1)
+    tokens = jnp.asarray(random_tokens(np.random.RandomState(8), [8, 5], 8, cfg.vocab_size))
+    raw = np.asarray(model.make_forward(cfg)(params, tokens).logits)
+    prepared = model.prepare_for_inference(params, cfg)
+    q = "transformer/decoder_layer_0/moe/linear_1"
+    assert isinstance(prepared[q]["w"], model.TransposedWeight8bit)
+    assert prepared[q]["w"].shape == params[q]["w"].shape  # the logical [E, F, D]
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(prepared[q]["w"].weight), -1, -2), params[q]["w"].weight)
+    assert_close(np.asarray(model.make_forward(cfg)(prepared, tokens).logits), raw, 1e-2)
+    mesh = make_mesh((2, 4))
+    placed = jax.device_put(params, model.param_shardings(cfg, mesh))
+    on_mesh = model.prepare_for_inference(placed, cfg, consume=True)
+    assert placed[q]["w"].weight.is_deleted() and not placed[q]["w"].scales.is_deleted()
+    assert_close_bf16(np.asarray(model.make_forward(cfg, mesh)(on_mesh, tokens).logits), raw)
+    # The reference mode keeps the checkpoint's layout.
+    ref_cfg = model.tiny_config(num_layers=1, moe_impl="reference")
+    assert not model.is_transposed(model.prepare_for_inference(params, ref_cfg)[q]["w"])
+
+
 # --- building blocks -----------------------------------------------------------------------
 
 

@@ -109,9 +109,11 @@ def test_release_run_py_flow_on_a_tiny_config(tmp_path):
     runner = inference_runner.runner
     assert runner.batch_size == 1 and dict(runner.mesh.shape) == {"data": 1, "model": 8}
     w = inference_runner.params["transformer/decoder_layer_0/moe/linear"]["w"]
-    assert w.weight.sharding.spec == P(None, "data", "model") and len(w.weight.sharding.device_set) == 8
+    # (stored transposed for the kernels: the [E, F, D] matrix split (None, model, data)).
+    assert w.weight.sharding.spec == P(None, "model", "data") and len(w.weight.sharding.device_set) == 8
     saved = run.tiny_demo_params(run.tiny_demo_config())
-    np.testing.assert_array_equal(np.asarray(w.weight), np.asarray(saved["transformer/decoder_layer_0/moe/linear"]["w"].weight))
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(w.weight), -1, -2),
+                                  np.asarray(saved["transformer/decoder_layer_0/moe/linear"]["w"].weight))
     # The generator goes on serving; the same request (seed 42) gives the same tokens.
     again = sample_from_model(gen, inp, max_len=20, temperature=0.01)
     assert again.completion.tokens == c.tokens[:20]

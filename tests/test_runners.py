@@ -74,8 +74,9 @@ def test_parameters_come_back_from_the_checkpoint(runner, assets):
                                              .astype(jnp.float32)))
     q = got["transformer/decoder_layer_1/multi_head_attention/linear"]["w"]
     q_saved = saved["transformer/decoder_layer_1/multi_head_attention/linear"]["w"]
-    assert isinstance(q, model.QuantizedWeight8bit) and q.weight.dtype == jnp.int8
-    np.testing.assert_array_equal(np.asarray(q.weight), np.asarray(q_saved.weight))
+    # ... and the int8 matrices stored transposed, for the kernels (same values).
+    assert isinstance(q, model.TransposedWeight8bit) and q.weight.dtype == jnp.int8
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(q.weight), -1, -2), np.asarray(q_saved.weight))
     np.testing.assert_array_equal(np.asarray(q.scales.astype(jnp.float32)),
                                   np.asarray(q_saved.scales.astype(jnp.float32)))
     assert runner.batch_size == 2 and dict(runner.runner.mesh.shape) == {"data": 1, "model": 1}
