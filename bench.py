@@ -4,8 +4,11 @@
            on a model of Grok-1 width with N layers of random int8 weights made on the
            device, for the fast and the reference (release) MoE, against the roofline:
            the bytes a step must read over the measured copy bandwidth (decode), the top-k
-           FLOPs over the measured bf16 matmul rate (prefill). Also the time to compile the
-           full 64-layer model (abstract shapes, nothing allocated).
+           FLOPs over the measured bf16 matmul rate (prefill). Start-up is split into weight
+           creation, lowering and compilation of each program. Also the time to compile the
+           runner's prefill and decode steps of the full 64-layer model, sharded over --mesh
+           (abstract shapes, nothing allocated). Programs go to JAX's persistent compilation
+           cache (--compile-cache; default ~/.cache/grok1/jax), so a second run reuses them.
            python bench.py model --layers 4 --json bench_model.json
 
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
@@ -469,6 +472,16 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
     return jax.jit(make, out_shardings=shardings)()
 
 
+def aot_compile(fn: Any, *args: Any) -> dict:
+    """Lower and compile the jitted `fn` for `args` before its first call (the jit's own cache
+    keeps the program for the calls that follow); returns the seconds of each part."""
+    start = time.perf_counter()
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    return {"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}
+
+
 def weight_bytes(leaf: Any) -> int:
     if isinstance(leaf, model.QuantizedWeight8bit):
         return leaf.weight.nbytes + leaf.scales.nbytes
@@ -530,9 +543,12 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
         results["mesh"] = dict(mesh.shape)
     devices = 1 if mesh is None else mesh.size
     bw_all = bw * devices
+    start = time.perf_counter()
     params = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
     params = model.prepare_for_inference(params, base)
     jax.block_until_ready(params)
+    results["weights_s"] = time.perf_counter() - start
+    print(f"weights: {layers} layers made on the devices in {results['weights_s']:.1f} s", flush=True)
     cache_len = -(-(context + 64) // 128) * 128  # room for the timed steps
     rows, logits = [], {}
     for mode in modes:
@@ -543,7 +559,9 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             length = jnp.ones((batch,), jnp.int32)
             # The first step from the same cache is compared across modes (later steps
             # drift apart as each mode writes its own keys and values).
-            first, _ = forward(params, tokens, filled_memory(config, batch, context, cache_len, mesh), length)
+            memory = filled_memory(config, batch, context, cache_len, mesh)
+            startup = aot_compile(forward, params, tokens, memory, length)
+            first, _ = forward(params, tokens, memory, length)
             logits[(mode, batch)] = np.asarray(first.logits, np.float32)
             state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
 
@@ -556,7 +574,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             _, experts = step()
             need = decode_bytes(params, config, experts, batch, context)
             row = dict(kind="decode", mode=mode, batch=batch, ms=seconds * 1e3, tokens_per_s=batch / seconds,
-                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds)
+                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds, **startup)
             rows.append(row)
             print(row, flush=True)
             save(json_path, results, rows)
@@ -571,11 +589,12 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             holder["m"] = model.init_memory(config, 1, prefill_len, mesh)
             return forward(params, tokens, holder["m"], length).logits
 
+        startup = aot_compile(forward, params, tokens, model.init_memory(config, 1, prefill_len, mesh), length)
         seconds = timed(prefill, iters=max(3, iters // 2))
         need = prefill_flops(config, prefill_len)
         row = dict(kind="prefill", mode=mode, batch=1, tokens=prefill_len, ms=seconds * 1e3,
                    tokens_per_s=prefill_len / seconds, roofline_ms=need / (flops * devices) * 1e3,
-                   roofline_pct=100 * need / (flops * devices) / seconds)
+                   roofline_pct=100 * need / (flops * devices) / seconds, **startup)
         rows.append(row)
         print(row, flush=True)
         save(json_path, results, rows)
@@ -602,26 +621,23 @@ def save(path: str | None, results: dict, rows: list) -> None:
             json.dump(dict(results, rows=rows), f, indent=1)
 
 
-def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cache_len: int = 8192) -> dict:
-    """Seconds to lower and compile prefill and decode of the full config, abstract shapes."""
-    config = model.grok_1_config(num_layers=layers)
-    shapes = model.param_shapes(config)
-    forward = model.make_forward(config, donate_memory=True)
-    out = {}
-    for name, b, t in [("prefill", 1, prefill_len), ("decode", batch, 1)]:
-        memory = jax.eval_shape(lambda: model.init_layer_memories(
-            b, cache_len if name == "decode" else prefill_len, config.model.num_kv_heads,
-            config.model.key_size, layers))
-        tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
-        length = jax.ShapeDtypeStruct((b,), jnp.int32)
-        start = time.perf_counter()
-        lowered = forward.lower(shapes, tokens, memory, length)
-        lowered_at = time.perf_counter()
-        lowered.compile()
-        done = time.perf_counter()
-        out[name] = dict(lower_s=lowered_at - start, compile_s=done - lowered_at)
-        print(f"compile {layers} layers {name}: lower {lowered_at - start:.1f}s, compile {done - lowered_at:.1f}s",
-              flush=True)
+def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cache_len: int = 8192,
+                  mesh_shape: tuple[int, int] | None = None) -> dict:
+    """Seconds to lower and compile the runner's prefill (one prompt of prefill_len tokens) and
+    decode (batch slots of cache_len) steps of Grok-1 with `layers` layers, sharded over the
+    mesh (default 1x1, one device): what run.py compiles, from abstract shapes, nothing
+    allocated."""
+    import runners
+
+    config = dataclasses.replace(model.grok_1_config(num_layers=layers), sequence_len=cache_len).initialize()
+    mesh = runners.make_mesh(mesh_shape or (1, 1), (1, 1))
+    prefill, decode = runners.make_step_functions(config, mesh, batch)
+    params, memory, state = runners.abstract_step_inputs(config, mesh, batch)
+    times = runners.compile_steps(prefill, decode, params, memory, state, config, batch, [prefill_len])
+    out = {"prefill": times[f"prefill {prefill_len}"], "decode": times["decode"], "mesh": dict(mesh.shape)}
+    for name in ("prefill", "decode"):
+        print(f"compile {layers} layers {name} on mesh {dict(mesh.shape)}: lower {out[name]['lower_s']:.1f}s, "
+              f"compile {out[name]['compile_s']:.1f}s", flush=True)
     return out
 
 
@@ -639,14 +655,38 @@ def format_model_table(results: dict) -> str:
 
 
 def model_bench(args: argparse.Namespace) -> dict:
+    import runners
+
+    cache = runners.enable_compilation_cache(args.compile_cache)
+    print(f"compilation cache: {cache or 'off'}", flush=True)
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     res = bench_model(args.layers, [int(b) for b in args.batches.split(",")], args.context, args.prefill,
                       args.modes.split(","), args.iters, args.tiny, args.json, mesh)
     if args.compile_layers:
-        res["compile"] = compile_times(args.compile_layers)
-        save(args.json, res, res["rows"])
+        res["compile"] = compile_times(args.compile_layers, mesh_shape=mesh)
+    res["compilation_cache"] = dict(runners.compilation_stats(), dir=cache)
+    save(args.json, res, res["rows"])
     print(format_model_table(res))
+    print(format_startup(res))
     return res
+
+
+def format_startup(results: dict) -> str:
+    """Start-up: weight creation, then lowering and compilation of each measured program."""
+    lines = [f"start-up: weights {results['weights_s']:.1f} s"]
+    for r in results["rows"]:
+        if "lower_s" in r:
+            lines.append(f"  {r['kind']} {r['mode']} batch {r['batch']}: lower {r['lower_s']:.1f} s, "
+                         f"compile {r['compile_s']:.1f} s")
+    for name, t in results.get("compile", {}).items():
+        if name != "mesh":
+            lines.append(f"  compile check, {name} on mesh {results['compile']['mesh']}: lower "
+                         f"{t['lower_s']:.1f} s, compile {t['compile_s']:.1f} s")
+    c = results.get("compilation_cache")
+    if c:
+        lines.append(f"  compilation cache {c['dir'] or 'off'}: {c['cache_hits']} read, "
+                     f"{c['cache_writes']} written, {c['compiles']} compile requests")
+    return "\n".join(lines)
 
 
 def kernels_bench(args: argparse.Namespace) -> None:
@@ -687,11 +727,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", default="fast,reference")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-layers", type=int, default=64,
-                   help="layers of the abstract compile-time check (0 skips it)")
+                   help="layers of the abstract compile-time check of the runner's prefill and decode "
+                        "steps, sharded over --mesh (0 skips it)")
     p.add_argument("--tiny", action="store_true", help="tiny config: a smoke test on any machine")
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2 "
                                                  "(default: one device, no mesh)")
     p.add_argument("--json", default="bench_model.json", help="write the results here")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache directory, 'off' to turn it off (default "
+                        "$GROK1_COMPILATION_CACHE, else ~/.cache/grok1/jax)")
     p.set_defaults(func=model_bench)
 
     p = sub.add_parser("kernels", help="GPU kernel checks, micro-benchmarks and tuning sweeps "

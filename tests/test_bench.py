@@ -41,3 +41,6 @@ def test_model_bench_smoke(tmp_path):
     assert not any(res["nan"].values())
     assert max(res["fast_vs_reference_rel_l2"].values()) < 5e-2  # bf16 noise, one layer
     assert "fast" in bench.format_model_table(res)
+    # Start-up split: weight creation, then lowering and compilation of each program.
+    assert res["weights_s"] > 0 and all(r["lower_s"] > 0 and r["compile_s"] > 0 for r in res["rows"])
+    assert "decode fast batch 2: lower" in bench.format_startup(res)
