@@ -286,13 +286,15 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
         print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}{where}, "
               f"{runner.batch_size} slot(s).", flush=True)
 
-    start, count, done, first = time.perf_counter(), 0, {}, None
+    start, count, done, first, decoded = time.perf_counter(), 0, {}, None, None
     live = args.stream and len(prompts) == 1
     if live:
         print(f"Output for prompt: {prompts[0]}", end="", flush=True)
     for event in runner.stream(requests):
         count += 1
-        first = first or time.perf_counter()
+        first = first or time.perf_counter()  # the prefill's token
+        if decoded is None and event.index > 0:  # the first decode step's
+            decoded = time.perf_counter()
         if live:
             print(event.text, end="", flush=True)
         elif args.stream:
@@ -310,7 +312,33 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
     print(f"{count} tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tokens/s, "
           + ("compiled ahead)." if random_weights else "compilation included)."))
     if random_weights and first is not None:
-        print(f"First token {first - start:.2f} s after the compilation, {first - started:.1f} s after start.")
+        print(f"First token (prefill) {first - start:.2f} s after the compilation, {first - started:.1f} s after "
+              "start" + (f"; first decoded token {decoded - started:.1f} s after start." if decoded else "."))
+    if random_weights:
+        line = memory_report(runner, max(runner.buckets))
+        if line:
+            print(line)
+
+
+def memory_report(runner, prefill_len: int) -> Optional[str]:
+    """The measured peak device memory (JAX's peak_bytes_in_use, largest device of this
+    process) against the planner's estimate of this run; None where devices report none (CPU)."""
+    import jax
+
+    import planner
+
+    devices = [d for d in runner.mesh.devices.flat if d.process_index == jax.process_index()]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    if not all(peaks):
+        return None
+    config = runner.runner.model
+    p = planner.plan(config, runner.mesh.devices.size, None, runner.batch_size, config.sequence_len,
+                     tuple(runner.mesh.devices.shape), prefill_len=prefill_len, runtime_overhead_gb=0.0,
+                     suggest=False)
+    peak = max(peaks) / 1e9
+    return (f"Peak device memory {peak:.2f} GB (largest device; weight creation included); the planner's "
+            f"estimate {p.total_gb:.2f} GB (prefill {p.prefill_total_gb:.2f}, decode {p.decode_total_gb:.2f}), "
+            f"{p.total_gb / peak:.3f}x the measured peak.")
 
 
 def startup_report(runner, programs: dict, cache_before: dict, where: str = "") -> str:

@@ -167,6 +167,8 @@ def test_random_weights_smoke_test_and_its_compilation_cache(tmp_path, capsys, c
 
 
 def test_random_weights_flag_errors(tmp_path, capsys):
+    text = run.build_parser().format_help()
+    assert "--random-weights" in text and "--layers" in text and "--compile-cache" in text
     assert run.main(["--random-weights", "--tiny", "--tokenizer", str(tmp_path / "tok.model")]) == 2
     assert "tok.model' does not exist" in capsys.readouterr().err
     assert run.main(["--random-weights", "--layers", "0"]) == 2

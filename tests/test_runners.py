@@ -483,6 +483,13 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
     assert len(w.weight.sharding.device_set) == 2
     q = r.params["transformer/decoder_layer_0/multi_head_attention/query"]["w"]
     assert q.weight.sharding.spec == P("data", "model")
+    # The seed alone fixes the values (the same without a mesh); the int8 are uniform.
+    alone = model.init_random_params(config, 42, on_device=True)["transformer/decoder_layer_0/moe/linear"]["w"]
+    np.testing.assert_array_equal(np.asarray(w.weight), np.asarray(alone.weight))
+    counts = np.bincount(np.asarray(w.weight).astype(np.int64).ravel() + 128, minlength=256)
+    expected = w.weight.size / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())  # 255 degrees of freedom: sd 22.6
+    assert counts.size == 256 and chi2 < 255 + 6 * 22.6, chi2
 
     # The abstract inputs (bench.py's compile check) are the engine's, shardings included.
     engine = r._engine
