@@ -18,11 +18,12 @@ data/tiny_corpus.txt, loads both back through the same restore path and generate
 
 --random-weights runs the whole runner (mesh, memory plan, prefill, decode, sampling) on
 random int8 weights made on the devices, with no checkpoint: the check of a new GPU host
-before downloading 318 GB. The model is Grok-1 (--tiny: the demo's), --layers N overrides
-its depth (Grok-1 has 64). The tokenizer is --tokenizer when that file exists (Grok-1's
-tokenizer.model), otherwise a small demo tokenizer trained on the spot (the model then
-only ever samples its 512 ids). It prints the start-up split: set-up, weight creation,
-lowering and compilation of every step, the first token.
+before downloading 318 GB. The model is Grok-1 (--tiny: the demo's); --layers N overrides
+its depth (Grok-1 has 64), --context S its KV cache length (8192). The tokenizer is
+--tokenizer when that file exists (Grok-1's tokenizer.model), otherwise a small demo
+tokenizer trained on the spot (the model then only ever samples its 512 ids). It prints
+the start-up split (set-up, weight creation, lowering and compilation of every step, the
+first token) and, where the devices report it, the peak memory against the planner's.
 
 Compiled programs go to JAX's persistent compilation cache (default ~/.cache/grok1/jax;
 --compile-cache DIR or GROK1_COMPILATION_CACHE=DIR moves it, "off" turns it off), so that
@@ -437,6 +438,10 @@ def run_random(args: argparse.Namespace, started: Optional[float] = None) -> int
 
     config = tiny_demo_config(args.moe_impl) if args.tiny else model.grok_1_config(moe_impl=args.moe_impl)
     config = with_layers(config, args.layers)
+    if args.context:  # the planner's --context: the KV cache length of each slot
+        import dataclasses
+
+        config = dataclasses.replace(config, sequence_len=args.context).initialize()
     print = _printer()
     with tempfile.TemporaryDirectory(prefix="grok1-tokenizer-") as directory:
         try:
@@ -446,8 +451,8 @@ def run_random(args: argparse.Namespace, started: Optional[float] = None) -> int
             return EXIT_USAGE
         print(f"Random weights, no checkpoint: {'the demo model' if args.tiny else 'Grok-1'} with "
               f"{config.model.num_layers} layers, int8 weights made on the devices; {what}.", flush=True)
-        generate(args, config, "", tokenizer_path, TINY_PAD_SIZES if args.tiny else (1024,),
-                 random_weights=True, started=started)
+        pads = sorted({min(size, config.sequence_len) for size in (TINY_PAD_SIZES if args.tiny else (1024,))})
+        generate(args, config, "", tokenizer_path, pads, random_weights=True, started=started)
     print("The weights are random, so the text above is random too: this checks the devices, the "
           "mesh and the code path, not what Grok-1 says.")
     return 0
