@@ -11,6 +11,11 @@
            cache (--compile-cache; default ~/.cache/grok1/jax), so a second run reuses them.
            python bench.py model --layers 4 --json bench_model.json
 
+  depth    start-up (cold and warm compilation cache), per-layer decode cost and peak memory
+           against the planner at several depths: run.py --random-weights and `bench.py model`
+           in fresh processes, repeated and interleaved; medians and spreads.
+           python bench.py depth --layers 8,16,32,48 --repeats 3 --mesh 1x2
+
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
            one MoE layer at 1, 8, 32 and 1024 tokens, tuning sweeps.
 
@@ -689,6 +694,137 @@ def format_startup(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# depth: start-up, decode per layer and peak memory against the number of layers
+# ---------------------------------------------------------------------------------------
+
+
+def _spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _child(cmd: list[str], log: str) -> int:
+    """Run one measurement in a fresh process (its own memory peak and caches); log its output."""
+    with open(log, "w") as f:
+        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def depth_bench(args: argparse.Namespace) -> dict:
+    """For each depth, repeated and interleaved (a slow phase of a noisy machine then hits
+    every depth alike), each in a fresh process: run.py --random-weights with an empty
+    compilation cache (cold start) and again with the one it filled (warm start), and
+    `bench.py model` (decode per batch, weights, lowering, compile). Summarises medians and
+    spreads, per-layer decode cost, and the measured peak memory against the planner's."""
+    layers = [int(n) for n in args.layers.split(",")]
+    args.out, args.cache_root = os.path.abspath(args.out), os.path.abspath(args.cache_root)  # children run in REPO
+    os.makedirs(args.out, exist_ok=True)
+    runs: list[dict] = []
+    for rep in range(args.repeats):
+        for n in layers:
+            cache = os.path.join(args.cache_root, f"run-L{n}-r{rep}")
+            shutil.rmtree(cache, ignore_errors=True)
+            for phase in ("cold", "warm") if args.warm else ("cold",):
+                if "startup" not in args.parts:
+                    break
+                path = os.path.join(args.out, f"startup-L{n}-r{rep}-{phase}.json")
+                cmd = [sys.executable, os.path.join(REPO, "run.py"), "--random-weights", "--layers", str(n),
+                       "--mesh", args.mesh, "--max-len", str(args.steps), "--temperature", "0",
+                       "--compile-cache", cache, "--timings-json", path] + (["--tiny"] if args.tiny else [])
+                start = time.perf_counter()
+                code = _child(cmd, path[:-5] + ".log")
+                rec = dict(kind="startup", phase=phase, layers=n, rep=rep, code=code,
+                           process_s=time.perf_counter() - start)
+                if code == 0:
+                    with open(path) as f:
+                        rec.update(json.load(f))
+                runs.append(rec)
+                print(f"L={n} rep {rep} {phase} start: exit {code}, first token "
+                      f"{rec.get('first_token_s') or float('nan'):.1f} s, process {rec['process_s']:.1f} s",
+                      flush=True)
+            if "decode" in args.parts:
+                path = os.path.join(args.out, f"model-L{n}-r{rep}.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "model", "--layers", str(n), "--batches",
+                       args.batches, "--modes", "fast", "--prefill", str(args.prefill), "--context",
+                       str(args.context), "--iters", str(args.iters), "--compile-layers", "0", "--mesh", args.mesh,
+                       *(["--tiny"] if args.tiny else []),
+                       "--compile-cache", os.path.join(args.cache_root, f"model-L{n}"), "--json", path]
+                code = _child(cmd, path[:-5] + ".log")
+                rec = dict(kind="model", layers=n, rep=rep, code=code)
+                if code == 0:
+                    with open(path) as f:
+                        rec.update(json.load(f))
+                runs.append(rec)
+                print(f"L={n} rep {rep} model bench: exit {code}", flush=True)
+            if args.json:
+                save(args.json, {"runs": runs}, [])
+    summary = summarize_depth(runs, layers)
+    print(format_depth(summary))
+    report = {"summary": summary, "runs": runs}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def summarize_depth(runs: list[dict], layers: list[int]) -> dict:
+    """Medians and spreads per depth; decode per layer (ms / layers, and the slope between depths)."""
+    out: dict = {}
+    for n in layers:
+        row: dict = {}
+        for phase in ("cold", "warm"):
+            ok = [r for r in runs if r["kind"] == "startup" and r["layers"] == n and r["phase"] == phase
+                  and r["code"] == 0]
+            if not ok:
+                continue
+            row[phase] = {
+                "first_token_s": _spread([r["first_token_s"] for r in ok]),
+                "first_decoded_token_s": _spread([r["first_decoded_token_s"] for r in ok]),
+                "weights_s": _spread([r["weights_s"] for r in ok]),
+                "lower_s": _spread([sum(p["lower_s"] for p in r["programs"].values()) for r in ok]),
+                "compile_s": _spread([sum(p["compile_s"] for p in r["programs"].values()) for r in ok]),
+                "process_s": _spread([r["process_s"] for r in ok]),
+                "cache_hits": _spread([r["cache"]["cache_hits"] for r in ok]),
+                "peak_gb": _spread([(r.get("memory") or {}).get("peak_gb") for r in ok]),
+                "planned_gb": _spread([(r.get("memory") or {}).get("planned_gb") for r in ok]),
+            }
+        models = [r for r in runs if r["kind"] == "model" and r["layers"] == n and r["code"] == 0]
+        for batch in sorted({x["batch"] for r in models for x in r["rows"] if x["kind"] == "decode"}):
+            ms = [x["ms"] for r in models for x in r["rows"] if x["kind"] == "decode" and x["batch"] == batch]
+            row[f"decode_b{batch}_ms"] = _spread(ms)
+            row[f"decode_b{batch}_ms_per_layer"] = _spread([m / n for m in ms])
+        out[n] = row
+    for key in sorted({k for row in out.values() for k in row if k.endswith("_ms")}):
+        points = [(n, out[n][key]["median"]) for n in layers if out[n].get(key)]
+        for (a, ma), (b, mb) in zip(points, points[1:]):
+            out[b][key + "_slope_per_layer"] = (mb - ma) / (b - a)  # the marginal cost of a layer
+    return out
+
+
+def format_depth(summary: dict) -> str:
+    lines = []
+    for n, row in summary.items():
+        parts = [f"{n:>3} layers:"]
+        for phase in ("cold", "warm"):
+            if phase in row:
+                p = row[phase]
+                parts.append(f"{phase} first token {p['first_token_s']['median']:.1f} s "
+                             f"[{p['first_token_s']['min']:.1f}-{p['first_token_s']['max']:.1f}] (weights "
+                             f"{p['weights_s']['median']:.1f}, lower {p['lower_s']['median']:.1f}, compile "
+                             f"{p['compile_s']['median']:.1f})")
+                if p["peak_gb"]:
+                    parts.append(f"peak {p['peak_gb']['median']:.1f} GB vs planned {p['planned_gb']['median']:.1f}")
+        for key, value in row.items():
+            if key.endswith("_ms_per_layer"):
+                parts.append(f"{key[:-13]} {value['median']:.3f} ms/layer [{value['min']:.3f}-{value['max']:.3f}]")
+            elif key.endswith("_slope_per_layer"):
+                parts.append(f"{key[:-16]} slope {value:.3f} ms/layer")
+        lines.append(parts[0] + " " + "; ".join(parts[1:]))
+    return "\n".join(lines)
+
+
 def kernels_bench(args: argparse.Namespace) -> None:
     import kernel_bench  # the kernel micro-benchmarks and tuning sweeps live in their own module
 
@@ -737,6 +873,27 @@ def main(argv: list[str] | None = None) -> None:
                    help="JAX's persistent compilation cache directory, 'off' to turn it off (default "
                         "$GROK1_COMPILATION_CACHE, else ~/.cache/grok1/jax)")
     p.set_defaults(func=model_bench)
+
+    p = sub.add_parser("depth", help="start-up, per-layer decode and peak memory against depth (fresh "
+                                     "processes, repeated, interleaved)")
+    p.add_argument("--layers", default="8,16,32,48", help="depths to measure")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all depths (median and spread)")
+    p.add_argument("--mesh", default="1x2", help="DATAxMODEL mesh")
+    p.add_argument("--parts", default="startup,decode", help="startup (run.py --random-weights) and/or "
+                                                             "decode (bench.py model)")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="skip the second start from the filled compilation cache")
+    p.add_argument("--steps", type=int, default=16, help="tokens generated by each start")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes of the model bench")
+    p.add_argument("--context", type=int, default=1024, help="tokens in the cache while decoding")
+    p.add_argument("--prefill", type=int, default=128, help="prefill length of the model bench")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "grok1-depth-cache"),
+                   help="compilation caches of the runs (emptied for each cold start)")
+    p.add_argument("--tiny", action="store_true", help="the tiny config: a smoke test on any machine")
+    p.add_argument("--out", default="bench_depth", help="directory of each run's JSON and log")
+    p.add_argument("--json", default="bench_depth.json", help="all runs and the summary")
+    p.set_defaults(func=depth_bench)
 
     p = sub.add_parser("kernels", help="GPU kernel checks, micro-benchmarks and tuning sweeps "
                                        "(arguments go to kernel_bench.py; see --help there)")

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, metavar="N",
                    help="with --random-weights, --tiny or --plan: the number of layers (default the "
                         "config's: 64 for Grok-1).")
+    p.add_argument("--timings-json", default=None, metavar="PATH",
+                   help="with --random-weights: also write the start-up split, the first tokens' times, "
+                        "the decode steps' times and the peak memory against the plan to PATH (JSON).")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help=f"JAX's persistent compilation cache: compiled programs are kept in DIR and "
                         f"reused by the next start; 'off' turns it off (env {ENV_COMPILE_CACHE}; default "
@@ -256,7 +259,10 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
     counted from `started` (a time.perf_counter() value; default: when this is called).
     """
     started = time.perf_counter() if started is None else started
+    import json
+
     import jax
+    import numpy as np
 
     import runners
 
@@ -287,7 +293,7 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
         print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}{where}, "
               f"{runner.batch_size} slot(s).", flush=True)
 
-    start, count, done, first, decoded = time.perf_counter(), 0, {}, None, None
+    start, count, done, first, decoded, stamps = time.perf_counter(), 0, {}, None, None, []
     live = args.stream and len(prompts) == 1
     if live:
         print(f"Output for prompt: {prompts[0]}", end="", flush=True)
@@ -296,6 +302,8 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
         first = first or time.perf_counter()  # the prefill's token
         if decoded is None and event.index > 0:  # the first decode step's
             decoded = time.perf_counter()
+        if event.request_id == 0:
+            stamps.append(time.perf_counter())
         if live:
             print(event.text, end="", flush=True)
         elif args.stream:
@@ -316,14 +324,35 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
         print(f"First token (prefill) {first - start:.2f} s after the compilation, {first - started:.1f} s after "
               "start" + (f"; first decoded token {decoded - started:.1f} s after start." if decoded else "."))
     if random_weights:
-        line = memory_report(runner, max(runner.buckets))
+        line, memory = memory_report(runner, max(runner.buckets))
         if line:
             print(line)
+        if getattr(args, "timings_json", None) and jax.process_index() == 0:
+            steps = np.diff(stamps[1:]) if len(stamps) > 2 else np.zeros(0)  # decode steps of request 0
+            report = dict(
+                layers=config.model.num_layers, emb_size=config.model.emb_size, mesh=dict(runner.mesh.shape),
+                batch=runner.batch_size, buckets=list(runner.buckets), **runner.timings, programs=programs,
+                first_token_s=first - started if first else None,
+                first_decoded_token_s=decoded - started if decoded else None,
+                compile_to_first_token_s=first - start if first else None,
+                decode_step_ms_median=float(np.median(steps) * 1e3) if steps.size else None,
+                decode_steps=int(steps.size), cache=dict(runners.compilation_stats(), dir=cache_dir()),
+                memory=memory)
+            with open(args.timings_json, "w") as f:
+                json.dump(report, f, indent=1)
 
 
-def memory_report(runner, prefill_len: int) -> Optional[str]:
+def cache_dir() -> Optional[str]:
+    """The persistent compilation cache's directory, None when it is off."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+
+
+def memory_report(runner, prefill_len: int) -> tuple[Optional[str], Optional[dict]]:
     """The measured peak device memory (JAX's peak_bytes_in_use, largest device of this
-    process) against the planner's estimate of this run; None where devices report none (CPU)."""
+    process) against the planner's estimate of this run: (a line, the numbers in GB); (None,
+    None) where devices report none (CPU)."""
     import jax
 
     import planner
@@ -331,15 +360,17 @@ def memory_report(runner, prefill_len: int) -> Optional[str]:
     devices = [d for d in runner.mesh.devices.flat if d.process_index == jax.process_index()]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
     if not all(peaks):
-        return None
+        return None, None
     config = runner.runner.model
     p = planner.plan(config, runner.mesh.devices.size, None, runner.batch_size, config.sequence_len,
                      tuple(runner.mesh.devices.shape), prefill_len=prefill_len, runtime_overhead_gb=0.0,
                      suggest=False)
     peak = max(peaks) / 1e9
-    return (f"Peak device memory {peak:.2f} GB (largest device; weight creation included); the planner's "
+    line = (f"Peak device memory {peak:.2f} GB (largest device; weight creation included); the planner's "
             f"estimate {p.total_gb:.2f} GB (prefill {p.prefill_total_gb:.2f}, decode {p.decode_total_gb:.2f}), "
             f"{p.total_gb / peak:.3f}x the measured peak.")
+    return line, dict(peak_gb=peak, planned_gb=p.total_gb, planned_prefill_gb=p.prefill_total_gb,
+                      planned_decode_gb=p.decode_total_gb)
 
 
 def startup_report(runner, programs: dict, cache_before: dict, where: str = "") -> str:
@@ -365,7 +396,7 @@ def startup_report(runner, programs: dict, cache_before: dict, where: str = "") 
     stats = runners.compilation_stats()
     hits = stats["cache_hits"] - cache_before["cache_hits"]
     writes = stats["cache_writes"] - cache_before["cache_writes"]
-    directory = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+    directory = cache_dir()
     lines.append(f"  compilation cache: {directory}: {hits} program(s) read from it, {writes} compiled and "
                  f"written" if directory else "  compilation cache: off")
     return "\n".join(lines)
