@@ -4,8 +4,11 @@
            on a model of Grok-1 width with N layers of random int8 weights made on the
            device, for the fast and the reference (release) MoE, against the roofline:
            the bytes a step must read over the measured copy bandwidth (decode), the top-k
-           FLOPs over the measured bf16 matmul rate (prefill). Also the time to compile the
-           full 64-layer model (abstract shapes, nothing allocated).
+           FLOPs over the measured bf16 matmul rate (prefill). Start-up is split into weight
+           creation, lowering and compilation of each program. Also the time to compile the
+           runner's prefill and decode steps of the full 64-layer model, sharded over --mesh
+           (abstract shapes, nothing allocated). Programs go to JAX's persistent compilation
+           cache (--compile-cache; default ~/.cache/grok1/jax), so a second run reuses them.
            python bench.py model --layers 4 --json bench_model.json
 
   project  arithmetic, no devices: per-layer decode times measured on 1 and 2 devices (given,
@@ -13,6 +16,11 @@
            64-layer step and tokens/s at batch 1, 8, 32 on N devices, beside the roofline:
            python bench.py project --devices 8 --device-kind h200 --measured 1=1:0.59,2:0.45
            python bench.py project --devices 8 --from-json l2.json l8.json l2_1x2.json l8_1x2.json
+
+  depth    start-up (cold and warm compilation cache), per-layer decode cost and peak memory
+           against the planner at several depths: run.py --random-weights and `bench.py model`
+           in fresh processes, repeated and interleaved; medians and spreads.
+           python bench.py depth --layers 8,16,32,48 --repeats 3 --mesh 1x2
 
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
            one MoE layer at 1, 8, 32 and 1024 tokens, tuning sweeps.
@@ -515,6 +523,16 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
     return jax.jit(make, out_shardings=shardings)()
 
 
+def aot_compile(fn: Any, *args: Any) -> dict:
+    """Lower and compile the jitted `fn` for `args` before its first call (the jit's own cache
+    keeps the program for the calls that follow); returns the seconds of each part."""
+    start = time.perf_counter()
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    return {"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}
+
+
 def weight_bytes(leaf: Any) -> int:
     """Bytes of a leaf (array or jax.ShapeDtypeStruct); a quantized weight: int8 + scales."""
     if isinstance(leaf, model.QuantizedWeight8bit):
@@ -584,6 +602,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
         results["mesh"] = dict(mesh.shape)
     devices = 1 if mesh is None else mesh.size
     bw_all = bw * devices
+    start = time.perf_counter()
     raw = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
     # Each mode gets the layouts its own runner would (the reference mode keeps the
     # checkpoint's int8 layout); without the reference mode the conversion is in place.
@@ -591,6 +610,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
                 for mode in modes}
     del raw
     jax.block_until_ready(prepared)
+    results["weights_s"] = time.perf_counter() - start
+    print(f"weights: {layers} layers made on the devices in {results['weights_s']:.1f} s", flush=True)
     cache_len = cache_len or -(-(context + 64) // 128) * 128  # room for the timed steps
     results["cache_len"] = cache_len
     rows, logits = [], {}
@@ -602,7 +623,9 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             length = jnp.ones((batch,), jnp.int32)
             # The first step from the same cache is compared across modes (later steps
             # drift apart as each mode writes its own keys and values).
-            first, _ = forward(params, tokens, filled_memory(config, batch, context, cache_len, mesh), length)
+            memory = filled_memory(config, batch, context, cache_len, mesh)
+            startup = aot_compile(forward, params, tokens, memory, length)
+            first, _ = forward(params, tokens, memory, length)
             logits[(mode, batch)] = np.asarray(first.logits, np.float32)
             state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
 
@@ -615,7 +638,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             _, experts = step()
             need = decode_bytes(params, config, experts, batch, context)
             row = dict(kind="decode", mode=mode, batch=batch, ms=seconds * 1e3, tokens_per_s=batch / seconds,
-                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds)
+                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds, **startup)
             rows.append(row)
             print(row, flush=True)
             save(json_path, results, rows)
@@ -630,11 +653,12 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             holder["m"] = model.init_memory(config, 1, prefill_len, mesh)
             return forward(params, tokens, holder["m"], length).logits
 
+        startup = aot_compile(forward, params, tokens, model.init_memory(config, 1, prefill_len, mesh), length)
         seconds = timed(prefill, iters=max(3, iters // 2))
         need = prefill_flops(config, prefill_len)
         row = dict(kind="prefill", mode=mode, batch=1, tokens=prefill_len, ms=seconds * 1e3,
                    tokens_per_s=prefill_len / seconds, roofline_ms=need / (flops * devices) * 1e3,
-                   roofline_pct=100 * need / (flops * devices) / seconds)
+                   roofline_pct=100 * need / (flops * devices) / seconds, **startup)
         rows.append(row)
         print(row, flush=True)
         save(json_path, results, rows)
@@ -661,26 +685,23 @@ def save(path: str | None, results: dict, rows: list) -> None:
             json.dump(dict(results, rows=rows), f, indent=1)
 
 
-def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cache_len: int = 8192) -> dict:
-    """Seconds to lower and compile prefill and decode of the full config, abstract shapes."""
-    config = model.grok_1_config(num_layers=layers)
-    shapes = model.param_shapes(config)
-    forward = model.make_forward(config, donate_memory=True)
-    out = {}
-    for name, b, t in [("prefill", 1, prefill_len), ("decode", batch, 1)]:
-        memory = jax.eval_shape(lambda: model.init_layer_memories(
-            b, cache_len if name == "decode" else prefill_len, config.model.num_kv_heads,
-            config.model.key_size, layers))
-        tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
-        length = jax.ShapeDtypeStruct((b,), jnp.int32)
-        start = time.perf_counter()
-        lowered = forward.lower(shapes, tokens, memory, length)
-        lowered_at = time.perf_counter()
-        lowered.compile()
-        done = time.perf_counter()
-        out[name] = dict(lower_s=lowered_at - start, compile_s=done - lowered_at)
-        print(f"compile {layers} layers {name}: lower {lowered_at - start:.1f}s, compile {done - lowered_at:.1f}s",
-              flush=True)
+def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cache_len: int = 8192,
+                  mesh_shape: tuple[int, int] | None = None) -> dict:
+    """Seconds to lower and compile the runner's prefill (one prompt of prefill_len tokens) and
+    decode (batch slots of cache_len) steps of Grok-1 with `layers` layers, sharded over the
+    mesh (default 1x1, one device): what run.py compiles, from abstract shapes, nothing
+    allocated."""
+    import runners
+
+    config = dataclasses.replace(model.grok_1_config(num_layers=layers), sequence_len=cache_len).initialize()
+    mesh = runners.make_mesh(mesh_shape or (1, 1), (1, 1))
+    prefill, decode = runners.make_step_functions(config, mesh, batch)
+    params, memory, state = runners.abstract_step_inputs(config, mesh, batch)
+    times = runners.compile_steps(prefill, decode, params, memory, state, config, batch, [prefill_len])
+    out = {"prefill": times[f"prefill {prefill_len}"], "decode": times["decode"], "mesh": dict(mesh.shape)}
+    for name in ("prefill", "decode"):
+        print(f"compile {layers} layers {name} on mesh {dict(mesh.shape)}: lower {out[name]['lower_s']:.1f}s, "
+              f"compile {out[name]['compile_s']:.1f}s", flush=True)
     return out
 
 
@@ -801,14 +822,169 @@ def format_model_table(results: dict) -> str:
 
 
 def model_bench(args: argparse.Namespace) -> dict:
+    import runners
+
+    cache = runners.enable_compilation_cache(args.compile_cache)
+    print(f"compilation cache: {cache or 'off'}", flush=True)
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     res = bench_model(args.layers, [int(b) for b in args.batches.split(",")], args.context, args.prefill,
                       args.modes.split(","), args.iters, args.tiny, args.json, mesh, args.cache_len)
     if args.compile_layers:
-        res["compile"] = compile_times(args.compile_layers)
-        save(args.json, res, res["rows"])
+        res["compile"] = compile_times(args.compile_layers, mesh_shape=mesh)
+    res["compilation_cache"] = dict(runners.compilation_stats(), dir=cache)
+    save(args.json, res, res["rows"])
     print(format_model_table(res))
+    print(format_startup(res))
     return res
+
+
+def format_startup(results: dict) -> str:
+    """Start-up: weight creation, then lowering and compilation of each measured program."""
+    lines = [f"start-up: weights {results['weights_s']:.1f} s"]
+    for r in results["rows"]:
+        if "lower_s" in r:
+            lines.append(f"  {r['kind']} {r['mode']} batch {r['batch']}: lower {r['lower_s']:.1f} s, "
+                         f"compile {r['compile_s']:.1f} s")
+    for name, t in results.get("compile", {}).items():
+        if name != "mesh":
+            lines.append(f"  compile check, {name} on mesh {results['compile']['mesh']}: lower "
+                         f"{t['lower_s']:.1f} s, compile {t['compile_s']:.1f} s")
+    c = results.get("compilation_cache")
+    if c:
+        lines.append(f"  compilation cache {c['dir'] or 'off'}: {c['cache_hits']} read, "
+                     f"{c['cache_writes']} written, {c['compiles']} compile requests")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# depth: start-up, decode per layer and peak memory against the number of layers
+# ---------------------------------------------------------------------------------------
+
+
+def _spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _child(cmd: list[str], log: str) -> int:
+    """Run one measurement in a fresh process (its own memory peak and caches); log its output."""
+    with open(log, "w") as f:
+        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def depth_bench(args: argparse.Namespace) -> dict:
+    """For each depth, repeated and interleaved (a slow phase of a noisy machine then hits
+    every depth alike), each in a fresh process: run.py --random-weights with an empty
+    compilation cache (cold start) and again with the one it filled (warm start), and
+    `bench.py model` (decode per batch, weights, lowering, compile). Summarises medians and
+    spreads, per-layer decode cost, and the measured peak memory against the planner's."""
+    layers = [int(n) for n in args.layers.split(",")]
+    args.out, args.cache_root = os.path.abspath(args.out), os.path.abspath(args.cache_root)  # children run in REPO
+    os.makedirs(args.out, exist_ok=True)
+    runs: list[dict] = []
+    for rep in range(args.repeats):
+        for n in layers:
+            cache = os.path.join(args.cache_root, f"run-L{n}-r{rep}")
+            shutil.rmtree(cache, ignore_errors=True)
+            for phase in ("cold", "warm") if args.warm else ("cold",):
+                if "startup" not in args.parts:
+                    break
+                path = os.path.join(args.out, f"startup-L{n}-r{rep}-{phase}.json")
+                cmd = [sys.executable, os.path.join(REPO, "run.py"), "--random-weights", "--layers", str(n),
+                       "--mesh", args.mesh, "--max-len", str(args.steps), "--temperature", "0",
+                       "--compile-cache", cache, "--timings-json", path] + (["--tiny"] if args.tiny else [])
+                start = time.perf_counter()
+                code = _child(cmd, path[:-5] + ".log")
+                rec = dict(kind="startup", phase=phase, layers=n, rep=rep, code=code,
+                           process_s=time.perf_counter() - start)
+                if code == 0:
+                    with open(path) as f:
+                        rec.update(json.load(f))
+                runs.append(rec)
+                print(f"L={n} rep {rep} {phase} start: exit {code}, first token "
+                      f"{rec.get('first_token_s') or float('nan'):.1f} s, process {rec['process_s']:.1f} s",
+                      flush=True)
+            if "decode" in args.parts:
+                path = os.path.join(args.out, f"model-L{n}-r{rep}.json")
+                cmd = [sys.executable, os.path.abspath(__file__), "model", "--layers", str(n), "--batches",
+                       args.batches, "--modes", "fast", "--prefill", str(args.prefill), "--context",
+                       str(args.context), "--iters", str(args.iters), "--compile-layers", "0", "--mesh", args.mesh,
+                       *(["--tiny"] if args.tiny else []),
+                       "--compile-cache", os.path.join(args.cache_root, f"model-L{n}"), "--json", path]
+                code = _child(cmd, path[:-5] + ".log")
+                rec = dict(kind="model", layers=n, rep=rep, code=code)
+                if code == 0:
+                    with open(path) as f:
+                        rec.update(json.load(f))
+                runs.append(rec)
+                print(f"L={n} rep {rep} model bench: exit {code}", flush=True)
+            if args.json:
+                save(args.json, {"runs": runs}, [])
+    summary = summarize_depth(runs, layers)
+    print(format_depth(summary))
+    report = {"summary": summary, "runs": runs}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def summarize_depth(runs: list[dict], layers: list[int]) -> dict:
+    """Medians and spreads per depth; decode per layer (ms / layers, and the slope between depths)."""
+    out: dict = {}
+    for n in layers:
+        row: dict = {}
+        for phase in ("cold", "warm"):
+            ok = [r for r in runs if r["kind"] == "startup" and r["layers"] == n and r["phase"] == phase
+                  and r["code"] == 0]
+            if not ok:
+                continue
+            row[phase] = {
+                "first_token_s": _spread([r["first_token_s"] for r in ok]),
+                "first_decoded_token_s": _spread([r["first_decoded_token_s"] for r in ok]),
+                "weights_s": _spread([r["weights_s"] for r in ok]),
+                "lower_s": _spread([sum(p["lower_s"] for p in r["programs"].values()) for r in ok]),
+                "compile_s": _spread([sum(p["compile_s"] for p in r["programs"].values()) for r in ok]),
+                "process_s": _spread([r["process_s"] for r in ok]),
+                "cache_hits": _spread([r["cache"]["cache_hits"] for r in ok]),
+                "peak_gb": _spread([(r.get("memory") or {}).get("peak_gb") for r in ok]),
+                "planned_gb": _spread([(r.get("memory") or {}).get("planned_gb") for r in ok]),
+            }
+        models = [r for r in runs if r["kind"] == "model" and r["layers"] == n and r["code"] == 0]
+        for batch in sorted({x["batch"] for r in models for x in r["rows"] if x["kind"] == "decode"}):
+            ms = [x["ms"] for r in models for x in r["rows"] if x["kind"] == "decode" and x["batch"] == batch]
+            row[f"decode_b{batch}_ms"] = _spread(ms)
+            row[f"decode_b{batch}_ms_per_layer"] = _spread([m / n for m in ms])
+        out[n] = row
+    for key in sorted({k for row in out.values() for k in row if k.endswith("_ms")}):
+        points = [(n, out[n][key]["median"]) for n in layers if out[n].get(key)]
+        for (a, ma), (b, mb) in zip(points, points[1:]):
+            out[b][key + "_slope_per_layer"] = (mb - ma) / (b - a)  # the marginal cost of a layer
+    return out
+
+
+def format_depth(summary: dict) -> str:
+    lines = []
+    for n, row in summary.items():
+        parts = [f"{n:>3} layers:"]
+        for phase in ("cold", "warm"):
+            if phase in row:
+                p = row[phase]
+                parts.append(f"{phase} first token {p['first_token_s']['median']:.1f} s "
+                             f"[{p['first_token_s']['min']:.1f}-{p['first_token_s']['max']:.1f}] (weights "
+                             f"{p['weights_s']['median']:.1f}, lower {p['lower_s']['median']:.1f}, compile "
+                             f"{p['compile_s']['median']:.1f})")
+                if p["peak_gb"]:
+                    parts.append(f"peak {p['peak_gb']['median']:.1f} GB vs planned {p['planned_gb']['median']:.1f}")
+        for key, value in row.items():
+            if key.endswith("_ms_per_layer"):
+                parts.append(f"{key[:-13]} {value['median']:.3f} ms/layer [{value['min']:.3f}-{value['max']:.3f}]")
+            elif key.endswith("_slope_per_layer"):
+                parts.append(f"{key[:-16]} slope {value:.3f} ms/layer")
+        lines.append(parts[0] + " " + "; ".join(parts[1:]))
+    return "\n".join(lines)
 
 
 def kernels_bench(args: argparse.Namespace) -> None:
@@ -1442,11 +1618,15 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--modes", default="fast,reference")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-layers", type=int, default=64,
-                   help="layers of the abstract compile-time check (0 skips it)")
+                   help="layers of the abstract compile-time check of the runner's prefill and decode "
+                        "steps, sharded over --mesh (0 skips it)")
     p.add_argument("--tiny", action="store_true", help="tiny config: a smoke test on any machine")
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2 "
                                                  "(default: one device, no mesh)")
     p.add_argument("--json", default="bench_model.json", help="write the results here")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache directory, 'off' to turn it off (default "
+                        "$GROK1_COMPILATION_CACHE, else ~/.cache/grok1/jax)")
     p.set_defaults(func=model_bench)
 
     p = sub.add_parser("profile", help="jax.profiler trace of decode steps: device time per kernel and per layer")
@@ -1458,6 +1638,27 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--trace-dir", default="bench_out/trace")
     p.add_argument("--json", default=None, help="write the per-kernel table here")
     p.set_defaults(func=profile_bench)
+
+    p = sub.add_parser("depth", help="start-up, per-layer decode and peak memory against depth (fresh "
+                                     "processes, repeated, interleaved)")
+    p.add_argument("--layers", default="8,16,32,48", help="depths to measure")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all depths (median and spread)")
+    p.add_argument("--mesh", default="1x2", help="DATAxMODEL mesh")
+    p.add_argument("--parts", default="startup,decode", help="startup (run.py --random-weights) and/or "
+                                                             "decode (bench.py model)")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="skip the second start from the filled compilation cache")
+    p.add_argument("--steps", type=int, default=16, help="tokens generated by each start")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes of the model bench")
+    p.add_argument("--context", type=int, default=1024, help="tokens in the cache while decoding")
+    p.add_argument("--prefill", type=int, default=128, help="prefill length of the model bench")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "grok1-depth-cache"),
+                   help="compilation caches of the runs (emptied for each cold start)")
+    p.add_argument("--tiny", action="store_true", help="the tiny config: a smoke test on any machine")
+    p.add_argument("--out", default="bench_depth", help="directory of each run's JSON and log")
+    p.add_argument("--json", default="bench_depth.json", help="all runs and the summary")
+    p.set_defaults(func=depth_bench)
 
     p = sub.add_parser("kernels", add_help=False,  # --help goes to kernel_bench's own parser
                        help="GPU kernel checks, micro-benchmarks and tuning sweeps "

@@ -2,6 +2,8 @@
 
     python run.py                      # the released model: ./checkpoints/ckpt-0, ./tokenizer.model
     python run.py --tiny               # a demo on any machine, CPU included, in well under a minute
+    python run.py --random-weights     # Grok-1 on random int8 weights: a new GPU host's smoke test
+    python run.py --random-weights --layers 8 --mesh 1x2   # fewer layers, a given mesh
     python run.py --prompt "Hello" --prompt "Once upon a time" --max-len 50 --temperature 0.7
 
     python run.py serve --tiny         # an OpenAI-compatible HTTP server (server.py); see serve --help
@@ -16,6 +18,19 @@ tokenizer, 100 tokens at temperature 0.01 from the test prompt. The mesh default
 devices present. --tiny saves a small random model in the released checkpoint format,
 trains a small SentencePiece tokenizer (ids 0 [PAD], 1 [BOS], 2 [EOS], 3 [UNK]) from
 data/tiny_corpus.txt, loads both back through the same restore path and generates.
+
+--random-weights runs the whole runner (mesh, memory plan, prefill, decode, sampling) on
+random int8 weights made on the devices, with no checkpoint: the check of a new GPU host
+before downloading 318 GB. The model is Grok-1 (--tiny: the demo's); --layers N overrides
+its depth (Grok-1 has 64), --context S its KV cache length (8192). The tokenizer is
+--tokenizer when that file exists (Grok-1's tokenizer.model), otherwise a small demo
+tokenizer trained on the spot (the model then only ever samples its 512 ids). It prints
+the start-up split (set-up, weight creation, lowering and compilation of every step, the
+first token) and, where the devices report it, the peak memory against the planner's.
+
+Compiled programs go to JAX's persistent compilation cache (default ~/.cache/grok1/jax;
+--compile-cache DIR or GROK1_COMPILATION_CACHE=DIR moves it, "off" turns it off), so that
+a second start loads them instead of compiling again.
 
 With --num-processes N > 1 every process joins a jax.distributed group (process 0 hosts
 the coordinator), the mesh spans all processes (--hosts, default Nx1), every process runs
@@ -79,6 +94,7 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_TIMEOUT = "GROK1_DISTRIBUTED_TIMEOUT"
 DEFAULT_DISTRIBUTED_TIMEOUT = 120.0  # seconds (runners.DEFAULT_DISTRIBUTED_TIMEOUT_S)
+ENV_COMPILE_CACHE = "GROK1_COMPILATION_CACHE"  # runners.COMPILATION_CACHE_ENV
 
 DOWNLOAD_HELP = """\
 To run the real model, download the weights and the tokenizer from the Hugging Face repo
@@ -146,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixture-of-experts implementation: 'fast' runs only the chosen experts with int8 "
                         "kernels; 'reference' is the release's algorithm (default fast).")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated.")
+    p.add_argument("--random-weights", action="store_true",
+                   help="no checkpoint: random int8 weights made on the devices (Grok-1, or the demo "
+                        "model with --tiny), through the whole runner; prints the start-up times. "
+                        "Checks a GPU host before the 318 GB download.")
+    p.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="with --random-weights, --tiny or --plan: the number of layers (default the "
+                        "config's: 64 for Grok-1).")
+    p.add_argument("--timings-json", default=None, metavar="PATH",
+                   help="with --random-weights: also write the start-up split, the first tokens' times, "
+                        "the decode steps' times and the peak memory against the plan to PATH (JSON).")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache: compiled programs are kept in DIR and "
+                        f"reused by the next start; 'off' turns it off (env {ENV_COMPILE_CACHE}; default "
+                        f"~/.cache/grok1/jax).")
     g = p.add_argument_group(
         "several processes (hosts)",
         "Start the same command once per process (host), each with its own --process-id;\n"
@@ -417,9 +447,18 @@ def build_requests(args: argparse.Namespace) -> list:
 
 
 def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_path: str,
-             pad_sizes: Sequence[int]) -> None:
-    """Build the runner the release's way, then generate for every prompt at once."""
+             pad_sizes: Sequence[int], random_weights: bool = False, started: Optional[float] = None) -> None:
+    """Build the runner the release's way, then generate for every prompt at once.
+
+    random_weights: no checkpoint, random weights made on the devices; the steps are then
+    compiled ahead of time and the start-up split is printed, the first token's time
+    counted from `started` (a time.perf_counter() value; default: when this is called).
+    """
+    started = time.perf_counter() if started is None else started
+    import json
+
     import jax
+    import numpy as np
 
     import runners
 
@@ -433,7 +472,7 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
     runner = runners.InferenceRunner(
         pad_sizes=tuple(pad_sizes),
         runner=runners.ModelRunner(model=config, bs_per_device=len(prompts) / devices,
-                                   checkpoint_path=checkpoint_path),
+                                   checkpoint_path=checkpoint_path, random_weights=random_weights),
         name="local", load=checkpoint_path, tokenizer_path=tokenizer_path,
         local_mesh_config=mesh, between_hosts_config=hosts)
     # The tokenizer and the prompts, before the weights (seconds, not minutes, to an error).
@@ -443,17 +482,27 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
             raise runners.InvalidRequestError(
                 f"{which}{request.prompt[:40]!r} encodes to no tokens with {tokenizer_path}; give some text.")
     start = time.perf_counter()
+    cache_before = runners.compilation_stats()
     runner.initialize()
     where = f" over {processes} processes" if processes > 1 else ""
-    print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}{where}, "
-          f"{runner.batch_size} slot(s).", flush=True)
+    if random_weights:
+        programs = runner.compile()
+        print(startup_report(runner, programs, cache_before, where), flush=True)
+    else:
+        print(f"Loaded in {time.perf_counter() - start:.1f} s: mesh {dict(runner.mesh.shape)}{where}, "
+              f"{runner.batch_size} slot(s).", flush=True)
 
-    start, count, done = time.perf_counter(), 0, {}
+    start, count, done, first, decoded, stamps = time.perf_counter(), 0, {}, None, None, []
     live = args.stream and len(prompts) == 1
     if live:
         print(f"Output for prompt: {prompts[0]}", end="", flush=True)
     for event in runner.stream(requests):
         count += 1
+        first = first or time.perf_counter()  # the prefill's token
+        if decoded is None and event.index > 0:  # the first decode step's
+            decoded = time.perf_counter()
+        if event.request_id == 0:
+            stamps.append(time.perf_counter())
         if live:
             print(event.text, end="", flush=True)
         elif args.stream:
@@ -469,7 +518,87 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
             print(f"Output for prompt: {prompt}", c.text)
         print(f"  ({len(c.tokens)} tokens, stopped at {c.finish_reason})")
     print(f"{count} tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tokens/s, "
-          "compilation included).")
+          + ("compiled ahead)." if random_weights else "compilation included)."))
+    if random_weights and first is not None:
+        print(f"First token (prefill) {first - start:.2f} s after the compilation, {first - started:.1f} s after "
+              "start" + (f"; first decoded token {decoded - started:.1f} s after start." if decoded else "."))
+    if random_weights:
+        line, memory = memory_report(runner, max(runner.buckets))
+        if line:
+            print(line)
+        if getattr(args, "timings_json", None) and jax.process_index() == 0:
+            steps = np.diff(stamps[1:]) if len(stamps) > 2 else np.zeros(0)  # decode steps of request 0
+            report = dict(
+                layers=config.model.num_layers, emb_size=config.model.emb_size, mesh=dict(runner.mesh.shape),
+                batch=runner.batch_size, buckets=list(runner.buckets), **runner.timings, programs=programs,
+                first_token_s=first - started if first else None,
+                first_decoded_token_s=decoded - started if decoded else None,
+                compile_to_first_token_s=first - start if first else None,
+                decode_step_ms_median=float(np.median(steps) * 1e3) if steps.size else None,
+                decode_steps=int(steps.size), cache=dict(runners.compilation_stats(), dir=cache_dir()),
+                memory=memory)
+            with open(args.timings_json, "w") as f:
+                json.dump(report, f, indent=1)
+
+
+def cache_dir() -> Optional[str]:
+    """The persistent compilation cache's directory, None when it is off."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+
+
+def memory_report(runner, prefill_len: int) -> tuple[Optional[str], Optional[dict]]:
+    """The measured peak device memory (JAX's peak_bytes_in_use, largest device of this
+    process) against the planner's estimate of this run: (a line, the numbers in GB); (None,
+    None) where devices report none (CPU)."""
+    import jax
+
+    import planner
+
+    devices = [d for d in runner.mesh.devices.flat if d.process_index == jax.process_index()]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices]
+    if not all(peaks):
+        return None, None
+    config = runner.runner.model
+    p = planner.plan(config, runner.mesh.devices.size, None, runner.batch_size, config.sequence_len,
+                     tuple(runner.mesh.devices.shape), prefill_len=prefill_len, runtime_overhead_gb=0.0,
+                     suggest=False)
+    peak = max(peaks) / 1e9
+    line = (f"Peak device memory {peak:.2f} GB (largest device; weight creation included); the planner's "
+            f"estimate {p.total_gb:.2f} GB (prefill {p.prefill_total_gb:.2f}, decode {p.decode_total_gb:.2f}), "
+            f"{p.total_gb / peak:.3f}x the measured peak.")
+    return line, dict(peak_gb=peak, planned_gb=p.total_gb, planned_prefill_gb=p.prefill_total_gb,
+                      planned_decode_gb=p.decode_total_gb)
+
+
+def startup_report(runner, programs: dict, cache_before: dict, where: str = "") -> str:
+    """The start-up split of a --random-weights run, one line per part, in seconds."""
+    import jax
+
+    import runners
+
+    cfg = runner.runner.model.model
+    t = runner.timings
+    weights_gb = sum(x.nbytes for x in jax.tree_util.tree_leaves(runner.params)) / 1e9
+    lines = [f"Start-up with random weights: {cfg.num_layers} layers of width {cfg.emb_size} "
+             f"({weights_gb:.3g} GB of weights in all), mesh {dict(runner.mesh.shape)}{where}, "
+             f"{runner.batch_size} slot(s):",
+             f"  {'set-up (tokenizer, mesh, memory plan)':<40} {t['setup_s']:8.2f} s",
+             f"  {'weight creation on the devices':<40} {t['weights_s']:8.2f} s",
+             f"  {'KV cache and slot state':<40} {t['engine_s']:8.2f} s"]
+    for part, key in (("lowering", "lower_s"), ("compile", "compile_s")):
+        for name, times in programs.items():
+            lines.append(f"  {part + ' ' + name:<40} {times[key]:8.2f} s")
+    total = sum(t.values()) + sum(v for times in programs.values() for v in times.values())
+    lines.append(f"  {'total':<40} {total:8.2f} s")
+    stats = runners.compilation_stats()
+    hits = stats["cache_hits"] - cache_before["cache_hits"]
+    writes = stats["cache_writes"] - cache_before["cache_writes"]
+    directory = cache_dir()
+    lines.append(f"  compilation cache: {directory}: {hits} program(s) read from it, {writes} compiled and "
+                 f"written" if directory else "  compilation cache: off")
+    return "\n".join(lines)
 
 
 def _printer():
@@ -484,7 +613,7 @@ def _printer():
 def run_tiny(args: argparse.Namespace) -> None:
     import jax
 
-    config = tiny_demo_config(args.moe_impl)
+    config = with_layers(tiny_demo_config(args.moe_impl), args.layers)
     print = _printer()
     with contextlib.ExitStack() as stack:
         directory = args.tiny_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="grok1-tiny-"))
@@ -500,6 +629,63 @@ def run_tiny(args: argparse.Namespace) -> None:
         generate(args, config, checkpoint_path, tokenizer_path, TINY_PAD_SIZES)
         print("The weights are random, so the text above is random too: this shows that the code path "
               "works, not what Grok-1 says. For the real model see `python run.py --help`.")
+
+
+def with_layers(config, layers: Optional[int]):
+    """`config` with its number of layers replaced (None: unchanged)."""
+    if layers is None:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=layers)).initialize()
+
+
+def random_weights_tokenizer(args: argparse.Namespace, config, directory: str) -> tuple[str, str]:
+    """(tokenizer path, what it is) for --random-weights: --tokenizer when the file exists,
+    else a demo tokenizer trained into `directory`. FileNotFoundError when --tokenizer names
+    a missing file; ValueError when it has more pieces than the model has ids."""
+    import sentencepiece
+
+    if os.path.isfile(args.tokenizer):
+        path, what = args.tokenizer, f"the tokenizer {args.tokenizer}"
+    elif args.tokenizer != DEFAULT_TOKENIZER:
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer!r} does not exist; leave the flag out to "
+                                f"use a demo tokenizer trained on the spot.")
+    else:
+        path = train_tiny_tokenizer(directory)
+        what = (f"a {TINY_VOCAB}-piece demo tokenizer trained from {os.path.relpath(TINY_CORPUS)} (no "
+                f"{DEFAULT_TOKENIZER} here; pass --tokenizer for Grok-1's), so only its ids are sampled")
+    pieces = sentencepiece.SentencePieceProcessor(model_file=path).vocab_size()
+    if pieces > config.vocab_size:
+        raise ValueError(f"the tokenizer {path!r} has {pieces} pieces, more than the model's "
+                         f"{config.vocab_size} ids; use Grok-1's config (leave out --tiny) or another tokenizer.")
+    return path, what
+
+
+def run_random(args: argparse.Namespace, started: Optional[float] = None) -> int:
+    """--random-weights: the whole runner on random int8 weights made on the devices."""
+    import model
+
+    config = tiny_demo_config(args.moe_impl) if args.tiny else model.grok_1_config(moe_impl=args.moe_impl)
+    config = with_layers(config, args.layers)
+    if args.context:  # the planner's --context: the KV cache length of each slot
+        import dataclasses
+
+        config = dataclasses.replace(config, sequence_len=args.context).initialize()
+    print = _printer()
+    with tempfile.TemporaryDirectory(prefix="grok1-tokenizer-") as directory:
+        try:
+            tokenizer_path, what = random_weights_tokenizer(args, config, directory)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"Random weights, no checkpoint: {'the demo model' if args.tiny else 'Grok-1'} with "
+              f"{config.model.num_layers} layers, int8 weights made on the devices; {what}.", flush=True)
+        pads = sorted({min(size, config.sequence_len) for size in (TINY_PAD_SIZES if args.tiny else (1024,))})
+        generate(args, config, "", tokenizer_path, pads, random_weights=True, started=started)
+    print("The weights are random, so the text above is random too: this checks the devices, the "
+          "mesh and the code path, not what Grok-1 says.")
+    return 0
 
 
 def run_real(args: argparse.Namespace) -> int:
@@ -669,6 +855,7 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in ("run", "serve", "plan") else None
     if command == "serve":
@@ -684,13 +871,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import planner
     import runners
 
+    if args.layers is not None and args.layers < 1:
+        print(f"Error: --layers {args.layers}: the model needs at least 1 layer.", file=sys.stderr)
+        return EXIT_USAGE
+    if args.layers is not None and not (args.random_weights or args.tiny or args.plan):
+        print(f"Error: --layers {args.layers} changes the model, but the checkpoint fixes its layers; use "
+              "it with --random-weights, --tiny or --plan.", file=sys.stderr)
+        return EXIT_USAGE
     if args.plan:  # shapes only: nothing is loaded or allocated
-        config = None
-        if args.tiny:
-            config = tiny_demo_config(args.moe_impl)
-            if args.layers is not None:
-                config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=args.layers))
-        return planner.run_plan(args, config=config)
+        tiny = with_layers(tiny_demo_config(args.moe_impl), args.layers) if args.tiny else None
+        return planner.run_plan(args, config=tiny)
     coordinator, processes, process_id, timeout = distributed_settings(args)
     try:  # the flags and prompts, before anything is written or loaded
         build_requests(args)
@@ -711,7 +901,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if process_id != 0:
             logging.getLogger().setLevel(logging.WARNING)
     context = f" (process {process_id} of {processes})" if several else ""
+    runners.enable_compilation_cache(args.compile_cache)  # before the first compilation
     try:
+        if args.random_weights:
+            return run_random(args, started)
         if args.tiny:
             run_tiny(args)
             return 0

@@ -281,6 +281,80 @@ def initialize_distributed(
 
 
 # ---------------------------------------------------------------------------------------
+# Start-up: JAX's persistent compilation cache
+# ---------------------------------------------------------------------------------------
+
+COMPILATION_CACHE_ENV = "GROK1_COMPILATION_CACHE"  # a directory, or "off"
+COMPILATION_CACHE_OFF = ("", "0", "off", "none", "no", "false")
+_compile_events: collections.Counter = collections.Counter()
+_compile_listeners_registered = False
+
+
+def default_compilation_cache_dir() -> str:
+    """$XDG_CACHE_HOME/grok1/jax, else ~/.cache/grok1/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "grok1", "jax")
+
+
+def _count_compile_event(event: str, *args: Any, **kwargs: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _compile_events["cache_hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":  # recorded when an entry is written
+        _compile_events["cache_writes"] += 1
+    elif event == "/jax/core/compile/backend_compile_duration":  # XLA compile or cache read
+        _compile_events["compiles"] += 1
+
+
+def compilation_stats() -> dict[str, int]:
+    """Counts since the first enable_compilation_cache call: "compiles" (programs handed to
+    XLA, cache hits included), "cache_hits" (loaded from the persistent cache) and
+    "cache_writes" (compiled and written to it)."""
+    return {k: _compile_events[k] for k in ("compiles", "cache_hits", "cache_writes")}
+
+
+def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
+    """Turn JAX's persistent compilation cache on (or off); returns the directory, or None.
+
+    With it on, a second start loads the compiled programs (prefill, decode, the random
+    weight generators) from disk instead of compiling them again. directory: where to
+    keep them; None reads the environment variable GROK1_COMPILATION_CACHE, and without
+    it uses default_compilation_cache_dir() (~/.cache/grok1/jax). "off" (or "", "0",
+    "none") turns the cache off, also one set through JAX's own settings. Every program is
+    written, whatever its compile time or size (JAX skips programs that compile in under
+    a second by default, e.g. the weight generators). A directory that cannot be created
+    leaves the cache off, with a warning. Call it before the first compilation; calling it
+    again switches directories (the cache is re-read lazily).
+    """
+    global _compile_listeners_registered
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if not _compile_listeners_registered:
+        jax.monitoring.register_event_listener(_count_compile_event)
+        jax.monitoring.register_event_duration_secs_listener(_count_compile_event)
+        _compile_listeners_registered = True
+    if directory is None:
+        directory = os.environ.get(COMPILATION_CACHE_ENV, default_compilation_cache_dir())
+    path: Optional[str] = None
+    if str(directory).strip().lower() not in COMPILATION_CACHE_OFF:
+        path = os.path.abspath(os.path.expanduser(str(directory)))
+        try:
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is not writable")
+        except OSError as e:
+            logger.warning("Compilation cache off: cannot use %s (%s). Pass another directory "
+                           "(run.py --compile-cache DIR, or %s=DIR).", path, e, COMPILATION_CACHE_ENV)
+            path = None
+    jax.config.update("jax_enable_compilation_cache", path is not None)
+    if path is not None:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size limit
+    compilation_cache.reset_cache()  # takes effect even after earlier compilations
+    return path
+
+
+# ---------------------------------------------------------------------------------------
 # Meshes
 # ---------------------------------------------------------------------------------------
 
@@ -423,7 +497,10 @@ class ModelRunner:
     rng_seed: the seed of random parameters when no checkpoint is given.
     transform_forward: accepted for compatibility with the release; unused.
     checkpoint_path: the checkpoint directory (or its parent holding ckpt-0); "" means
-      random parameters.
+      random parameters (drawn on the host: fine for small models).
+    random_weights: ignore any checkpoint and draw random int8 weights on the devices,
+      already sharded (model.init_random_params(on_device=True)): a smoke test of a host at
+      Grok-1 width without the 318 GB download. The values depend on rng_seed only.
     """
 
     model: LanguageModelConfig
@@ -433,6 +510,7 @@ class ModelRunner:
     rng_seed: int = 42
     transform_forward: bool = False
     checkpoint_path: str = ""
+    random_weights: bool = False
 
     def initialize(
         self,
@@ -472,6 +550,9 @@ class ModelRunner:
         if not hasattr(self, "mesh"):
             raise RuntimeError("ModelRunner.initialize() must run before load_or_init().")
         config = self.model
+        if self.random_weights:
+            logger.info("Random weights made on the devices (seed %d); no checkpoint is read.", self.rng_seed)
+            return grok_model.init_random_params(config, self.rng_seed, self.mesh, on_device=True)
         shapes = grok_model.param_shapes(config)
         shardings = grok_model.param_shardings(config, self.mesh, shapes)
         if not (from_checkpoint and self.checkpoint_path):
@@ -762,6 +843,54 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
     prefill_jit = jax.jit(prefill, donate_argnums=(1, 2), out_shardings=(memory_sharding, replicated, replicated))
     decode_jit = jax.jit(decode, donate_argnums=(1, 2), out_shardings=(memory_sharding, replicated, replicated))
     return prefill_jit, decode_jit
+
+
+def step_arguments(config: LanguageModelConfig, batch_size: int, bucket: Optional[int] = None) -> tuple:
+    """Host arguments of a step after (params, memory, state), of the types _Engine passes:
+    prefill's (tokens [1, bucket], length [1], slot, temperature, top_p, seed, max_len,
+    mask [V]) when `bucket` is given, else decode's (active [B],). Values are placeholders."""
+    if bucket is None:
+        return (np.ones((batch_size,), bool),)
+    return (np.zeros((1, bucket), np.int32), np.array([bucket], np.int32), np.int32(0), np.float32(1.0),
+            np.float32(1.0), np.uint32(0), np.int32(1), np.ones((config.vocab_size,), bool))
+
+
+def abstract_step_inputs(config: LanguageModelConfig, mesh: Mesh, batch_size: int) -> tuple:
+    """(params, memory, state) of the engine as sharded jax.ShapeDtypeStructs: lowering with
+    them compiles the runner's steps for this mesh without allocating anything."""
+    def abstract(tree, shardings):
+        return jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    shapes = grok_model.param_shapes(config)
+    shardings = grok_model.param_shardings(config, mesh, shapes)
+    # prepare_for_inference changes a dtype, not the tree or the shapes
+    params = abstract(jax.eval_shape(lambda p: grok_model.prepare_for_inference(p, config), shapes), shardings)
+    cfg = config.model
+    memory = jax.eval_shape(lambda: grok_model.init_layer_memories(
+        batch_size, config.sequence_len, cfg.num_kv_heads, cfg.key_size, cfg.num_layers, config.fprop_dtype))
+    memory = abstract(memory, grok_model.memory_shardings(config, mesh, batch_size, config.sequence_len))
+    state = _empty_state(batch_size, config.vocab_size)
+    state = abstract(state, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), state))
+    return params, memory, state
+
+
+def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: Any, config: LanguageModelConfig,
+                  batch_size: int, buckets: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Lower and compile the jitted steps of make_step_functions ahead of time, timing each
+    part; see InferenceRunner.compile. params / memory / state: arrays (the jit's own
+    cache then serves later calls with them) or abstract_step_inputs' shapes."""
+    out = {}
+    calls = [(f"prefill {b}", prefill, step_arguments(config, batch_size, b)) for b in buckets]
+    for name, fn, args in calls + [("decode", decode, step_arguments(config, batch_size))]:
+        start = time.perf_counter()
+        lowered = fn.lower(params, memory, state, *args)
+        lowered_at = time.perf_counter()
+        lowered.compile()
+        out[name] = {"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}
+        logger.debug("%s: lowered in %.2f s, compiled in %.2f s.", name, out[name]["lower_s"],
+                    out[name]["compile_s"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -1139,7 +1268,13 @@ class InferenceRunner:
     # ----- setup -----
 
     def initialize(self) -> None:
-        """Load the tokenizer, build the mesh, load the parameters, allocate the batch cache."""
+        """Load the tokenizer, build the mesh, load the parameters, allocate the batch cache.
+
+        Sets self.timings: seconds of "setup_s" (tokenizer, mesh, memory check), "weights_s"
+        (loading or making the parameters, until they are on the devices) and "engine_s"
+        (the cache and slot state). The steps compile at their first use, or in compile().
+        """
+        start = time.perf_counter()
         config = self.runner.model.initialize()
         if not self.runner.checkpoint_path and self.load:
             self.runner.checkpoint_path = self.load
@@ -1149,10 +1284,26 @@ class InferenceRunner:
         self.runner.initialize(None, self.local_mesh_config, hosts)
         self.mesh = self.runner.mesh
         self.batch_size = self.runner.batch_size
-        params = self.runner.load_or_init()
+        set_up = time.perf_counter()
+        params = jax.block_until_ready(self.runner.load_or_init())
+        made = time.perf_counter()
         self._engine = _Engine(config, self.mesh, params, self.batch_size, self.tokenizer, self._watchdog())
+        self.timings = {"setup_s": set_up - start, "weights_s": made - set_up,
+                        "engine_s": time.perf_counter() - made}
         logger.info("%s: %d slot(s), buckets %s, mesh %s.", self.name, self.batch_size, self.buckets,
                     dict(self.mesh.shape))
+
+    def compile(self) -> dict[str, dict[str, float]]:
+        """Compile the prefill step of every pad bucket and the decode step now, ahead of time,
+        instead of at their first use; later steps reuse the programs.
+
+        Returns {"prefill <bucket>": {"lower_s": .., "compile_s": ..}, ..., "decode": {..}}:
+        the seconds of tracing and lowering to StableHLO (jit(...).lower) and of XLA's
+        compilation (.compile(), or a read from the persistent compilation cache).
+        """
+        engine = self._require_initialized()
+        return compile_steps(engine.prefill, engine.decode, engine.params, engine.memory, engine.state,
+                             self.runner.model, self.batch_size, self.buckets)
 
     def _watchdog(self) -> Optional[Watchdog]:
         seconds = self.step_timeout

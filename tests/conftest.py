@@ -7,6 +7,9 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# run.py and bench.py turn on a persistent compilation cache in ~/.cache by default; tests
+# that want one pass their own directory.
+os.environ.setdefault("GROK1_COMPILATION_CACHE", "off")
 
 import sys
 

@@ -41,6 +41,10 @@ def test_model_bench_smoke(tmp_path):
     assert not any(res["nan"].values())
     assert max(res["fast_vs_reference_rel_l2"].values()) < 5e-2  # bf16 noise, one layer
     assert "fast" in bench.format_model_table(res)
+    # Start-up split: weight creation, then lowering and compilation of each program.
+    assert res["weights_s"] > 0 and all(r["lower_s"] > 0 and r["compile_s"] > 0 for r in res["rows"])
+    assert "decode fast batch 2: lower" in bench.format_startup(res)
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,3 +160,19 @@ def test_project_cli_misuse_is_one_line_and_exit_2(argv, message, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+
+def test_depth_summary_medians_per_layer_cost_and_slope():
+    def model_run(n, rep, ms):
+        return {"kind": "model", "layers": n, "rep": rep, "code": 0,
+                "rows": [{"kind": "decode", "batch": 1, "ms": ms}, {"kind": "prefill", "batch": 1, "ms": 99.0}]}
+
+    runs = [model_run(8, 0, 4.0), model_run(8, 1, 5.0), model_run(8, 2, 4.4),
+            model_run(48, 0, 24.0), model_run(48, 1, 30.0), model_run(48, 2, 25.0),
+            {"kind": "model", "layers": 48, "rep": 3, "code": 1}]  # a failed run is left out
+    s = bench.summarize_depth(runs, [8, 48])
+    assert s[8]["decode_b1_ms"] == {"median": 4.4, "min": 4.0, "max": 5.0, "n": 3}
+    assert s[48]["decode_b1_ms_per_layer"]["median"] == 25.0 / 48
+    assert s[48]["decode_b1_ms_slope_per_layer"] == (25.0 - 4.4) / 40
+    assert "0.521 ms/layer [0.500-0.625]" in bench.format_depth(s)

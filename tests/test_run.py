@@ -127,3 +127,53 @@ def test_plan_flag_prints_the_planners_verdict(capsys):
     assert plan["fits"] is True and plan["mesh"] == {"data": 1, "model": 8}
     assert run.main(["--plan", "--devices", "4", "--device-memory-gb", "80"]) == 1  # 4 x 80 GB is too small
     assert "Smallest device count that fits" in capsys.readouterr().out
+
+
+@pytest.fixture
+def cache_off_afterwards():
+    """run.main turns a persistent compilation cache on for the whole process: turn it off."""
+    yield
+    import runners
+
+    runners.enable_compilation_cache("off")
+
+
+def test_random_weights_smoke_test_and_its_compilation_cache(tmp_path, capsys, cache_off_afterwards):
+    """--random-weights runs the whole runner with no checkpoint and prints the start-up split;
+    a second start finds every program in the --compile-cache directory."""
+    import jax
+
+    cache = tmp_path / "cache"
+    argv = ["--random-weights", "--tiny", "--layers", "1", "--mesh", "1x2", "--max-len", "5",
+            "--prompt", "The river", "--prompt", "Bread and water", "--temperature", "0",
+            "--checkpoint", str(tmp_path / "none"), "--compile-cache", str(cache)]
+    jax.clear_caches()  # programs compiled by earlier tests would never reach the cache
+    assert run.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "Random weights, no checkpoint: the demo model with 1 layers" in first
+    assert "demo tokenizer" in first  # no ./tokenizer.model here
+    assert "mesh {'data': 1, 'model': 2}, 2 slot(s)" in first
+    for part in ("set-up", "weight creation on the devices", "lowering prefill 32", "lowering prefill 128",
+                 "lowering decode", "compile prefill 32", "compile prefill 128", "compile decode", "First token"):
+        assert part in first, part
+    assert first.count("(5 tokens, stopped at max_len)") + first.count("stopped at eos") == 2
+    assert f"compilation cache: {cache}: 0 program(s) read from it" in first
+    assert len(os.listdir(cache)) >= 3  # at least prefill x 2 and decode
+
+    jax.clear_caches()  # a new start, as far as compiled programs go
+    assert run.main(argv) == 0
+    second = capsys.readouterr().out
+    assert ", 0 compiled and written" in second and " 0 program(s) read" not in second
+    outputs = lambda text: [line for line in text.splitlines() if line.startswith("Output for prompt")]  # noqa: E731
+    assert outputs(second) == outputs(first)  # greedy, same seed: the cached programs agree
+
+
+def test_random_weights_flag_errors(tmp_path, capsys):
+    text = run.build_parser().format_help()
+    assert "--random-weights" in text and "--layers" in text and "--compile-cache" in text
+    assert run.main(["--random-weights", "--tiny", "--tokenizer", str(tmp_path / "tok.model")]) == 2
+    assert "tok.model' does not exist" in capsys.readouterr().err
+    assert run.main(["--random-weights", "--layers", "0"]) == 2
+    assert "--layers 0" in capsys.readouterr().err
+    assert run.main(["--layers", "4", "--checkpoint", str(tmp_path)]) == 2  # a checkpoint fixes the depth
+    assert "--random-weights" in capsys.readouterr().err

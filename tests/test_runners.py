@@ -462,3 +462,71 @@ def test_real_tokenizer_encodes_the_spec_prompt():
     assert r.tokenize(run.DEFAULT_PROMPT) == SPEC_PROMPT_IDS
     prepared = r.prepare(Request(run.DEFAULT_PROMPT, 0.01, 1.0, 42, 100))
     assert prepared.tokens == SPEC_PROMPT_IDS and prepared.bucket == 1024 and prepared.max_len == 100
+
+
+def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(assets, tmp_path):
+    """ModelRunner(random_weights=True): no checkpoint is read, the weights are made on the
+    devices with SPEC section 5's layout, compile() builds the very programs the steps then
+    run (abstract_step_inputs included), and greedy decoding follows the float64 reference."""
+    import reference
+    from jax.sharding import PartitionSpec as P
+
+    _, tok, _ = assets
+    config = tiny_config(num_layers=1)
+    missing = str(tmp_path / "no-checkpoint")  # never read
+    r = InferenceRunner(name="random", runner=ModelRunner(model=config, bs_per_device=1, random_weights=True,
+                                                          checkpoint_path=missing),
+                        load=missing, tokenizer_path=tok, local_mesh_config=(1, 2), pad_sizes=(16,))
+    r.initialize()
+    assert set(r.timings) == {"setup_s", "weights_s", "engine_s"} and min(r.timings.values()) >= 0
+    w = r.params["transformer/decoder_layer_0/moe/linear"]["w"]
+    assert w.weight.dtype == jnp.int8 and w.weight.sharding.spec == P(None, "data", "model")
+    assert len(w.weight.sharding.device_set) == 2
+    q = r.params["transformer/decoder_layer_0/multi_head_attention/query"]["w"]
+    assert q.weight.sharding.spec == P("data", "model")
+    # The seed alone fixes the values (the same without a mesh); the int8 are uniform.
+    alone = model.init_random_params(config, 42, on_device=True)["transformer/decoder_layer_0/moe/linear"]["w"]
+    np.testing.assert_array_equal(np.asarray(w.weight), np.asarray(alone.weight))
+    counts = np.bincount(np.asarray(w.weight).astype(np.int64).ravel() + 128, minlength=256)
+    expected = w.weight.size / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())  # 255 degrees of freedom: sd 22.6
+    assert counts.size == 256 and chi2 < 255 + 6 * 22.6, chi2
+
+    # The abstract inputs (bench.py's compile check) are the engine's, shardings included.
+    engine = r._engine
+    abstract = runners.abstract_step_inputs(config, r.mesh, r.batch_size)
+    real = (engine.params, engine.memory, engine.state)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(real)
+    for a, x in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(real)):
+        assert (a.shape, a.dtype) == (x.shape, x.dtype)
+        assert a.sharding.is_equivalent_to(x.sharding, x.ndim), (a.sharding, x.sharding)
+
+    times = r.compile()
+    assert set(times) == {"prefill 16", "decode"}
+    assert all(t["lower_s"] > 0 and t["compile_s"] > 0 for t in times.values())
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        done = r.generate([PROMPTS[0], "Bread and water"], max_len=6, temperature=0.0)
+    finally:
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            unregister(listener)
+    assert compiles == []  # prefill and decode ran the programs compile() built
+
+    # Every greedy token is the argmax of the float64 reference's logits (bf16 near-ties aside).
+    params = {m: dict(v) for m, v in r.params.items()}
+    for c in done:
+        seq = np.array([c.prompt_tokens + c.tokens], np.int32)
+        logits, _ = reference.forward(params, config, seq, bf16=True)
+        n = len(c.prompt_tokens)
+        assert len(c.tokens) == 6 or c.finish_reason == "eos"
+        for i, token in enumerate(c.tokens):
+            row = logits[0, n - 1 + i].copy()
+            row[config.pad_token] = -np.inf
+            assert row[token] >= row.max() - 0.05 * row.std(where=np.isfinite(row)), (i, token, row.argmax())
