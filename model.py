@@ -1134,12 +1134,46 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bo
 def _transposed(a: Any) -> jax.Array:
     """a [..., m, n] -> [..., n, m], on the devices that hold a, each shard transposed in place."""
     a = jnp.asarray(a)
-    sharding = a.sharding
-    if isinstance(sharding, NamedSharding):
-        spec = list(sharding.spec) + [None] * (a.ndim - len(sharding.spec))
-        spec[-2], spec[-1] = spec[-1], spec[-2]
-        sharding = NamedSharding(sharding.mesh, P(*spec))
-    return _swap_last_axes(sharding)(a)
+    return _swap_last_axes(_transposed_sharding(a.sharding, a.ndim))(a)
+
+
+def _transposed_sharding(sharding: Any, ndim: int) -> Any:
+    """The sharding of an array's transpose: a NamedSharding's last two axes swapped."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    spec[-2], spec[-1] = spec[-1], spec[-2]
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+def inference_param_shapes(config: LanguageModelConfig, mesh: Mesh) -> dict:
+    """prepare_for_inference's tree as sharded jax.ShapeDtypeStructs, allocating nothing:
+    for lowering and compiling the runner's steps ahead of time."""
+    shapes = param_shapes(config)
+    shardings = param_shardings(config, mesh, shapes)
+    transpose = config.model.moe_impl == "fast"
+
+    def leaf(a: Any, s: Any, dtype: Any = None) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s)
+
+    out: dict = {}
+    for module, leaves in shapes.items():
+        out[module] = {}
+        for name, a in leaves.items():
+            s = shardings[module][name]
+            if module.endswith("in_out_embed") and name == "embeddings":
+                out[module][name] = leaf(a, s, config.fprop_dtype)
+            elif isinstance(a, QuantizedWeight8bit) and transpose:
+                *lead, n_in, n_out = a.weight.shape
+                out[module][name] = TransposedWeight8bit(
+                    jax.ShapeDtypeStruct((*lead, n_out, n_in), a.weight.dtype,
+                                         sharding=_transposed_sharding(s.weight, a.weight.ndim)),
+                    leaf(a.scales, s.scales))
+            elif isinstance(a, QuantizedWeight8bit):
+                out[module][name] = QuantizedWeight8bit(leaf(a.weight, s.weight), leaf(a.scales, s.scales))
+            else:
+                out[module][name] = leaf(a, s)
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -862,10 +862,7 @@ def abstract_step_inputs(config: LanguageModelConfig, mesh: Mesh, batch_size: in
         return jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
-    shapes = grok_model.param_shapes(config)
-    shardings = grok_model.param_shardings(config, mesh, shapes)
-    # prepare_for_inference changes a dtype, not the tree or the shapes
-    params = abstract(jax.eval_shape(lambda p: grok_model.prepare_for_inference(p, config), shapes), shardings)
+    params = grok_model.inference_param_shapes(config, mesh)  # the tree prepare_for_inference makes
     cfg = config.model
     memory = jax.eval_shape(lambda: grok_model.init_layer_memories(
         batch_size, config.sequence_len, cfg.num_kv_heads, cfg.key_size, cfg.num_layers, config.fprop_dtype))

@@ -479,14 +479,15 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
                         load=missing, tokenizer_path=tok, local_mesh_config=(1, 2), pad_sizes=(16,))
     r.initialize()
     assert set(r.timings) == {"setup_s", "weights_s", "engine_s"} and min(r.timings.values()) >= 0
+    # SPEC section 5's layout, of the matrices the runner stores transposed ([E, F, D], [N, K]).
     w = r.params["transformer/decoder_layer_0/moe/linear"]["w"]
-    assert w.weight.dtype == jnp.int8 and w.weight.sharding.spec == P(None, "data", "model")
+    assert w.weight.dtype == jnp.int8 and w.weight.sharding.spec == P(None, "model", "data")
     assert len(w.weight.sharding.device_set) == 2
     q = r.params["transformer/decoder_layer_0/multi_head_attention/query"]["w"]
-    assert q.weight.sharding.spec == P("data", "model")
+    assert q.weight.sharding.spec == P("model", "data")
     # The seed alone fixes the values (the same without a mesh); the int8 are uniform.
     alone = model.init_random_params(config, 42, on_device=True)["transformer/decoder_layer_0/moe/linear"]["w"]
-    np.testing.assert_array_equal(np.asarray(w.weight), np.asarray(alone.weight))
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(w.weight), -1, -2), np.asarray(alone.weight))
     counts = np.bincount(np.asarray(w.weight).astype(np.int64).ravel() + 128, minlength=256)
     expected = w.weight.size / 256
     chi2 = float(((counts - expected) ** 2 / expected).sum())  # 255 degrees of freedom: sd 22.6
@@ -520,7 +521,12 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
     assert compiles == []  # prefill and decode ran the programs compile() built
 
     # Every greedy token is the argmax of the float64 reference's logits (bf16 near-ties aside).
-    params = {m: dict(v) for m, v in r.params.items()}
+    def logical(x):  # the runner's transposed int8 back in the checkpoint's layout
+        if model.is_transposed(x):
+            return model.QuantizedWeight8bit(np.swapaxes(np.asarray(x.weight), -1, -2), x.scales)
+        return x
+
+    params = {m: {n: logical(x) for n, x in v.items()} for m, v in r.params.items()}
     for c in done:
         seq = np.array([c.prompt_tokens + c.tokens], np.int32)
         logits, _ = reference.forward(params, config, seq, bf16=True)
