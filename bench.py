@@ -729,7 +729,7 @@ def _device_kernel_times(trace_dir: str) -> dict:
 
 
 def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int, int] | None, steps: int,
-                   trace_dir: str, json_path: str | None = None) -> dict:
+                   trace_dir: str, json_path: str | None = None, cache_len: int | None = None) -> dict:
     """A jax.profiler trace of `steps` decode steps of the fast path; the device's kernels
     and XLA ops summed per step and per layer (microseconds), the largest first."""
     config = model.grok_1_config(num_layers=layers)
@@ -740,7 +740,7 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
         mesh = runners.make_mesh(mesh_shape, (1, 1))
     params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config,
                                          consume=True)
-    cache_len = -(-(context + steps + 8) // 128) * 128
+    cache_len = cache_len or -(-(context + steps + 8) // 128) * 128
     forward = model.make_forward(config, mesh, donate_memory=True)
     tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
     length = jnp.ones((batch,), jnp.int32)
@@ -759,7 +759,7 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
     lines = _device_kernel_times(trace_dir)
-    results = {"device": str(jax.devices()[0].device_kind), "layers": layers, "batch": batch, "context": context,
+    results = {"device": str(jax.devices()[0].device_kind), "layers": layers, "batch": batch, "context": context, "cache_len": cache_len,
                "mesh": None if mesh is None else dict(mesh.shape), "steps": steps, "lines": {}}
     for name, table in lines.items():
         rows = sorted(((n, c / steps, ns / steps / 1e3) for n, (c, ns) in table.items()), key=lambda r: -r[2])
@@ -805,7 +805,8 @@ def summarize_profile(results: dict) -> dict:
 
 def profile_bench(args: argparse.Namespace) -> dict:
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
-    return profile_decode(args.layers, args.batch, args.context, mesh, args.steps, args.trace_dir, args.json)
+    return profile_decode(args.layers, args.batch, args.context, mesh, args.steps, args.trace_dir, args.json,
+                          args.cache_len)
 
 
 def format_model_table(results: dict) -> str:
@@ -1634,6 +1635,8 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--cache-len", type=int, default=None, help="KV cache positions (default: the context "
+                                                                "plus room for the steps)")
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2")
     p.add_argument("--trace-dir", default="bench_out/trace")
     p.add_argument("--json", default=None, help="write the per-kernel table here")
