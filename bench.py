@@ -759,8 +759,9 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
     lines = _device_kernel_times(trace_dir)
-    results = {"device": str(jax.devices()[0].device_kind), "layers": layers, "batch": batch, "context": context, "cache_len": cache_len,
-               "mesh": None if mesh is None else dict(mesh.shape), "steps": steps, "lines": {}}
+    results = {"device": str(jax.devices()[0].device_kind), "layers": layers, "batch": batch, "context": context,
+               "cache_len": cache_len, "mesh": None if mesh is None else dict(mesh.shape), "steps": steps,
+               "lines": {}}
     for name, table in lines.items():
         rows = sorted(((n, c / steps, ns / steps / 1e3) for n, (c, ns) in table.items()), key=lambda r: -r[2])
         results["lines"][name] = [dict(name=n, per_step=c, us_per_step=us, us_per_layer=us / layers)
