@@ -819,7 +819,7 @@ class _Engine:
     def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any,
                  watchdog: Optional[Watchdog] = None):
         self.config = config
-        # The embedding table in bf16 once, not cast every step (exact; see model.py).
+        # The embedding table in bf16 once, not cast every step (see model.prepare_for_inference).
         self.params = grok_model.prepare_for_inference(params, config)
         self.tokenizer = tokenizer
         # With several processes the host values below (and every step's inputs) are the
