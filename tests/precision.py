@@ -374,6 +374,19 @@ def expert_flips(got: dict, want: dict, valid: np.ndarray, num_layers: int) -> i
 # ---------------------------------------------------------------------------------------
 
 
+# Where this model rounds to bf16 (see model.py): matmul inputs (norms before attention,
+# MoE and unembedding; q; the attention weighted sum; the experts' hidden layer), the KV
+# cache (k, v), the attention probabilities, the experts' outputs and the bf16 table in the
+# unembedding. The reference mode also rounds the experts' input matmuls and gelu, and
+# dequantizes the weights in bf16 (the release's algorithm). The runner's bf16 table adds
+# "embed".
+MODEL_POINTS = {
+    "fast": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_hidden", "expert_out"),
+    "reference": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_in", "expert_hidden",
+                  "expert_out", "dequant"),
+}
+
+
 def ablation(params: dict, cfg: Any, tokens: np.ndarray,
              points: tuple[str, ...] = reference.ROUNDING_POINTS) -> dict[str, dict[str, float]]:
     """p90 logits error vs float64 of the reference rounding at: each point alone ("only"),
@@ -388,6 +401,8 @@ def ablation(params: dict, cfg: Any, tokens: np.ndarray,
                                    want, valid)
     every = tuple(p for p in reference.ROUNDING_POINTS if p != "dequant")
     out = {"all": {"only": err(True)}, "all + dequant": {"only": err(reference.ROUNDING_POINTS)}}
+    for impl, model_points in MODEL_POINTS.items():
+        out[f"this model's points ({impl} MoE)"] = {"only": err(model_points)}
     for point in points:
         out[point] = {"only": err((point,)),
                       "all but": err(tuple(p for p in every if p != point)) if point in every else float("nan")}

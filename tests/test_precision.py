@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model
 import runners
 from tests import precision as pr
 from tests import reference
@@ -158,3 +160,19 @@ def test_greedy_generation_through_run_matches_float64(name, impl, monkeypatch):
     assert got[:n] == want[:n], (
         f"{name}, {impl} MoE: greedy tokens {got[:n]} differ from float64 {want[:n]} "
         f"(top-2 gaps {np.round(gaps[:n], 4).tolist()})")
+
+
+def test_model_trace_names_every_op_of_the_reference():
+    """The study's instrumentation (bench.py precision): every op the reference traces is
+    caught in the model too, and the traced run computes the model's logits."""
+    r = recipe("2 layers")
+    config = pr.recipe_config("2 layers", "fast")
+    got = pr.model_trace(config, device_params("2 layers"), r.tokens)
+    experts = np.stack([got[f"layer_{i}/experts"] for i in range(2)])
+    want = reference.trace(r.exact, config, r.tokens, experts=experts)
+    table = pr.compare_traces(got, want, r.valid, 2)
+    assert set(table) == set(pr.OPS)
+    errors = np.array([v for row in table.values() for v in row])
+    assert np.all(np.isfinite(errors)) and errors.max() < 0.05 and table["embed"][0] < 1e-6
+    plain = model.make_forward(config)(device_params("2 layers"), jnp.asarray(r.tokens)).logits
+    np.testing.assert_allclose(got["logits"], np.asarray(plain), rtol=1e-6, atol=1e-7)
