@@ -28,6 +28,12 @@
   memory   the planner's per-device memory against JAX's peak for the runner's compiled
            prefill and decode steps on the devices present (zero weights):
            python bench.py memory --layers 2 --batch 1 --context 8192 [--mesh 1x4]
+  precision  bf16 precision of the forward pass against the float64 reference (issue 12), on
+           the issue's random "2 layers" and "12 layers" models, both MoE modes, on the default
+           device: p90 logits error of prefill and teacher-forced decode (plain, and with the
+           model's own expert choices), per-op per-layer errors, and what each bf16 rounding
+           point costs in tests/reference.py's emulation.
+           python bench.py precision --seeds 5 --json $OUT/precision.json
 
   loader   write a ~N GB checkpoint of random data shaped like a scaled-down Grok, then
            measure, each pass from a dropped page cache where the kernel allows it:
@@ -859,6 +865,108 @@ def format_startup(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# precision: the model against the float64 reference
+# ---------------------------------------------------------------------------------------
+
+PRECISION_LAYERS = {"first": 0, "last": -1}
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.2e}"
+
+
+def precision_bench(args: argparse.Namespace) -> dict:
+    """The study of issue 12; prints markdown tables, writes everything to --json."""
+    from tests import precision as pr, reference  # the recipe, the traces, the float64 reference
+
+    configs = [c.strip() for c in args.configs.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+    bad = [f"unknown config {c!r} (expected some of {sorted(pr.RECIPES)})" for c in configs if c not in pr.RECIPES]
+    bad += [f"unknown MoE mode {m!r} (expected some of {model.MOE_IMPLS})" for m in modes if m not in model.MOE_IMPLS]
+    if bad or args.seeds < 1:
+        print(f"bench.py precision: {'; '.join(bad) or '--seeds must be >= 1'}", file=sys.stderr)
+        sys.exit(2)
+    device = jax.devices()[0]
+    out: dict = {"device": f"{device.platform}: {device.device_kind}", "jax": jax.__version__,
+                 "configs": configs, "modes": modes, "seeds": args.seeds, "runs": {}, "ops": {}, "ablation": {}}
+    print(f"# precision on {out['device']}, jax {jax.__version__}", flush=True)
+
+    # 1. p90 of the logits over seeds.
+    lines = ["| config | MoE mode | prefill p90 (median, min-max) | decode p90 (median) | "
+             "prefill p90, model's routing | decode p90, model's routing | routing flips (median) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    first: dict = {}
+    for name in configs:
+        for seed in range(args.seeds):
+            r = pr.make_recipe(name, seed)
+            if seed == 0:
+                first[name] = r
+            params = pr.to_device(r.params)
+            for mode in modes:
+                out["runs"][f"{name}|{mode}|{seed}"] = pr.measure(r, mode, params)
+                print(name, mode, "seed", seed, out["runs"][f"{name}|{mode}|{seed}"], flush=True)
+        for mode in modes:
+            runs = [out["runs"][f"{name}|{mode}|{s}"] for s in range(args.seeds)]
+            get = lambda kind, key: [run[kind][key] for run in runs]
+            med = lambda v: float(np.median(v))
+            lines.append(
+                f"| {name} | {mode} | {_fmt(med(get('prefill', 'p90')))} ({_fmt(min(get('prefill', 'p90')))}-"
+                f"{_fmt(max(get('prefill', 'p90')))}) | {_fmt(med(get('decode', 'p90')))} | "
+                f"{_fmt(med(get('prefill', 'p90_same_routing')))} | {_fmt(med(get('decode', 'p90_same_routing')))} | "
+                f"{med(get('prefill', 'flips')):.0f} of {len(r.experts) * int(r.valid.sum())} |")
+        save_json(args.json, out)
+    table = "\n".join(lines)
+    print(table, flush=True)
+
+    # 2. Per op, first and last layer, seed 0, against float64 with the model's routing.
+    for name in configs:
+        r = first[name]
+        params = pr.to_device(r.params)
+        num_layers = len(r.experts)
+        head = "| op | " + " | ".join(f"{mode} L{PRECISION_LAYERS[w] % num_layers}" for mode in modes
+                                       for w in PRECISION_LAYERS) + " |"
+        rows = {}
+        for mode in modes:
+            got = pr.model_trace(pr.recipe_config(name, mode), params, r.tokens)
+            experts = np.stack([got[f"layer_{i}/experts"] for i in range(num_layers)])
+            want = reference.trace(r.exact, pr.recipe_config(name), r.tokens, experts=experts)
+            ops = pr.compare_traces(got, want, r.valid, num_layers)
+            out["ops"][f"{name}|{mode}"] = ops
+            for op, row in ops.items():
+                if len(row) == 1:  # before the first layer, or after the last
+                    vals = [row[0], np.nan] if op == "embed" else [np.nan, row[0]]
+                else:
+                    vals = [row[PRECISION_LAYERS[w]] for w in PRECISION_LAYERS]
+                rows.setdefault(op, []).extend(vals)
+        print(f"\n{name}, seed 0: p90 relative error per op vs float64 (same routing)", flush=True)
+        print(head + "\n|---|" + "---:|" * (len(modes) * len(PRECISION_LAYERS)), flush=True)
+        for op, vals in rows.items():
+            print(f"| {op} | " + " | ".join(_fmt(v) for v in vals) + " |", flush=True)
+        save_json(args.json, out)
+
+    # 3. What each rounding point costs (reference emulation, float64's routing). Numpy on
+    # the host only: the same on every machine (--ablation-seeds 0 skips it).
+    for name in configs if args.ablation_seeds > 0 else []:
+        costs = [pr.ablation(pr.make_recipe(name, seed).exact, pr.recipe_config(name),
+                             pr.padded_tokens(seed=seed + 1)) for seed in range(args.ablation_seeds)]
+        out["ablation"][name] = costs
+        print(f"\n{name}: reference emulation, p90 logits error (median of {args.ablation_seeds} seeds)", flush=True)
+        print("| rounding at | only this point | every point but this |\n|---|---:|---:|")
+        for point in costs[0]:
+            only = float(np.median([c[point]["only"] for c in costs]))
+            but = float(np.median([c[point].get("all but", np.nan) for c in costs]))
+            print(f"| {point} | {_fmt(only)} | {_fmt(but)} |", flush=True)
+        save_json(args.json, out)
+    return out
+
+
+def save_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------
 # depth: start-up, decode per layer and peak memory against the number of layers
 # ---------------------------------------------------------------------------------------
 
@@ -1663,6 +1771,15 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--out", default="bench_depth", help="directory of each run's JSON and log")
     p.add_argument("--json", default="bench_depth.json", help="all runs and the summary")
     p.set_defaults(func=depth_bench)
+
+    p = sub.add_parser("precision", help="bf16 precision vs the float64 reference (issue 12)")
+    p.add_argument("--configs", default="2 layers,12 layers", help="recipes, comma-separated")
+    p.add_argument("--modes", default="fast,reference", help="MoE modes, comma-separated")
+    p.add_argument("--seeds", type=int, default=5, help="random models per recipe (p90 table)")
+    p.add_argument("--ablation-seeds", type=int, default=3,
+                   help="models per recipe for the rounding costs (host numpy; 0 skips them)")
+    p.add_argument("--json", default=None, help="write every number here")
+    p.set_defaults(func=precision_bench)
 
     p = sub.add_parser("kernels", add_help=False,  # --help goes to kernel_bench's own parser
                        help="GPU kernel checks, micro-benchmarks and tuning sweeps "

@@ -150,11 +150,11 @@ def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
     return jnp.take(x, plan.row_token, axis=0, mode="fill", fill_value=0)
 
 
-def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan) -> jax.Array:
+def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan, out_dtype=None) -> jax.Array:
     """out[t] = sum_j gates[t, j] * ys[row of (t, j)]: [M_pad, D], [M, k] -> [M, D].
 
     Gates are used as given (Grok-1 does not renormalise the top-k probabilities); the sum
-    is taken in float32. The result is bf16, or float32 when ys is float32.
+    is taken in float32. The result has out_dtype; None: bf16, or float32 when ys is float32.
     """
     m, k = gates.shape
     if m * k != plan.row_pos.shape[0]:
@@ -162,7 +162,8 @@ def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan) -> jax.Array:
             f"combine: gates {tuple(gates.shape)} do not match the plan's {plan.row_pos.shape[0]} rows."
         )
     rows = jnp.take(ys, plan.row_pos, axis=0).reshape(m, k, ys.shape[-1]).astype(jnp.float32)
-    out_dtype = jnp.float32 if ys.dtype == jnp.float32 else jnp.bfloat16
+    if out_dtype is None:
+        out_dtype = jnp.float32 if ys.dtype == jnp.float32 else jnp.bfloat16
     return jnp.sum(gates.astype(jnp.float32)[..., None] * rows, axis=1).astype(out_dtype)
 
 

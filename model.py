@@ -149,6 +149,9 @@ class TransformerConfig:
     # Added: "fast" computes only the selected experts with int8 kernels; "reference" is
     # the release's algorithm (dequantize everything, run all experts on every token).
     moe_impl: str = "fast"
+    # Added: the dtype of matmul inputs and of the KV cache (synced from
+    # LanguageModelConfig.fprop_dtype by its initialize()); the residual stream is float32.
+    fprop_dtype: Any = jnp.bfloat16
 
     def __post_init__(self):
         self.validate()
@@ -235,6 +238,7 @@ class LanguageModelConfig:
         if self.model is None:
             raise ValueError("LanguageModelConfig.model is None; give it a TransformerConfig.")
         self.model.vocab_size = self.vocab_size
+        self.model.fprop_dtype = self.fprop_dtype
         self.model_size = self.model.emb_size
         self.model.validate()
         self.model.validate_moe()
@@ -344,33 +348,40 @@ def spec_for(path: str, rules: Sequence[tuple[str, P]]) -> P:
 
 
 class RMSNorm(hk.Module):
-    """x * rsqrt(mean(x^2) + eps) * scale, computed in float32; the scale is used as is."""
+    """x * rsqrt(mean(x^2) + eps) * scale, computed in float32; the scale is used as is.
 
-    def __init__(self, eps: float = 1e-5, name: Optional[str] = None):
+    The output has `dtype` (None: the input's): the compute dtype where it feeds a matmul,
+    float32 where it is added to the float32 residual stream.
+    """
+
+    def __init__(self, eps: float = 1e-5, name: Optional[str] = None, dtype: Any = None):
         super().__init__(name=name)
         self.eps = eps
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=hk.initializers.Constant(1.0))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
 
 
-def matmul(x: jax.Array, w: Any, impl: str = "fast", backend: str = "auto") -> jax.Array:
-    """x [..., n_in] @ w [n_in, n_out] -> [..., n_out] in bf16, for float or int8 weights.
+def matmul(x: jax.Array, w: Any, impl: str = "fast", backend: str = "auto", out_dtype: Any = None) -> jax.Array:
+    """x [..., n_in] @ w [n_in, n_out] -> [..., n_out] in out_dtype (None: x's), for float
+    or int8 weights; float32 accumulation either way.
 
     Leading dimensions are kept (release defect 1 flattened them away). With int8 weights,
     `reference` dequantizes the whole matrix first, as the release does; `fast` multiplies
     per scale block and scales the block results, so no dequantized copy is made
     (`backend` picks the kernel; see kernels.py).
     """
+    out_dtype = out_dtype or x.dtype
     if isinstance(w, QuantizedWeight8bit):
         if impl == "reference":
-            return jnp.dot(x, dequantize(w, x.dtype))
-        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend, out_dtype=x.dtype,
+            return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+        return kernels.int8_matmul(x, w.weight, w.scales, backend=backend, out_dtype=out_dtype,
                                    transposed=is_transposed(w))
-    return jnp.dot(x, w.astype(x.dtype))
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 class Linear(hk.Module):
@@ -378,23 +389,26 @@ class Linear(hk.Module):
 
     `spec` is the weight's PartitionSpec (input axis, output axis). Under a mesh of several
     devices the fast int8 path runs per device inside a shard_map (see sharded_matmul);
-    otherwise the partitioner splits plain XLA ops.
+    otherwise the partitioner splits plain XLA ops. out_dtype: the result's dtype (None: the
+    input's); float32 keeps the matmul's float32 sums unrounded for what follows in float32
+    (RoPE, the residual stream's norms).
     """
 
     def __init__(self, output_size: int, impl: str = "fast", mesh: Optional[Mesh] = None,
-                 spec: Optional[P] = None, name: Optional[str] = None):
+                 spec: Optional[P] = None, name: Optional[str] = None, out_dtype: Any = None):
         super().__init__(name=name)
         self.output_size = output_size
         self.impl = impl
         self.mesh = mesh
         self.spec = spec
+        self.out_dtype = out_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
         if (self.impl == "fast" and self.spec is not None and isinstance(w, QuantizedWeight8bit)
                 and self.mesh is not None and self.mesh.size > 1):
-            return sharded_matmul(x, w, self.mesh, self.spec)
-        return matmul(x, w, self.impl, kernel_backend(self.mesh))
+            return sharded_matmul(x, w, self.mesh, self.spec, self.out_dtype)
+        return matmul(x, w, self.impl, kernel_backend(self.mesh), self.out_dtype)
 
 
 def kernel_backend(mesh: Optional[Mesh]) -> str:
@@ -425,22 +439,24 @@ def weight_in_specs(w: Any, spec: P, mesh: Mesh) -> Any:
     return spec
 
 
-def sharded_matmul(x: jax.Array, w: QuantizedWeight8bit, mesh: Mesh, spec: P) -> jax.Array:
+def sharded_matmul(x: jax.Array, w: QuantizedWeight8bit, mesh: Mesh, spec: P, out_dtype: Any = None) -> jax.Array:
     """x [..., n_in] @ w [n_in, n_out] with w split (in_axis, out_axis) = spec over the mesh.
 
     Each device multiplies its own int8 shard with the int8 kernel (Pallas on a GPU, no
-    dequantized copy) and partial sums over in_axis are added with one psum. x arrives whole
-    along the batch dimensions; the result is split over out_axis on its last dimension.
+    dequantized copy) and partial sums over in_axis are added with one psum (in float32).
+    x arrives whole along the batch dimensions; the result, in out_dtype (None: x's), is
+    split over out_axis on its last dimension.
     """
     in_axis, out_axis = spec
     lead = [None] * (x.ndim - 1)
     w = shardable_scales(w, mesh, in_axis)
     reduce = _axis_size(mesh, in_axis) > 1
+    out_dtype = out_dtype or x.dtype
 
     def body(x, w):
         y = kernels.int8_matmul(x, w.weight, w.scales, backend="auto", transposed=is_transposed(w),
-                                out_dtype=jnp.float32 if reduce else x.dtype)
-        return jax.lax.psum(y, in_axis).astype(x.dtype) if reduce else y
+                                out_dtype=jnp.float32 if reduce else out_dtype)
+        return jax.lax.psum(y, in_axis).astype(out_dtype) if reduce else y
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(P(*lead, in_axis), weight_in_specs(w, spec, mesh)),
@@ -543,15 +559,18 @@ class MultiHeadAttention(hk.Module):
         impl = cfg.moe_impl
         data, model = cfg.data_axis, cfg.model_axis
 
+        # Projections leave their float32 sums for RoPE; q, k, v are rounded once, after it.
+        f32 = jnp.float32
         qkv_spec, out_spec = P(data, model), P(model, data)  # the release's weight layouts
-        q = Linear(h * k, impl, self.mesh, qkv_spec, name="query")(x).reshape(b, t, h, k)  # [B, T, H, K]
-        key = Linear(g * k, impl, self.mesh, qkv_spec, name="key")(x).reshape(b, t, g, k)  # [B, T, G, K]
-        value = Linear(g * k, impl, self.mesh, qkv_spec, name="value")(x).reshape(b, t, g, k)  # [B, T, G, K]
+        q = Linear(h * k, impl, self.mesh, qkv_spec, name="query", out_dtype=f32)(x).reshape(b, t, h, k)  # [B, T, H, K]
+        key = Linear(g * k, impl, self.mesh, qkv_spec, name="key", out_dtype=f32)(x).reshape(b, t, g, k)  # [B, T, G, K]
+        value = Linear(g * k, impl, self.mesh, qkv_spec, name="value", out_dtype=f32)(x).reshape(b, t, g, k)
 
         step = jnp.zeros((b,), jnp.int32) if memory is None else memory.step  # [B]
         positions = step[:, None] + jnp.arange(t)  # [B, T]
-        q = rotary_embedding(q, positions)
-        key = rotary_embedding(key, positions)
+        q = rotary_embedding(q, positions).astype(x.dtype)
+        key = rotary_embedding(key, positions).astype(x.dtype)  # as the KV cache stores it
+        value = value.astype(x.dtype)
         q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
 
         if memory is None:
@@ -571,7 +590,8 @@ class MultiHeadAttention(hk.Module):
             attend = [functools.partial(self._attend_prefix, n) for n in buckets]
             out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)
         out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
-        return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear")(out), new_memory
+        # float32 out: it goes through rms_norm_1 into the float32 residual stream.
+        return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)(out), new_memory
 
     def _attend_prefix(self, n: int, q, keys, values, input_mask, step) -> jax.Array:
         return self._attend(q, keys[:, :n], values[:, :n], input_mask, step)
@@ -627,7 +647,8 @@ class ExpertWeight(hk.Module):
 def moe_reference(x, gates, experts, w_in, w_v, w_out, num_experts: int) -> jax.Array:
     """The release's algorithm: dequantize all weights, run every expert on every token.
 
-    x [N, D], gates/experts [N, k] -> [N, D]. Unselected experts get weight 0.
+    x [N, D], gates/experts [N, k] -> [N, D] float32 (the gated sum, unrounded). Unselected
+    experts get weight 0.
     """
     deq = lambda w: dequantize(w, x.dtype) if isinstance(w, QuantizedWeight8bit) else w.astype(x.dtype)
     weights = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * gates[..., None], axis=-2)  # [N, E]
@@ -635,7 +656,7 @@ def moe_reference(x, gates, experts, w_in, w_v, w_out, num_experts: int) -> jax.
     b = jnp.einsum("nd,edf->nef", x, deq(w_v))
     h = jax.nn.gelu(a) * b  # [N, E, F]
     y = jnp.einsum("nef,efd->ned", h, deq(w_out))  # [N, E, D]
-    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), weights)  # float32: to rms_norm_3
 
 
 def _unpack(w: Any) -> tuple[jax.Array, jax.Array]:
@@ -658,7 +679,8 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
              data_axis: Any = None, model_axis: Any = None) -> jax.Array:
     """Only the selected experts, int8 weights dequantized inside the matmuls.
 
-    x [N, D] (D may be this device's shard), gates/experts [N, k] -> [N, D]. Inside a
+    x [N, D] (D may be this device's shard), gates/experts [N, k] -> [N, D] float32 (the
+    gated sum in float32, unrounded; the expert rows themselves are x.dtype). Inside a
     shard_map the expert weights are local shards: the input projections' partial sums are
     reduced over `data_axis`, the output projection's over `model_axis`.
     """
@@ -677,11 +699,11 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
         h = (jax.nn.gelu(a.astype(x.dtype)) * b.astype(x.dtype))
     if model_axis is None:
         y = grouped(h, wo, so, out_dtype=x.dtype)  # [M_pad, D]
-        return kernels.combine(y, gates, plan)
+        return kernels.combine(y, gates, plan, out_dtype=jnp.float32)
     # Combine the float32 partial sums first, then add them over the model axis: the
     # all-reduce carries [N, D], not the padded [M_pad, D] (16x fewer bytes at batch 1).
     y = grouped(h, wo, so, out_dtype=jnp.float32)
-    return jax.lax.psum(kernels.combine(y, gates, plan), model_axis).astype(x.dtype)
+    return jax.lax.psum(kernels.combine(y, gates, plan, out_dtype=jnp.float32), model_axis)
 
 
 class MoELayer(hk.Module):
@@ -694,10 +716,12 @@ class MoELayer(hk.Module):
         self.mesh = mesh
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] (float32: the router sees it unrounded) -> [B, T, D] float32."""
         cfg = self.config
         b, t, d = x.shape
         e, f = cfg.num_experts, cfg.ffn_size
         gates, experts = self.router(x)  # [B, T, k]
+        x = x.astype(cfg.fprop_dtype)  # the experts' matmul input
         w_in = ExpertWeight([e, d, f], name="linear")()
         w_v = ExpertWeight([e, d, f], name="linear_v")()
         w_out = ExpertWeight([e, f, d], name="linear_1")()
@@ -752,7 +776,11 @@ def activation_spec(cfg: TransformerConfig) -> P:
 
 
 class DecoderLayer(hk.Module):
-    """h += norm_1(attn(norm(h))); h += norm_3(moe(norm_2(h)))."""
+    """h += norm_1(attn(norm(h))); h += norm_3(moe(norm_2(h))).
+
+    h, the residual stream, is float32: the blocks' outputs are added unrounded. Only the
+    matmul inputs (the outputs of rms_norm and rms_norm_2) are cast to cfg.fprop_dtype.
+    """
 
     def __init__(self, config: TransformerConfig, mesh: Optional[Mesh], layer_index: int):
         super().__init__(name=f"decoder_layer_{layer_index}")
@@ -763,11 +791,14 @@ class DecoderLayer(hk.Module):
         self, h: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory]
     ) -> tuple[jax.Array, Optional[KVMemory]]:
         cfg, mesh = self.config, self.mesh
-        attn, new_memory = MultiHeadAttention(cfg, mesh)(RMSNorm(name="rms_norm")(h), input_mask, memory)
-        h = h + RMSNorm(name="rms_norm_1")(attn)
+        f32 = jnp.float32
+        h = h.astype(f32)
+        attn, new_memory = MultiHeadAttention(cfg, mesh)(RMSNorm(name="rms_norm", dtype=cfg.fprop_dtype)(h),
+                                                         input_mask, memory)
+        h = h + RMSNorm(name="rms_norm_1", dtype=f32)(attn)
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
-        moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2")(h))
-        h = h + RMSNorm(name="rms_norm_3")(moe)
+        moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2", dtype=f32)(h))  # cast inside, after the router
+        h = h + RMSNorm(name="rms_norm_3", dtype=f32)(moe)
         return constrain(h, mesh, activation_spec(cfg)), new_memory
 
 
@@ -857,12 +888,14 @@ class LanguageModel(hk.Module):
         data, model = cfg.model.data_axis, cfg.model.model_axis
         input_mask = tokens > cfg.pad_token  # [B, T]
         embed = InOutEmbed(cfg.vocab_size, cfg.model.emb_size)
-        h = embed(tokens).astype(cfg.fprop_dtype) * jnp.asarray(cfg.embedding_multiplier_scale, cfg.fprop_dtype)
+        # The residual stream is float32 from the start: table rows (float32, or bf16 after
+        # prepare_for_inference) times the multiplier, unrounded.
+        h = embed(tokens).astype(jnp.float32) * jnp.float32(cfg.embedding_multiplier_scale)
         h = constrain(h, self.mesh, activation_spec(cfg.model))
 
         advance = jnp.full((b,), t, jnp.int32) if length is None else length.astype(jnp.int32)
         out = self.model(h, input_mask, memory=memory, advance=advance)
-        h = RMSNorm(name="rms_norm")(out.embeddings)
+        h = RMSNorm(name="rms_norm", dtype=cfg.fprop_dtype)(out.embeddings)  # the unembedding's input
 
         if length is not None:  # only the last real token of each row: [B, 1, D]
             last = jnp.maximum(length.astype(jnp.int32) - 1, 0)
@@ -1101,9 +1134,11 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bo
     """The parameter tree in the layouts inference reads fastest.
 
     - The embedding table in the compute dtype (bf16), stored once instead of cast every
-      step. Exact: the model only ever uses the table cast to fprop_dtype. It halves the
-      table's memory, and decode no longer reads 4 bytes and writes 2 per entry (3.2 GB for
-      Grok-1) every step.
+      step. The output projection only ever uses the table cast to fprop_dtype, so there it
+      is exact; the embedding lookup reads rows into the float32 residual stream, and from a
+      bf16 table they are rounded to bf16 first (as in the release, which casts the rows).
+      It halves the table's memory, and decode no longer reads 4 bytes and writes 2 per
+      entry (3.2 GB for Grok-1) every step.
     - In the fast mode, every int8 matrix transposed (TransposedWeight8bit, n_in contiguous),
       the layout the int8 kernels read at close to the copy bandwidth. Same bytes, same values.
 

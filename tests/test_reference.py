@@ -343,3 +343,51 @@ def test_top_k_margin():
     tied = dict(params)
     tied["transformer/decoder_layer_0/rms_norm_2"] = {"scale": np.zeros(D, np.float32)}
     np.testing.assert_array_equal(ref.top_k_margin(tied, cfg, tokens)[0], 0.0)
+
+
+def test_rounding_points_subset_and_dequant():
+    cfg = make_cfg()
+    params = make_params(cfg, seed=14)
+    tokens = random_tokens(np.random.default_rng(14), 2, 5)
+    exact, _ = ref.forward(params, cfg, tokens)
+    np.testing.assert_array_equal(ref.forward(params, cfg, tokens, bf16=())[0], exact)
+    every = tuple(p for p in ref.ROUNDING_POINTS if p != "dequant")
+    np.testing.assert_array_equal(ref.forward(params, cfg, tokens, bf16=every)[0],
+                                  ref.forward(params, cfg, tokens, bf16=True)[0])
+    # One point alone: only the logits rounded, so they are bf16 values near float64.
+    only_logits, _ = ref.forward(params, cfg, tokens, bf16=("logits",))
+    np.testing.assert_array_equal(ref.to_bf16(only_logits), only_logits)
+    err = np.abs(only_logits - exact)
+    assert err.max() > 0 and np.all(err <= 2**-7 * np.abs(exact) + 1e-12)  # two roundings of 2^-8
+    # "dequant" rounds the dequantized weights (off under bf16=True, as SPEC's rule is exact).
+    p = ref._layer_params(params, cfg, 0, ("dequant",))
+    q = params["transformer/decoder_layer_0/multi_head_attention/query"]["w"]
+    np.testing.assert_array_equal(p["wq"], ref.to_bf16(ref.dequantize(q.weight, q.scales)))
+    assert not np.array_equal(ref._layer_params(params, cfg, 0, True)["wq"], p["wq"])
+    with pytest.raises(ValueError, match="unknown rounding point"):
+        ref.forward(params, cfg, tokens, bf16=("residual", "nope"))
+
+
+def test_forced_experts_use_this_routers_gates():
+    cfg = make_cfg(num_experts=8)
+    params = make_params(cfg, seed=15)
+    tokens = random_tokens(np.random.default_rng(15), 2, 6)
+    tr = ref.trace(params, cfg, tokens)
+    own = np.stack([tr[f"layer_{i}/experts"] for i in range(L)])  # [L, B, T, k]
+    np.testing.assert_array_equal(ref.forward(params, cfg, tokens, experts=own)[0], tr["logits"])
+    # Layer 1, position (1, 3): the 3rd most probable expert instead of the 2nd.
+    probs = tr["layer_1/router_probs"][1, 3]
+    third = int(np.argsort(-probs, kind="stable")[2])
+    forced = own.copy()
+    forced[1, 1, 3, 1] = third
+    got = ref.trace(params, cfg, tokens, experts=forced)
+    p = ref._layer_params(params, cfg, 1)
+    x = got["layer_1/norm_moe_in"][1, 3]
+    expert = lambda e: (ref.gelu_tanh(x @ p["w_in"][e]) * (x @ p["w_v"][e])) @ p["w_out"][e]
+    want = sum(probs[e] * expert(e) for e in (own[1, 1, 3, 0], third))
+    np.testing.assert_allclose(got["layer_1/moe_out"][1, 3], want, rtol=1e-12, atol=1e-14)
+    # Only that position and the later ones of its row change.
+    diff = np.abs(got["logits"] - tr["logits"]).max(axis=-1)
+    assert diff[1, 3] > 1e-3 and diff[0].max() < 1e-12 and diff[1, :3].max() < 1e-12  # BLAS order
+    with pytest.raises(ValueError, match="experts"):
+        ref.forward(params, cfg, tokens, experts=own[:, :, :, :1])
