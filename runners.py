@@ -545,7 +545,10 @@ class ModelRunner:
                                      self.model.sequence_len, mesh_shape=tuple(self.mesh.devices.shape))
 
     def load_or_init(self, init_data: Any = None, from_checkpoint: bool = True) -> dict:
-        """The parameters, placed on the mesh: restored from checkpoint_path, else random."""
+        """The parameters, placed on the mesh: restored from checkpoint_path, else random.
+
+        InferenceRunner.initialize owns what this returns: it converts the arrays in place
+        to the layouts inference reads (model.prepare_for_inference with consume=True)."""
         del init_data
         if not hasattr(self, "mesh"):
             raise RuntimeError("ModelRunner.initialize() must run before load_or_init().")

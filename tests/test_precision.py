@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,8 +139,10 @@ def test_greedy_generation_through_run_matches_float64(name, impl, monkeypatch):
     config = pr.recipe_config(name, impl)
     monkeypatch.setattr(runners, "load_tokenizer", lambda path: IdTokenizer(config.vocab_size))
     model_runner = runners.ModelRunner(model=config, bs_per_device=1)
-    # The recipe's weights instead of the runner's own random ones.
-    monkeypatch.setattr(model_runner, "load_or_init", lambda *a, **k: device_params(name), raising=False)
+    # The recipe's weights instead of the runner's own random ones (a copy: the runner owns
+    # what load_or_init returns and converts it in place).
+    monkeypatch.setattr(model_runner, "load_or_init",
+                        lambda *a, **k: jax.tree_util.tree_map(jnp.copy, device_params(name)), raising=False)
     runner = runners.InferenceRunner(name="precision", runner=model_runner, load="", tokenizer_path="ids",
                                      local_mesh_config=(1, 1), pad_sizes=(16,))
     runner.initialize()
