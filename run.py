@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no checkpoint: random int8 weights made on the devices (Grok-1, or the demo "
                         "model with --tiny), through the whole runner; prints the start-up times. "
                         "Checks a GPU host before the 318 GB download.")
-    p.add_argument("--layers", type=int, default=None, metavar="N",
+    p.add_argument("--layers", type=planner.int_in(1, planner.MAX_LAYERS), default=None, metavar="N",
                    help="with --random-weights, --tiny or --plan: the number of layers (default the "
                         "config's: 64 for Grok-1).")
     p.add_argument("--timings-json", default=None, metavar="PATH",
@@ -871,9 +871,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import planner
     import runners
 
-    if args.layers is not None and args.layers < 1:
-        print(f"Error: --layers {args.layers}: the model needs at least 1 layer.", file=sys.stderr)
-        return EXIT_USAGE
     if args.layers is not None and not (args.random_weights or args.tiny or args.plan):
         print(f"Error: --layers {args.layers} changes the model, but the checkpoint fixes its layers; use "
               "it with --random-weights, --tiny or --plan.", file=sys.stderr)

@@ -146,8 +146,11 @@ def test_a_failed_transfer_stops_the_load(tmp_path, shm_dir, monkeypatch, error)
     threads_before = set(threading.enumerate())
     started = []
 
+    at_failure = []
+
     def place(value, sharding, boxes=None, where="", wait=True):
         if leaf_index(where) == 2:
+            at_failure.append(len(set(started)))
             raise error
         return FakeTransfer(leaf_index(where), value, [])
 
@@ -161,9 +164,9 @@ def test_a_failed_transfer_stops_the_load(tmp_path, shm_dir, monkeypatch, error)
     if kind is ck.CheckpointError:
         message = str(info.value)
         assert "tensor00002_000" in message and paths[2] in message and "device lost" in message
-    # The workers are gone, nothing is left open in or written to the RAM disk, and the
-    # files after the failure were not all read. After Ctrl-C the load returns at once and
-    # the workers stop at their next chunk by themselves: give them a moment.
+    # The workers are gone and nothing is left open in or written to the RAM disk. After
+    # Ctrl-C the load returns at once and the workers stop at their next chunk by
+    # themselves: give them a moment.
     def clean():
         workers = {t for t in threading.enumerate() if not t.daemon} - threads_before
         return not workers and open_fds_into(shm_dir) == [] and os.listdir(shm_dir) == []
@@ -172,7 +175,9 @@ def test_a_failed_transfer_stops_the_load(tmp_path, shm_dir, monkeypatch, error)
     while not clean() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert clean()
-    assert "tensor00007_000" not in started
+    # No file is started once the failure is known: at most the two workers' files in
+    # flight at that moment are read on (which files, the workers' timing decides).
+    assert len(set(started)) <= at_failure[0] + 2
 
 
 def test_restore_onto_a_mesh_through_the_pipeline(tmp_path):

@@ -173,7 +173,8 @@ def test_random_weights_flag_errors(tmp_path, capsys):
     assert "--random-weights" in text and "--layers" in text and "--compile-cache" in text
     assert run.main(["--random-weights", "--tiny", "--tokenizer", str(tmp_path / "tok.model")]) == 2
     assert "tok.model' does not exist" in capsys.readouterr().err
-    assert run.main(["--random-weights", "--layers", "0"]) == 2
-    assert "--layers 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse's range check: one line, exit 2
+        run.main(["--random-weights", "--layers", "0"])
+    assert info.value.code == 2 and "argument --layers" in capsys.readouterr().err
     assert run.main(["--layers", "4", "--checkpoint", str(tmp_path)]) == 2  # a checkpoint fixes the depth
     assert "--random-weights" in capsys.readouterr().err
