@@ -527,6 +527,11 @@ def attention_mask(input_mask: jax.Array, step: jax.Array, cache_len: int) -> ja
 
 
 PREFIX_BUCKET_MIN = 512  # the smallest cache prefix a decode step reads
+# Reading only a prefix of the cache costs a conditional per layer (XLA waits on the host
+# for the branch: about 40 us per layer at batch 1 on an H200) and copies of the slices; a
+# cache below this many bytes per device (K and V of one layer) is cheaper to read whole:
+# at 4.2 TB/s, 128 MiB take 32 us. (Grok-1, 8192 positions: batch >= 4 on one device.)
+PREFIX_MIN_CACHE_BYTES = 128 * 2**20
 
 
 def prefix_buckets(cache_len: int) -> list[int]:
@@ -583,15 +588,27 @@ class MultiHeadAttention(hk.Module):
             keys = constrain(keys, self.mesh, P(data, None, model))
             values = constrain(values, self.mesh, P(data, None, model))
             new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller
-            # Read only the used prefix: the smallest bucket that holds every row's keys.
+            # A large cache: read only the used prefix, the smallest bucket that holds every
+            # row's keys. A small one is read whole (see PREFIX_MIN_CACHE_BYTES).
             buckets = prefix_buckets(keys.shape[1])
+            if self._cache_bytes_per_device(keys) < PREFIX_MIN_CACHE_BYTES:
+                buckets = buckets[-1:]
             used = jnp.max(step) + t
-            branch = jnp.sum(jnp.asarray(buckets[:-1]) < used)
+            branch = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < used)
             attend = [functools.partial(self._attend_prefix, n) for n in buckets]
-            out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)
+            out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
         out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
         # float32 out: it goes through rms_norm_1 into the float32 residual stream.
         return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)(out), new_memory
+
+    def _cache_bytes_per_device(self, keys: jax.Array) -> float:
+        """Bytes of this layer's K and V cache on one device ([B, S, G, K], split over data
+        and model where they divide B and G)."""
+        shards = 1
+        if self.mesh is not None:
+            spec = fit_spec(P(self.config.data_axis, None, self.config.model_axis), keys.shape, self.mesh)
+            shards = math.prod(_axis_size(self.mesh, a) for a in spec)
+        return 2 * keys.size * keys.dtype.itemsize / shards
 
     def _attend_prefix(self, n: int, q, keys, values, input_mask, step) -> jax.Array:
         return self._attend(q, keys[:, :n], values[:, :n], input_mask, step)

@@ -200,6 +200,29 @@ def test_fast_matches_reference_mode():
     assert_close_bf16(fast[real], ref[real])
 
 
+def test_attention_over_the_used_prefix_equals_the_whole_cache(monkeypatch):
+    """Decode steps that read only the used prefix of the cache (buckets of 8, 16, 32 of 64
+    positions) give the logits of reading it whole, before and after each bucket boundary."""
+    cfg, params = setup("fast", num_layers=1, dtype=jnp.float32)
+    tokens = jnp.asarray(random_tokens(np.random.RandomState(9), [40], 40, cfg.vocab_size))
+
+    def decode_all():
+        forward = model.make_forward(cfg)  # traced anew: the bucket settings are read when tracing
+        out = forward(params, tokens[:, :5], model.init_memory(cfg, 1, 64))
+        logits = [np.asarray(out.logits)[0, -1]]
+        for t in range(5, 40):
+            out = forward(params, tokens[:, t : t + 1], out.model_state)
+            logits.append(np.asarray(out.logits)[0, -1])
+        return np.stack(logits)
+
+    monkeypatch.setattr(model, "PREFIX_MIN_CACHE_BYTES", float("inf"))
+    whole = decode_all()
+    monkeypatch.setattr(model, "PREFIX_MIN_CACHE_BYTES", 0)
+    monkeypatch.setattr(model, "PREFIX_BUCKET_MIN", 8)
+    assert model.prefix_buckets(64) == [8, 16, 32, 64]
+    assert_close(decode_all(), whole, 1e-5)
+
+
 def test_prepared_params_give_the_same_logits():
     """prepare_for_inference (bf16 table, int8 stored transposed) changes layouts, not values:
     the fast mode gives the raw tree's logits on one device and on a (2, 4) mesh, the
