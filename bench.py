@@ -798,14 +798,16 @@ def summarize_profile(results: dict) -> dict:
     """Device microseconds per layer by kind of kernel, over every line of the trace.
 
     Kernels that run fewer times per step than there are layers (the logits, the embedding)
-    are counted as "outside_layers" (per step, divided by the layers only to compare).
+    are counted as "outside_layers" (per step, divided by the layers only to compare);
+    collectives, whose events spread over several streams, always count as "collective".
     """
     layers = results["layers"]
     out: dict = {}
     for rows in results["lines"].values():
         for r in rows:
-            kind = "outside_layers" if r["per_step"] < layers else next(
-                (k for k, subs in KERNEL_KINDS if any(s in r["name"] for s in subs)), "other")
+            kind = next((k for k, subs in KERNEL_KINDS if any(s in r["name"] for s in subs)), "other")
+            if kind != "collective" and r["per_step"] < layers:  # collectives: split over streams
+                kind = "outside_layers"
             out[kind] = out.get(kind, 0.0) + r["us_per_layer"]
     return out
 
