@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+import bench
 import kernels
 import model
 from tests import reference
@@ -273,23 +274,15 @@ def model_trace(config: model.LanguageModelConfig, params: dict, tokens: np.ndar
 
 
 def routed_forward(config: model.LanguageModelConfig):
-    """Jitted (params, tokens, memory) -> (logits [B, T, V], memory, experts [L, B, T, k]):
-    model.make_apply's forward that also returns each layer's expert choice."""
+    """(params, tokens, memory) -> (logits [B, T, V], memory, experts [L, B, T, k]): bench's
+    forward that also returns each layer's expert choice (the memory passed in is donated)."""
+    forward = bench.routed_forward(config)
 
-    def fn(tokens, memory):
-        experts = []
-
-        def record(method, args, kwargs, context):
-            out = method(*args, **kwargs)
-            if isinstance(context.module, model.Router) and context.method_name == "__call__":
-                experts.append(out[1])
-            return out
-
-        with hk.intercept_methods(record):
-            out = config.make()(tokens, memory)
+    def fn(params, tokens, memory):
+        out, experts = forward(params, tokens, memory, None)
         return out.logits, out.model_state, jnp.stack(experts)
 
-    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply)
+    return fn
 
 
 def prefill_and_decode(config: model.LanguageModelConfig, params: dict, tokens: np.ndarray):
