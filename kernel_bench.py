@@ -20,7 +20,10 @@ In one run, on random data at Grok-1 width (D=6144, F=32768, 8 experts, top-2):
    each checked against the xla backend, then the layer again with the best tilings;
 5. int8_matmul of a [6144, 6144] weight at M = 1..32 (four weight copies rotated so that
    L2 does not hold the weight).
-Results go to a JSON file, written after every step; a table is printed last. A time
+The kernels read the int8 weights in the layout the model stores for inference, [N, K]
+(model.TransposedWeight8bit); --layout kn measures the checkpoint's [K, N] instead (the
+release's algorithm always gets [K, N]). Results go to a JSON file, written after every
+step; a table is printed last. A time
 budget (--budget-s) skips the remaining sweep steps when it runs out.
 """
 
@@ -50,6 +53,7 @@ import kernels as K  # noqa: E402
 E, D, F, TOPK = 8, 6144, 32768, 2
 PREFILL_M = 1024  # prefill token count (smaller for a dry run)
 PALLAS = "pallas"  # "interpret" for a dry run of this script on a CPU (with --dims)
+TRANSPOSED = True  # the kernels read the int8 weights stored [N, K], as the model does (--layout nk)
 T0 = time.time()
 
 
@@ -210,10 +214,20 @@ def reference_f32(x, idx, gates, lin, lin_v, lin_1):
     return out
 
 
+def kernel_layout(weights):
+    """The (weight, scales) pairs in the layout the kernels are measured with (--layout)."""
+    if not TRANSPOSED:
+        return weights
+    return tuple((jnp.swapaxes(w, -1, -2), s) for w, s in weights)
+
+
 def moe_fn(backend: str, block_m=None, configs=None):
+    """The MoE layer (x, idx, gates, *weights): the release's algorithm takes the
+    checkpoint's layout, the kernels kernel_layout()'s."""
     if backend == "release":
         return jax.jit(release_layer)
-    return jax.jit(functools.partial(K.sparse_moe, backend=backend, block_m=block_m, configs=configs))
+    return jax.jit(functools.partial(K.sparse_moe, backend=backend, block_m=block_m, configs=configs,
+                                     transposed=TRANSPOSED))
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +245,7 @@ def roofline(m: int, idx, t: float, bw: float, rate: float) -> dict:
             "pct_matmul_rate": 100 * flops / rate / t}
 
 
-def layer_step(res, weights, bw, rate, ms, backends, tag, block_m=None, configs=None):
+def layer_step(res, weights, kweights, bw, rate, ms, backends, tag, block_m=None, configs=None):
     for m in ms:
         x, idx, gates = make_tokens(m, seed=m)
         for be in backends:
@@ -241,7 +255,7 @@ def layer_step(res, weights, bw, rate, ms, backends, tag, block_m=None, configs=
             try:
                 fn = moe_fn(be, block_m(m) if callable(block_m) else block_m,
                             configs(m) if callable(configs) else configs)
-                t = timeit(fn, x, idx, gates, *weights)
+                t = timeit(fn, x, idx, gates, *(weights if be == "release" else kweights))
                 rec = {"tag": tag, "m": m, "backend": be, **t,
                        **roofline(m, idx, t["median_s"], bw, rate)}
                 log(f"layer[{tag}] M={m} {be}: {t['median_s'] * 1e3:.3f} ms  "
@@ -252,14 +266,14 @@ def layer_step(res, weights, bw, rate, ms, backends, tag, block_m=None, configs=
                 res.error(f"layer {tag} M={m} {be}", exc)
 
 
-def correctness_step(res, weights, ms):
+def correctness_step(res, weights, kweights, ms):
     for m in ms:
         x, idx, gates = make_tokens(m, seed=m)
         ref = reference_f32(x, idx, gates, *weights)
         outs = {}
         for be in ("xla", PALLAS):
             try:
-                outs[be] = moe_fn(be)(x, idx, gates, *weights)
+                outs[be] = moe_fn(be)(x, idx, gates, *kweights)
                 check(res, f"layer M={m} {be} vs float32", outs[be], ref)
             except Exception as exc:
                 res.error(f"check layer M={m} {be}", exc)
@@ -275,7 +289,8 @@ def correctness_step(res, weights, ms):
                   precision=jax.lax.Precision.HIGHEST)
     for be in ("xla", PALLAS):
         try:
-            y = jax.jit(functools.partial(K.int8_matmul, backend=be))(x, w, s)
+            y = jax.jit(functools.partial(K.int8_matmul, backend=be, transposed=TRANSPOSED))(
+                x, w.T if TRANSPOSED else w, s)
             check(res, f"int8_matmul {be} vs float32", y, ref, shape=list(y.shape))
         except Exception as exc:
             res.error(f"check int8_matmul {be}", exc)
@@ -317,19 +332,22 @@ def sweep_kernel(res, name, fn_of_cfg, args, want, configs, bytes_or_flops, kind
 def sweeps(res, weights, bw, rate, quick: bool):
     """Kernel tilings, each timed on its own and checked against the xla backend.
 
-    Weights are passed as arguments (a closure would embed gigabytes of constants)."""
+    weights: in kernel_layout(). They are passed as arguments (a closure would embed
+    gigabytes of constants)."""
     lin, lin_v, lin_1 = weights
     C = K.KernelConfig
     best = {}
 
     def gated_fn(cfg):
-        return lambda xs, plan, w, ws, v, vs: K.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=PALLAS, config=cfg)
+        return lambda xs, plan, w, ws, v, vs: K.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=PALLAS,
+                                                                     config=cfg, transposed=TRANSPOSED)
 
     def down_fn(cfg):
-        return lambda h, plan, w1, w1s: K.grouped_matmul(h, w1, w1s, plan, backend=PALLAS, config=cfg)
+        return lambda h, plan, w1, w1s: K.grouped_matmul(h, w1, w1s, plan, backend=PALLAS, config=cfg,
+                                                         transposed=TRANSPOSED)
 
-    gated_xla = jax.jit(functools.partial(K.grouped_matmul_gated, backend="xla"))
-    down_xla = jax.jit(functools.partial(K.grouped_matmul, backend="xla"))
+    gated_xla = jax.jit(functools.partial(K.grouped_matmul_gated, backend="xla", transposed=TRANSPOSED))
+    down_xla = jax.jit(functools.partial(K.grouped_matmul, backend="xla", transposed=TRANSPOSED))
     make_plan = jax.jit(K.make_plan, static_argnums=(1, 2))
 
     # Decode, M = 1: 2 experts, 16-row tiles.
@@ -392,10 +410,11 @@ def dense_step(res, bw, rate, cfgs, ms=(1, 8, 16, 32)):
     ws = [(jax.random.randint(keys[2 * r], (D, D), -127, 128, dtype=jnp.int8),
            (jax.random.uniform(keys[2 * r + 1], (8, D), jnp.float32, 0.5, 1.5) / (73 * np.sqrt(D))).astype(jnp.bfloat16))
           for r in range(4)]
+    ws = [(w.T, s) for w, s in ws] if TRANSPOSED else ws  # the same square matrices, transposed
 
     def rotated(backend, cfg):
         def f(x, ws):
-            return tuple(K.int8_matmul(x, w, s, backend=backend, config=cfg) for w, s in ws)
+            return tuple(K.int8_matmul(x, w, s, backend=backend, config=cfg, transposed=TRANSPOSED) for w, s in ws)
         return jax.jit(f)
 
     bf16_ws = [w.astype(jnp.bfloat16) for w, _ in ws]
@@ -455,12 +474,16 @@ def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
     ap.add_argument("--checks", choices=("full", "quick", "none"), default="full",
                     help="float32-reference checks: full (M=8 and prefill), quick (M=8), none")
     ap.add_argument("--dense-ms", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--layout", choices=("nk", "kn"), default="nk",
+                    help="int8 weights as the model stores them for inference, [N, K] (default), or the "
+                         "checkpoint's [K, N]")
     args = ap.parse_args(argv)
-    global D, F, PALLAS, PREFILL_M
+    global D, F, PALLAS, PREFILL_M, TRANSPOSED
     PREFILL_M = max(args.ms)
     if args.dims:
         D, F = args.dims
     PALLAS = args.pallas_backend
+    TRANSPOSED = args.layout == "nk"
     res = Results(args.out, args.budget_s)
     dev = jax.devices()[0]
     smi = ""
@@ -471,22 +494,24 @@ def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
         pass
     res.data["meta"] = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(), "jax": jax.__version__,
                         "device": str(dev), "device_kind": getattr(dev, "device_kind", "?"), "nvidia_smi": smi,
-                        "argv": list(argv) if argv is not None else sys.argv, "E": E, "D": D, "F": F, "k": TOPK}
+                        "argv": list(argv) if argv is not None else sys.argv, "E": E, "D": D, "F": F, "k": TOPK,
+                        "layout": args.layout}
     log("device", res.data["meta"]["device_kind"], "jax", jax.__version__, smi.replace("\n", " | "))
     res.save()
 
     bw, rate = ceilings(res, ceiling_fns, small=bool(args.dims))
     weights = make_weights()
-    log("weights ready")
+    kweights = kernel_layout(weights)
+    log("weights ready, layout", args.layout)
     if args.checks != "none":
-        correctness_step(res, weights, (8,) if args.checks == "quick" else (8, PREFILL_M))
+        correctness_step(res, weights, kweights, (8,) if args.checks == "quick" else (8, PREFILL_M))
     ms = tuple(args.ms)
-    layer_step(res, weights, bw, rate, ms, [PALLAS if b == "pallas" else b for b in args.layer_backends],
+    layer_step(res, weights, kweights, bw, rate, ms, [PALLAS if b == "pallas" else b for b in args.layer_backends],
                "default")
     best = {}
     if not args.no_sweep:
         try:
-            best = sweeps(res, weights, bw, rate, args.quick)
+            best = sweeps(res, kweights, bw, rate, args.quick)
         except Exception as exc:
             res.error("sweeps", exc)
             traceback.print_exc()
@@ -503,9 +528,10 @@ def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
         else:
             g_pre = d_pre = None
         dec = (best["gated_decode"], best["down_decode"])
-        layer_step(res, weights, bw, rate, [m for m in ms if m <= 32], (PALLAS,), "tuned", block_m=16, configs=dec)
+        layer_step(res, weights, kweights, bw, rate, [m for m in ms if m <= 32], (PALLAS,), "tuned", block_m=16,
+                   configs=dec)
         if g_pre:
-            layer_step(res, weights, bw, rate, (PREFILL_M,), (PALLAS,), "tuned", block_m=bm_pre,
+            layer_step(res, weights, kweights, bw, rate, (PREFILL_M,), (PALLAS,), "tuned", block_m=bm_pre,
                        configs=(g_pre, d_pre))
     dq = (best.get("gated_decode") or K.KernelConfig()).dequant
     dense_cfgs = [None, K.KernelConfig(128, 128, 8, 4, 4, dq), K.KernelConfig(64, 128, 8, 4, 4, dq),

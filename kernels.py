@@ -610,15 +610,17 @@ def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
                linear: tuple[jax.Array, jax.Array], linear_v: tuple[jax.Array, jax.Array],
                linear_1: tuple[jax.Array, jax.Array], *, backend: str = "auto",
                block_m: Optional[int] = None,
-               configs: Optional[tuple[Optional[KernelConfig], Optional[KernelConfig]]] = None) -> jax.Array:
+               configs: Optional[tuple[Optional[KernelConfig], Optional[KernelConfig]]] = None,
+               transposed: bool = False) -> jax.Array:
     """One Grok-1 MoE layer on x [M, D] with routing expert_idx/gates [M, k] -> [M, D] bf16.
 
-    Each of linear, linear_v ([E, D, F]) and linear_1 ([E, F, D]) is (int8 weight, scales).
+    Each of linear, linear_v ([E, D, F]) and linear_1 ([E, F, D]) is (int8 weight, scales);
+    with transposed=True the int8 weights are stored [E, F, D] and [E, D, F].
     """
     num_experts = linear[0].shape[0]
     plan = make_plan(expert_idx, num_experts, block_m or default_block_m(expert_idx.size))
     gated_cfg, down_cfg = configs or (None, None)
     xs = dispatch(x, plan)  # [M_pad, D]
-    h = grouped_matmul_gated(xs, *linear, *linear_v, plan, backend=backend, config=gated_cfg)
-    ys = grouped_matmul(h, *linear_1, plan, backend=backend, config=down_cfg)  # [M_pad, D]
+    h = grouped_matmul_gated(xs, *linear, *linear_v, plan, backend=backend, config=gated_cfg, transposed=transposed)
+    ys = grouped_matmul(h, *linear_1, plan, backend=backend, config=down_cfg, transposed=transposed)  # [M_pad, D]
     return combine(ys, gates, plan)
