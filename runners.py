@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -269,11 +270,12 @@ def initialize_distributed(
     with joining.guard(what):
         # jax's own limits are a backstop a few seconds later: its failure is an abort with
         # a terse message, ours says what to check.
+        limits = dict(initialization_timeout=seconds + 5, heartbeat_timeout_seconds=seconds,
+                      shutdown_timeout_seconds=seconds)
+        accepted = inspect.signature(jax.distributed.initialize).parameters  # older jax lacks some
         jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes, process_id=process_id,
-            initialization_timeout=seconds + 5, heartbeat_timeout_seconds=seconds,
-            shutdown_timeout_seconds=seconds)
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+            **{k: v for k, v in limits.items() if k in accepted})
         devices = jax.devices()  # the global device exchange, under the same deadline
     _distributed_timeout_s = float(timeout_s)
     logger.info("Process %d of %d joined: %d devices in all, %d here.", process_id, num_processes,
