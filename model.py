@@ -915,7 +915,7 @@ class LanguageModel(hk.Module):
         """
         cfg = self.config
         b, t = tokens.shape
-        data, model = cfg.model.data_axis, cfg.model.model_axis
+        data = cfg.model.data_axis
         input_mask = tokens > cfg.pad_token  # [B, T]
         embed = InOutEmbed(cfg.vocab_size, cfg.model.emb_size)
         # The residual stream is float32 from the start: table rows (float32, or bf16 after

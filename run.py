@@ -635,8 +635,6 @@ def with_layers(config, layers: Optional[int]):
     """`config` with its number of layers replaced (None: unchanged)."""
     if layers is None:
         return config
-    import dataclasses
-
     return dataclasses.replace(config, model=dataclasses.replace(config.model, num_layers=layers)).initialize()
 
 

@@ -92,7 +92,8 @@ def server(tmp_path_factory):
     log = os.path.join(directory, "server.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "run.py"), "serve", "--tiny", "--tiny-dir", os.path.join(directory, "demo"),
+            [sys.executable, os.path.join(REPO, "run.py"), "serve", "--tiny",
+             "--tiny-dir", os.path.join(directory, "demo"),
              "--port", str(port), "--slots", str(SLOTS), "--mesh", "1x1", "--max-queue", str(MAX_QUEUE),
              "--log-level", "warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     statuses: list[int] = []
