@@ -8,8 +8,6 @@ arrays the test itself saved.
 
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 
@@ -19,6 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import checkpoint as ck
+from test_checkpoint import open_fds_into, shm_dir  # noqa: F401 - shm_dir is a fixture
 
 
 class FakeTransfer:
@@ -117,26 +116,6 @@ def test_budget_keeps_host_buffers_until_their_transfer_is_done(tmp_path, fake_t
     size = os.path.getsize(tmp_path / "tensor00000_000")
     assert stats["peak_inflight"] == size  # one host buffer at a time
     assert set(stats) >= {"queue_s", "wait_transfers_s", "wait_reads_s"}
-
-
-@pytest.fixture
-def shm_dir():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    d = tempfile.mkdtemp(prefix="ckpt-pipeline-", dir=base)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def open_fds_into(directory):
-    out = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(os.path.join("/proc/self/fd", fd))
-        except OSError:
-            continue
-        if target.startswith(directory + "/"):
-            out.append(target)
-    return out
 
 
 @pytest.mark.parametrize("error", [RuntimeError("device lost"), KeyboardInterrupt()])
