@@ -813,11 +813,7 @@ class _Reader:
         start = self._raw.tell()
         chunk = self._raw.read(_MAX_PICKLE_LINE + 1) or b""
         end = chunk.find(b"\n")
-        if end < 0:
-            if len(chunk) > _MAX_PICKLE_LINE:  # _check_pickle_bounds refused such files already
-                raise UnsafeCheckpointError(
-                    f"{self._file}: refused a text line of more than {_MAX_PICKLE_LINE} bytes "
-                    f"at byte {start}")
+        if end < 0:  # the last line (longer ones: refused by _check_pickle_bounds)
             return chunk
         self._raw.seek(start + end + 1)
         return chunk[: end + 1]
@@ -999,12 +995,7 @@ def _unpickle_file(path: str, control: _LoadControl, use_shm: bool = True,
             raise CorruptCheckpointError(
                 f"{path}: {what} pickle ({type(e).__name__}: {str(e)[:200]}) at byte {at} of {size}"
             ) from None
-        trailing = size - raw.tell()
-        if trailing:
-            raise CorruptCheckpointError(
-                f"{path}: {trailing} unexpected bytes after the end of the pickle"
-            )
-    return _finish(obj, path), size
+    return _finish(obj, path), size  # (bytes after the pickle: refused by _check_pickle_bounds)
 
 
 def fast_unpickle(path: str, *, use_shm: Any = "auto", shm_dir: Optional[str] = None) -> Any:
@@ -1924,11 +1915,12 @@ def _sharding_leaves(state_sharding: Any, treedef: Any, paths: list[str],
 def resolve_checkpoint_dir(checkpoint_path: str) -> str:
     """`checkpoint_path/ckpt-0` when it exists (the release's layout), else the path itself.
 
-    First tidies up after killed saves of either (a checkpoint a kill left moved aside is
-    moved back; see _tidy_leftovers)."""
+    A directory that is missing because a killed save left it moved aside is moved back
+    first (_tidy_leftovers); the rest of the tidying is the loader's (load_tensors)."""
     sub = os.path.join(checkpoint_path, "ckpt-0")
-    _tidy_leftovers(sub)
-    _tidy_leftovers(checkpoint_path)
+    for directory in (sub, checkpoint_path):
+        if not os.path.isdir(directory):
+            _tidy_leftovers(directory)
     return sub if os.path.isdir(sub) else checkpoint_path
 
 
@@ -2408,7 +2400,7 @@ def save(state_or_params: Any, directory: str, host_index: Optional[int] = None,
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        if any(boxes):
+        if collective:
             full = [b or ({"weight": _whole_box(x.weight), "scales": _whole_box(x.scales)} if _is_qw(x)
                           else {"value": _whole_box(x)}) for b, x in zip(boxes, leaves)]
             try:
