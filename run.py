@@ -128,6 +128,23 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return data, model
 
 
+def add_compile_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache: compiled programs are kept in DIR and "
+                        f"reused by the next start; 'off' turns it off (env {ENV_COMPILE_CACHE}; default "
+                        f"~/.cache/grok1/jax).")
+
+
+def user_errors() -> tuple[type, ...]:
+    """The errors a user fixes (flags, files, prompts): reported in one line, exit status 2."""
+    import checkpoint
+    import planner
+    import runners
+
+    return (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError, checkpoint.CheckpointError,
+            runners.TokenizerError, TinyDirError, FileNotFoundError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import planner  # --plan, --devices, --device-memory-gb, --batch, --context, --json, --layers
 
@@ -172,10 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timings-json", default=None, metavar="PATH",
                    help="with --random-weights: also write the start-up split, the first tokens' times, "
                         "the decode steps' times and the peak memory against the plan to PATH (JSON).")
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help=f"JAX's persistent compilation cache: compiled programs are kept in DIR and "
-                        f"reused by the next start; 'off' turns it off (env {ENV_COMPILE_CACHE}; default "
-                        f"~/.cache/grok1/jax).")
+    add_compile_cache_argument(p)
     g = p.add_argument_group(
         "several processes (hosts)",
         "Start the same command once per process (host), each with its own --process-id;\n"
@@ -455,7 +469,6 @@ def generate(args: argparse.Namespace, config, checkpoint_path: str, tokenizer_p
     counted from `started` (a time.perf_counter() value; default: when this is called).
     """
     started = time.perf_counter() if started is None else started
-    import json
 
     import jax
     import numpy as np
@@ -775,6 +788,7 @@ def build_serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="the model id of /v1/models and the responses (default grok-1, or grok-1-tiny with --tiny).")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="log level of the server (default info).")
+    add_compile_cache_argument(p)
     return p
 
 
@@ -813,8 +827,6 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
               "or --host.", file=sys.stderr)
         return EXIT_USAGE
 
-    import checkpoint
-    import planner
     import runners
     import server
 
@@ -842,11 +854,11 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
             return runner
 
         name = args.model_name or ("grok-1-tiny" if args.tiny else "grok-1")
+        runners.enable_compilation_cache(args.compile_cache)  # before the first compilation
         try:
             server.serve(load, args.host, args.port, model_name=name, max_queue=args.max_queue,
                          log_level=args.log_level)
-        except (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError,
-                checkpoint.CheckpointError, FileNotFoundError) as e:
+        except user_errors() as e:
             print(f"Error: {e}", file=sys.stderr)
             return EXIT_USAGE
     return 0
@@ -865,7 +877,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("jax", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    import checkpoint
     import planner
     import runners
 
@@ -907,8 +918,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if several and code:
             runners.abort_process("", code)  # said why already; don't wait in jax's shutdown
         return code
-    except (runners.InvalidRequestError, runners.MeshConfigError, planner.PlanError, checkpoint.CheckpointError,
-            runners.TokenizerError, TinyDirError, FileNotFoundError) as e:  # the user fixes these: no traceback
+    except user_errors() as e:  # the user fixes these: no traceback
         if several:  # every process fails alike; no need to wait for the others
             runners.abort_process(f"Error{context}: {e}", EXIT_USAGE)
         print(f"Error: {e}", file=sys.stderr)

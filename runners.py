@@ -1134,13 +1134,8 @@ class _Engine:
             return self._step()
 
     def _step(self) -> list[TokenEvent]:
-        active = np.array([s is not None for s in self.slots])
-        if not active.any():
-            return []
-        with self._deadline(("decode",)):
-            self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
-            out = _to_host(out)
-        return [self._emit(i, out, i) for i in np.flatnonzero(active)]
+        handle = self.dispatch()
+        return [] if handle is None else self.collect(handle)
 
     def dispatch(self) -> Optional[tuple[list, StepOutput]]:
         """Start one decode step of every active slot without waiting for its tokens, so that
@@ -1151,7 +1146,8 @@ class _Engine:
             active = np.array([s is not None for s in self.slots])
             if not active.any():
                 return None
-            self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
+            with self._deadline(("decode",)):  # the first call compiles
+                self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
             return list(self.slots), out
 
     def collect(self, handle: tuple[list, StepOutput]) -> list[TokenEvent]:
@@ -1361,10 +1357,12 @@ class InferenceRunner:
         """The slot engine, for a caller that schedules requests itself (server.py).
 
         engine.admit(prepare(request, id), owner) prefills a request into a free slot and
-        returns its first TokenEvent; engine.step() decodes every active slot by one token;
-        engine.cancel(id, owner) frees one request's slot; free_slots() / num_active() say
-        what is in use. Not thread-safe: one thread drives it, and nothing else (stream(),
-        generate(), run()) may use this runner meanwhile.
+        returns its first TokenEvent; engine.step() decodes every active slot by one token,
+        or dispatch() starts that step and collect() waits for its tokens (so the host can
+        work meanwhile); engine.cancel(id, owner) frees one request's slot; free_slots() /
+        num_active() say what is in use. Each operation holds the engine's lock; still, one
+        scheduler should drive it, and nothing else (stream(), generate(), run()) should use
+        this runner meanwhile, since requests of another owner make admit() refuse.
         """
         return self._require_initialized()
 

@@ -574,18 +574,7 @@ class ServerState:
 def warm_up(runner: runners.InferenceRunner) -> None:
     """Compile every prefill bucket and the decode step before the first request, so that
     no client waits for a compilation (and time to first token measures serving)."""
-    engine, owner = runner.engine(), object()
-    base = runner.prepare(runners.Request(prompt="warm up", temperature=0.0, max_len=2), "warm-up")
-    mask = base.mask.copy()
-    mask[runner.runner.model.eos_token] = False  # two tokens, so that the decode step runs
-    for i, bucket in enumerate(runner.buckets):
-        length = min(bucket, runner.runner.model.sequence_len - 2)
-        prepared = dataclasses.replace(base, request_id=i, tokens=base.tokens[:1] * length, bucket=bucket,
-                                       mask=mask)
-        engine.admit(prepared, owner)
-        while engine.num_active(owner):
-            engine.step()
-    engine.release(owner)
+    runner.compile()
 
 
 def _openai_logprobs(entries: list[tuple[str, float, dict, int]], prompt: Optional[list[tuple[str, int]]]) -> dict:
