@@ -529,16 +529,6 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
     return jax.jit(make, out_shardings=shardings)()
 
 
-def aot_compile(fn: Any, *args: Any) -> dict:
-    """Lower and compile the jitted `fn` for `args` before its first call (the jit's own cache
-    keeps the program for the calls that follow); returns the seconds of each part."""
-    start = time.perf_counter()
-    lowered = fn.lower(*args)
-    lowered_at = time.perf_counter()
-    lowered.compile()
-    return {"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}
-
-
 def weight_bytes(leaf: Any) -> int:
     """Bytes of a leaf (array or jax.ShapeDtypeStruct); a quantized weight: int8 + scales."""
     if isinstance(leaf, model.QuantizedWeight8bit):
@@ -578,10 +568,6 @@ def prefill_flops(config: model.LanguageModelConfig, tokens: int) -> float:
     return cfg.num_layers * (proj + experts + attention)
 
 
-def _with_mode(config: model.LanguageModelConfig, mode: str) -> model.LanguageModelConfig:
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, moe_impl=mode))
-
-
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
                 iters: int = 10, tiny: bool = False, json_path: str | None = None,
                 mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None) -> dict:
@@ -599,11 +585,11 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     results.update(copy_bandwidth_GBps=bw / 1e9, matmul_TFLOPs=flops / 1e12)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
 
+    import runners
+
     base = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
     mesh = None
     if mesh_shape is not None:  # the roofline then assumes every device's bandwidth
-        import runners
-
         mesh = runners.make_mesh(mesh_shape, (1, 1))
         results["mesh"] = dict(mesh.shape)
     devices = 1 if mesh is None else mesh.size
@@ -612,8 +598,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     raw = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
     # Each mode gets the layouts its own runner would (the reference mode keeps the
     # checkpoint's int8 layout); without the reference mode the conversion is in place.
-    prepared = {mode: model.prepare_for_inference(raw, _with_mode(base, mode), consume=modes == ["fast"])
-                for mode in modes}
+    prepared = {mode: model.prepare_for_inference(raw, model.with_moe_impl(base, mode),
+                                                  consume=modes == ["fast"]) for mode in modes}
     del raw
     jax.block_until_ready(prepared)
     results["weights_s"] = time.perf_counter() - start
@@ -622,7 +608,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     results["cache_len"] = cache_len
     rows, logits = [], {}
     for mode in modes:
-        config, params = _with_mode(base, mode), prepared[mode]
+        config, params = model.with_moe_impl(base, mode), prepared[mode]
         forward = routed_forward(config, mesh)
         for batch in batches:
             tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
@@ -630,7 +616,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             # The first step from the same cache is compared across modes (later steps
             # drift apart as each mode writes its own keys and values).
             memory = filled_memory(config, batch, context, cache_len, mesh)
-            startup = aot_compile(forward, params, tokens, memory, length)
+            startup = runners.timed_compile(forward, params, tokens, memory, length)
             first, _ = forward(params, tokens, memory, length)
             logits[(mode, batch)] = np.asarray(first.logits, np.float32)
             state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
@@ -659,7 +645,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             holder["m"] = model.init_memory(config, 1, prefill_len, mesh)
             return forward(params, tokens, holder["m"], length).logits
 
-        startup = aot_compile(forward, params, tokens, model.init_memory(config, 1, prefill_len, mesh), length)
+        startup = runners.timed_compile(forward, params, tokens, model.init_memory(config, 1, prefill_len, mesh),
+                                        length)
         seconds = timed(prefill, iters=max(3, iters // 2))
         need = prefill_flops(config, prefill_len)
         row = dict(kind="prefill", mode=mode, batch=1, tokens=prefill_len, ms=seconds * 1e3,
@@ -1361,13 +1348,11 @@ def measure_peak(config: model.LanguageModelConfig, phase: str, batch: int, cont
     report JAX's peak device memory (memory_stats()['peak_bytes_in_use'], the largest
     device) next to the plan. Run each phase in a fresh process: the peak never resets.
 
-    Parameters are zeros (memory does not depend on values). Both steps are compiled
-    before anything is allocated, so compile-time scratch memory does not count. prefill:
-    one request of `context` tokens into a fresh cache, inserted into a batch cache of
+    Parameters are zeros, in the layouts the runner uses (memory does not depend on
+    values). The step is compiled before anything is allocated, so compile-time scratch
+    memory does not count. prefill: one request of `context` tokens into a fresh cache, inserted into a batch cache of
     `batch` x `context`; decode: one step of `batch` active slots.
     """
-    from jax.sharding import NamedSharding, PartitionSpec
-
     import planner
     import runners
 
@@ -1377,39 +1362,21 @@ def measure_peak(config: model.LanguageModelConfig, phase: str, batch: int, cont
     mesh_shape = tuple(mesh_shape) if mesh_shape else planner.choose_mesh(config, len(devices), None, batch,
                                                                           context)
     mesh = runners.make_mesh(mesh_shape, config=config, devices=devices)
-    shapes = model.param_shapes(config)
-    shardings = model.param_shardings(config, mesh, shapes)
-    mem_sharding = model.memory_shardings(config, mesh, batch, context)
-    replicated = NamedSharding(mesh, PartitionSpec())
     prefill, decode = runners.make_step_functions(config, mesh, batch)
-
-    abstract = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
-        lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), tree, sh)
-    a_params = abstract(shapes, shardings)
-    mem_shapes = jax.eval_shape(lambda: model.init_layer_memories(
-        batch, context, config.model.num_kv_heads, config.model.key_size, config.model.num_layers,
-        config.fprop_dtype))
-    a_mem = abstract(mem_shapes, mem_sharding)
-    state = runners._empty_state(batch, config.vocab_size)
-    a_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)  # noqa: E731
-    if phase == "prefill":
-        args = (np.ones((1, context), np.int32), np.array([context], np.int32), np.int32(0),
-                np.float32(1.0), np.float32(1.0), np.uint32(0), np.int32(context),
-                np.ones((config.vocab_size,), bool))
-        a_args = tuple(sd(np.shape(x), np.asarray(x).dtype) for x in args)
-        compiled = prefill.lower(a_params, a_mem, a_state, *a_args).compile()
-    elif phase == "decode":
-        args = (np.ones((batch,), bool),)
-        compiled = decode.lower(a_params, a_mem, a_state, sd((batch,), np.bool_)).compile()
-    else:
+    # The engine's inputs, the parameters in the layouts prepare_for_inference makes.
+    a_params, a_mem, a_state = runners.abstract_step_inputs(config, mesh, batch)
+    if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    step = prefill if phase == "prefill" else decode
+    args = runners.step_arguments(config, batch, context if phase == "prefill" else None)
+    compiled = step.lower(a_params, a_mem, a_state, *args).compile()
     analysis = compiled.memory_analysis()
 
-    params = jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                     out_shardings=shardings)()
-    memory = model.init_memory(config, batch, context, mesh)
-    state = jax.device_put(state, replicated)
+    def zeros(tree):
+        return jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree),
+                       out_shardings=jax.tree_util.tree_map(lambda s: s.sharding, tree))()
+
+    params, memory, state = zeros(a_params), zeros(a_mem), zeros(a_state)
     jax.block_until_ready((params, memory, state))
     stats = lambda: [d.memory_stats() or {} for d in devices]  # noqa: E731
     resident = max(s.get("bytes_in_use", 0) for s in stats())
@@ -1514,13 +1481,6 @@ def serve_child(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     directory = tempfile.mkdtemp(prefix="grok1-bench-serve-")
 
-    class RandomOnDevice(runners.ModelRunner):
-        """Random int8 weights drawn on the devices, already sharded (at Grok-1 width, host
-        memory and transfers would dominate)."""
-
-        def load_or_init(self, init_data: Any = None, from_checkpoint: bool = True) -> dict:
-            return model.init_random_params(self.model, self.rng_seed, self.mesh, on_device=True)
-
     def load() -> Any:
         if args.tiny:
             config = run.tiny_demo_config()
@@ -1530,7 +1490,7 @@ def serve_child(args: argparse.Namespace) -> None:
         else:
             config = model.grok_1_config(num_layers=args.layers)
             tokenizer = args.tokenizer or run.train_tiny_tokenizer(directory)
-            model_runner = RandomOnDevice(model=config)
+            model_runner = runners.ModelRunner(model=config, random_weights=True)
             pad_sizes = (128,)
         mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
         devices = math.prod(mesh) if mesh else jax.local_device_count()

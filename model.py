@@ -394,8 +394,8 @@ class Linear(hk.Module):
     (RoPE, the residual stream's norms).
     """
 
-    def __init__(self, output_size: int, impl: str = "fast", mesh: Optional[Mesh] = None,
-                 spec: Optional[P] = None, name: Optional[str] = None, out_dtype: Any = None):
+    def __init__(self, output_size: int, impl: str, mesh: Optional[Mesh], spec: P, name: str,
+                 out_dtype: Any = None):
         super().__init__(name=name)
         self.output_size = output_size
         self.impl = impl
@@ -405,16 +405,10 @@ class Linear(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
-        if (self.impl == "fast" and self.spec is not None and isinstance(w, QuantizedWeight8bit)
+        if (self.impl == "fast" and isinstance(w, QuantizedWeight8bit)
                 and self.mesh is not None and self.mesh.size > 1):
             return sharded_matmul(x, w, self.mesh, self.spec, self.out_dtype)
-        return matmul(x, w, self.impl, kernel_backend(self.mesh), self.out_dtype)
-
-
-def kernel_backend(mesh: Optional[Mesh]) -> str:
-    """Custom kernels run on one device; under a multi-device mesh, plain XLA ops (which
-    the SPMD partitioner can split) are used, or the kernel runs inside a shard_map."""
-    return "auto" if mesh is None or mesh.size == 1 else "xla"
+        return matmul(x, w, self.impl, "auto", self.out_dtype)
 
 
 def shardable_scales(w: Any, mesh: Mesh, in_axis: Any) -> Any:
@@ -948,7 +942,8 @@ _ROW_BLOCKED = re.compile(r"(multi_head_attention/linear|moe/linear_1)$")
 RELEASE_SCALE_BLOCKS = 8  # the released checkpoint was quantized on an 8-way model axis
 
 
-def _with_impl(config: LanguageModelConfig, impl: str) -> LanguageModelConfig:
+def with_moe_impl(config: LanguageModelConfig, impl: str) -> LanguageModelConfig:
+    """A copy of `config` whose Transformer uses MoE implementation `impl` (MOE_IMPLS)."""
     return dataclasses.replace(config, model=dataclasses.replace(config.model, moe_impl=impl))
 
 
@@ -958,7 +953,7 @@ def param_shapes(config: LanguageModelConfig, scale_blocks: int = RELEASE_SCALE_
     Matmul weights are QuantizedWeight8bit(int8 [..., n_in, n_out], bf16 [..., nb, n_out]):
     nb = 1 for column weights, `scale_blocks` for row weights (SPEC section 3).
     """
-    config = _with_impl(config, "reference").initialize()
+    config = with_moe_impl(config, "reference").initialize()
     init = hk.transform(lambda tokens: config.make()(tokens)).init
     floats = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     tree: dict = {}

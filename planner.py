@@ -234,10 +234,6 @@ def _divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n > 0 and not n & (n - 1)
-
-
 def _data_modulus(config: Any, model: int) -> Optional[int]:
     """For a model axis of `model`: D such that a data axis d is valid exactly when d divides
     D (0: any d), or None when no data axis makes `model` valid.

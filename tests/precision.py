@@ -7,7 +7,7 @@ Shared by tests/test_precision.py (the targets) and `bench.py precision` (the st
     padded_tokens(vocab, seed)         the 2 x 16 right-padded batch
     p90_rel_err(got, want, valid)      90th percentile over valid positions of relative L2
     model_trace(config, params, tok)   the model's intermediate values, by reference.trace names
-    op_table(...)                      per-op, per-layer error of the model against float64
+    compare_traces(...)                per-op, per-layer error of the model against float64
     ablation(...)                      what each bf16 rounding point of the reference costs
 
 Recipe (issue 12): D 256, key size 16, 16 q / 8 kv heads, 8 experts top-2, widening 8
@@ -20,6 +20,7 @@ experts' second matrix, one scale per column elsewhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 from typing import Any, Iterator
 from unittest import mock
@@ -285,14 +286,21 @@ def routed_forward(config: model.LanguageModelConfig):
     return fn
 
 
-def prefill_and_decode(config: model.LanguageModelConfig, params: dict, tokens: np.ndarray):
+@functools.lru_cache(maxsize=None)
+def recipe_forward(name: str, impl: str):
+    """routed_forward of a recipe's config, built once: its jit compiles each shape once
+    for all the seeds."""
+    return routed_forward(recipe_config(name, impl))
+
+
+def prefill_and_decode(config: model.LanguageModelConfig, params: dict, tokens: np.ndarray, forward=None):
     """The model's logits for `tokens` [B, T], two ways, each with its expert choices:
 
     prefill: one call through an empty KV cache; decode: one token at a time through it
     (teacher forcing). Returns {"prefill": (logits, experts), "decode": (logits, experts)},
     logits [B, T, V] float64, experts [L, B, T, k].
     """
-    forward = routed_forward(config)
+    forward = forward or routed_forward(config)
     b, t = tokens.shape
     logits, _, experts = forward(params, jnp.asarray(tokens), model.init_memory(config, b, t))
     out = {"prefill": (np.asarray(logits, np.float64), np.asarray(experts))}
@@ -348,18 +356,6 @@ def compare_traces(got: dict, want: dict, valid: np.ndarray, num_layers: int) ->
             row.append(float(np.percentile(err[valid], 90)))
         table[op] = row
     return table
-
-
-def expert_flips(got: dict, want: dict, valid: np.ndarray, num_layers: int) -> int:
-    """Valid (position, layer) pairs whose chosen expert set differs from the reference's."""
-    flips = 0
-    for i in range(num_layers):
-        g, w = got.get(f"layer_{i}/experts"), want.get(f"layer_{i}/experts")
-        if g is None or w is None:
-            continue
-        same = np.sort(g, axis=-1) == np.sort(w, axis=-1)
-        flips += int((~same.all(axis=-1))[valid].sum())
-    return flips
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,7 +433,7 @@ def measure(r: Recipe, impl: str, device_params: dict | None = None) -> dict[str
     config = recipe_config(r.name, impl)
     params = to_device(r.params) if device_params is None else device_params
     out = {}
-    for kind, (logits, experts) in prefill_and_decode(config, params, r.tokens).items():
+    for kind, (logits, experts) in prefill_and_decode(config, params, r.tokens, recipe_forward(r.name, impl)).items():
         same_routing, _ = reference.forward(r.exact, config, r.tokens, experts=experts)
         out[kind] = {"p90": p90_rel_err(logits, r.want, r.valid),
                      "p90_same_routing": p90_rel_err(logits, same_routing, r.valid),
