@@ -428,7 +428,7 @@ def weight_in_specs(w: Any, spec: P, mesh: Mesh) -> Any:
     """shard_map in_specs for a weight leaf of logical layout `spec` (a QuantizedWeight8bit
     gets one per field; a transposed int8 matrix has its last two axes swapped)."""
     if isinstance(w, QuantizedWeight8bit):
-        weight_spec = P(*spec[:-2], spec[-1], spec[-2]) if is_transposed(w) else spec
+        weight_spec = transposed_spec(spec, w.weight.ndim) if is_transposed(w) else spec
         return type(w)(weight_spec, fit_spec(spec, w.scales.shape, mesh))
     return spec
 
@@ -1201,9 +1201,14 @@ def _transposed_sharding(sharding: Any, ndim: int) -> Any:
     """The sharding of an array's transpose: a NamedSharding's last two axes swapped."""
     if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
-    spec[-2], spec[-1] = spec[-1], spec[-2]
-    return NamedSharding(sharding.mesh, P(*spec))
+    return NamedSharding(sharding.mesh, transposed_spec(sharding.spec, ndim))
+
+
+def transposed_spec(spec: P, ndim: int) -> P:
+    """The PartitionSpec of the transpose (last two axes swapped) of an ndim array split by spec."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    entries[-2], entries[-1] = entries[-1], entries[-2]
+    return P(*entries)
 
 
 def inference_param_shapes(config: LanguageModelConfig, mesh: Mesh) -> dict:
