@@ -2097,13 +2097,20 @@ def _to_host(x: Any, path: str) -> tuple[Any, dict[str, _Box]]:
 _barrier_ids = itertools.count()
 
 
+def _coordination_client() -> Any:
+    """jax.distributed's coordination client (no public barrier or key-value store with a
+    timeout), or None for a single process."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    return None if client is None or jax.process_count() == 1 else client
+
+
 def _barrier(name: str, timeout_s: float) -> None:
     """Wait until every process reaches this point (jax's coordination service), at most
     timeout_s; a no-op in a one-process run."""
-    from jax._src import distributed  # the coordination client: no public barrier with a timeout
-
-    client = distributed.global_state.client
-    if client is None or jax.process_count() == 1:
+    client = _coordination_client()
+    if client is None:
         return
     try:
         client.wait_at_barrier(f"grok1-{name}-{next(_barrier_ids)}", int(timeout_s * 1000))
@@ -2232,13 +2239,18 @@ def _check_before_save(directory: str, host: int, overwrite: bool) -> None:
         raise CheckpointAccessError(f"{directory}: {what}") from None
     except OSError as e:
         raise CheckpointAccessError(f"{directory}: cannot list: {_reason(e)}") from None
+    _refuse_existing(directory, entries, host, overwrite)
+    _kept_entries(directory, entries, {host})
+
+
+def _refuse_existing(directory: str, entries: list[str], host: int, overwrite: bool) -> None:
+    """FileExistsError if `entries` of `directory` hold tensor files of `host` and not overwrite."""
     old = [n for n in entries if _TENSOR_NAME.match(n) and _host_of(n) == host]
     if old and not overwrite:
         raise FileExistsError(
             f"{directory}: already holds {len(old)} tensor files for host {host:03d}; "
             "pass overwrite=True to replace them"
         )
-    _kept_entries(directory, entries, {host})
 
 
 def _swap_in(staging: str, directory: str, replaced: set, host: int, overwrite: bool) -> None:
@@ -2256,10 +2268,7 @@ def _swap_in(staging: str, directory: str, replaced: set, host: int, overwrite: 
                 entries = os.listdir(directory)
             except NotADirectoryError:
                 raise CheckpointAccessError(f"{directory}: is a file, not a checkpoint directory") from None
-            if not overwrite and any(_TENSOR_NAME.match(n) and _host_of(n) == host for n in entries):
-                raise FileExistsError(  # written meanwhile by another process
-                    f"{directory}: already holds tensor files for host {host:03d}; "
-                    "pass overwrite=True to replace them")
+            _refuse_existing(directory, entries, host, overwrite)  # written meanwhile by another process
             for n in _kept_entries(directory, entries, replaced):
                 if not os.path.lexists(os.path.join(staging, n)):
                     _keep(os.path.join(directory, n), os.path.join(staging, n))
@@ -2316,10 +2325,8 @@ def _make_dir(path: str, parent: str) -> None:
 
 def _agree_token(timeout_s: float) -> str:
     """Process 0's temporary-name token, shared through jax's coordination service."""
-    from jax._src import distributed  # the coordination client, as _barrier uses
-
-    client = distributed.global_state.client
-    if client is None or jax.process_count() == 1:
+    client = _coordination_client()
+    if client is None:
         return _token()
     key = f"grok1-save-staging-{next(_barrier_ids)}"
     try:
