@@ -35,7 +35,10 @@ shard of the full input dimension as long as each shard holds whole scale blocks
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import itertools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -275,7 +278,7 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, transposed):
+                gated, transposed, col_blocks=None):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
     refs: (w, scales) per matrix ([E, K, N] int8, or [E, N, K] when transposed; [E, nb, N]
@@ -283,6 +286,8 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     K is walked in segments that never cross a scale block; each segment's float32 sum is
     multiplied by its block's scales and added to the result. Tiles past the used ones
     (tile_expert < 0) skip all loads and write zeros.
+    col_blocks (not gated): the matrices sit side by side in the output, matrix t owning
+    col_blocks[t] column blocks; each program reads only the matrix of its own columns.
     """
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
     o_ref = refs[2 * n_mats]
@@ -290,52 +295,60 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     e = tile_expert_ref[i]
     e_safe = jnp.maximum(e, 0)
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
-    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
     kb = k_dim // nb  # rows per scale block
     ks = k_dim // split  # rows per K slice
     seg = math.gcd(kb, ks)  # segment: inside one slice and one scale block
     n_seg, n_chunk = ks // seg, seg // bk
     k_base = s * ks
-    zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_mats))
 
-    def chunk(c, part, seg_start):
-        k0 = pl.multiple_of(seg_start + c * bk, bk)
-        x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16
-        out = []
-        for (w_ref, _), p in zip(mats, part):
-            if transposed:
-                w = _dequant(w_ref[e_safe, cols, pl.ds(k0, bk)], dequant).T  # [bk, bn] view of [bn, bk]
-            else:
-                w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
-            out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))
-        return tuple(out)
+    def accumulate(mats, j):
+        """The float32 sums of x's tile times columns block j of each matrix in mats."""
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in mats)
 
-    def scaled(part, seg_start):
-        b = seg_start // kb
-        return tuple(p * sc_ref[e_safe, b, cols].astype(jnp.float32)[None, :]
-                     for (_, sc_ref), p in zip(mats, part))
+        def chunk(c, part, seg_start):
+            k0 = pl.multiple_of(seg_start + c * bk, bk)
+            x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16
+            out = []
+            for (w_ref, _), p in zip(mats, part):
+                if transposed:
+                    w = _dequant(w_ref[e_safe, cols, pl.ds(k0, bk)], dequant).T  # [bk, bn] view of [bn, bk]
+                else:
+                    w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
+                out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))
+            return tuple(out)
 
-    # Trip counts are n * valid, not jnp.where(valid, n, 0): the Triton lowering of a select
-    # between two literals builds an i1 select and truncates the count.
-    valid = (e >= 0).astype(jnp.int32)
-    if n_seg == 1:
-        trips = n_chunk * valid
-        part = lax.fori_loop(0, trips, lambda c, p: chunk(c, p, k_base), zeros)
-        acc = scaled(part, k_base)
-    else:
+        def scaled(part, seg_start):
+            b = seg_start // kb
+            return tuple(p * sc_ref[e_safe, b, cols].astype(jnp.float32)[None, :]
+                         for (_, sc_ref), p in zip(mats, part))
+
+        # Trip counts are n * valid, not jnp.where(valid, n, 0): the Triton lowering of a select
+        # between two literals builds an i1 select and truncates the count.
+        valid = (e >= 0).astype(jnp.int32)
+        if n_seg == 1:
+            trips = n_chunk * valid
+            part = lax.fori_loop(0, trips, lambda c, p: chunk(c, p, k_base), zeros)
+            return scaled(part, k_base)
+
         def segment(g, acc):
             seg_start = k_base + g * seg
             part = lax.fori_loop(0, n_chunk, lambda c, p: chunk(c, p, seg_start), zeros)
             return tuple(a + p for a, p in zip(acc, scaled(part, seg_start)))
 
-        acc = lax.fori_loop(0, n_seg * valid, segment, zeros)
+        return lax.fori_loop(0, n_seg * valid, segment, zeros)
 
-    if gated:
-        out = _gelu_tanh(acc[0]) * acc[1]
-    else:
-        out = acc[0]
-    o_ref[...] = out.astype(o_ref.dtype)
+    if col_blocks is None:
+        acc = accumulate(mats, j)
+        o_ref[...] = (_gelu_tanh(acc[0]) * acc[1] if gated else acc[0]).astype(o_ref.dtype)
+        return
+    begin = 0
+    for mat, blocks in zip(mats, col_blocks):  # one branch runs: the matrix of block j
+        @pl.when((j >= begin) & (j < begin + blocks))
+        def _(mat=mat, begin=begin):
+            o_ref[...] = accumulate([mat], j - begin)[0].astype(o_ref.dtype)
+        begin += blocks
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -407,30 +420,39 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 
 # Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
 # once: a model's lowering then grows with its distinct kernels, not with its depth.
-@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed"))
+@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed",
+                                             "side_by_side"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
-                   out_dtype, name: Optional[str] = None, transposed: bool = False) -> jax.Array:
-    """xs [M_pad, K] bf16 times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b)."""
+                   out_dtype, name: Optional[str] = None, transposed: bool = False,
+                   side_by_side: bool = False) -> jax.Array:
+    """xs [M_pad, K] bf16 times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
+
+    side_by_side: the matrices' products are concatenated along N ([M_pad, N_1 + N_2 + ...]),
+    one launch for what would be one per matrix (q, k and v of attention).
+    """
     m_pad, k_dim = xs.shape
     w0, s0 = mats[0]
-    n_dim = w0.shape[1] if transposed else w0.shape[2]
+    widths = [w.shape[1] if transposed else w.shape[2] for w, _ in mats]
     nb = s0.shape[-2]
     for w, s in mats[1:]:
-        if w.shape != w0.shape or s.shape[-2] != nb:
-            # Both gated matrices share the K walk; give them one scale layout.
-            raise ValueError(f"gated weights differ: {w0.shape}/{s0.shape} vs {w.shape}/{s.shape}")
+        same = w.shape[:-2] == w0.shape[:-2] and (w.shape == w0.shape or side_by_side)
+        if not same or s.shape[-2] != nb:
+            # The matrices share the K walk; give them one scale layout.
+            raise ValueError(f"fused weights differ: {w0.shape}/{s0.shape} vs {w.shape}/{s.shape}")
+    n_dim = sum(widths) if side_by_side else widths[0]
     n_tiles = tile_expert.shape[0]
     if gated:
         cfg = cfg._replace(split_k=1)  # the gelu needs whole sums
-    bm, bn, bk, split = _pallas_tiling(m_pad, n_tiles, k_dim, n_dim, nb, cfg, interpret)
+    bm, bn, bk, split = _pallas_tiling(m_pad, n_tiles, k_dim, math.gcd(*widths), nb, cfg, interpret)
     dequant = cfg.dequant
     if interpret and dequant == "asm":
         dequant = "bits"  # same arithmetic, no PTX on the CPU
 
     kernel = functools.partial(
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-        dequant=dequant, gated=gated, transposed=transposed)
+        dequant=dequant, gated=gated, transposed=transposed,
+        col_blocks=tuple(n // bn for n in widths) if side_by_side else None)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -506,12 +528,33 @@ def _xla_grouped(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]], pla
 # ---------------------------------------------------------------------------------------
 
 
+_AUTO_BACKEND: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kernels_auto_backend", default=None)
+
+
+@contextlib.contextmanager
+def auto_backend(backend: str):
+    """Within this block (while tracing), "auto" means `backend`: e.g. "interpret" runs a
+    whole model's Pallas paths on a CPU, as tests do."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"auto_backend: backend must be one of {BACKENDS[1:]}, got {backend!r}.")
+    token = _AUTO_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _AUTO_BACKEND.reset(token)
+
+
 def _resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return _AUTO_BACKEND.get() or ("pallas" if jax.default_backend() == "gpu" else "xla")
     return backend
+
+
+def uses_pallas(backend: str = "auto") -> bool:
+    """True if `backend` resolves to a Pallas kernel here (on a GPU, or interpreted)."""
+    return _resolve_backend(backend) != "xla"
 
 
 def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name, transposed):
@@ -580,30 +623,50 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
     against XLA's 121 us, while XLA was faster at M=8 (19.8 vs 26.6 us) and M=32 (25.7 vs
     30.7 us).
     """
-    k_w, n_dim = _check_weight("int8_matmul", weight, scales, expert_dim=False, transposed=transposed)
+    [y] = int8_matmuls(x, [(weight, scales)], backend=backend, config=config, out_dtype=out_dtype,
+                       transposed=transposed)
+    return y
+
+
+def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *, backend: str = "auto",
+                 config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
+                 transposed: bool = False) -> list[jax.Array]:
+    """x [..., K] times several int8 weights (weight, scales) as in int8_matmul -> one
+    [..., N_t] per weight.
+
+    On the Pallas path they run as one kernel launch (attention's q, k and v: one launch
+    and one split-K sum instead of three of each); they must share K and the number of
+    scale blocks.
+    """
     *lead, k_dim = x.shape
-    if k_dim != k_w:
-        raise ValueError(f"int8_matmul: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} (K).")
+    widths = []
+    for t, (weight, scales) in enumerate(weights):
+        k_w, n_t = _check_weight(f"int8_matmul weight {t}", weight, scales, expert_dim=False, transposed=transposed)
+        if k_dim != k_w:
+            raise ValueError(f"int8_matmul: x {tuple(x.shape)} does not match weight {t} {tuple(weight.shape)} (K).")
+        widths.append(n_t)
     m = math.prod(lead)
     x2 = x.reshape(m, k_dim)
     resolved = _resolve_backend(backend)
     if backend == "auto" and m >= _DENSE_PALLAS_MAX_ROWS:
         resolved = "xla"
-    if resolved != "xla" and m > 0:
+    nbs = {s.shape[0] for _, s in weights}
+    if resolved != "xla" and m > 0 and (len(nbs) == 1 or backend != "auto"):
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
         xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
-        cfg = config or default_config("dense", bm, n_tiles, k_dim, n_dim, transposed)
+        cfg = config or default_config("dense", bm, n_tiles, k_dim, sum(widths), transposed)
         interpret = resolved == "interpret"
-        biggest = max(weight.size, n_tiles * bm * max(k_dim, n_dim * max(1, cfg.split_k)))
-        if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, n_dim, scales.shape[0], cfg,
+        biggest = max(max(w.size for w, _ in weights), n_tiles * bm * max(k_dim, sum(widths) * max(1, cfg.split_k)))
+        if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, math.gcd(*widths), weights[0][1].shape[0], cfg,
                         interpret, biggest):
-            y = _pallas_matmul(xp, [(weight[None], scales[None])], jnp.zeros((n_tiles,), jnp.int32),
+            y = _pallas_matmul(xp, [(w[None], s[None]) for w, s in weights], jnp.zeros((n_tiles,), jnp.int32),
                                gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype,
-                               name="int8_dense_matmul", transposed=transposed)
-            return y[:m].reshape(*lead, n_dim)
-    y = _block_scaled_dot(x2, weight, scales, transposed).astype(out_dtype)
-    return y.reshape(*lead, n_dim)
+                               name="int8_dense_matmul", transposed=transposed, side_by_side=True)
+            ends = list(itertools.accumulate(widths))
+            return [y[:m, e - n:e].reshape(*lead, n) for e, n in zip(ends, widths)]
+    return [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)
+            for (w, s), n in zip(weights, widths)]
 
 
 def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
@@ -624,3 +687,126 @@ def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
     h = grouped_matmul_gated(xs, *linear, *linear_v, plan, backend=backend, config=gated_cfg, transposed=transposed)
     ys = grouped_matmul(h, *linear_1, plan, backend=backend, config=down_cfg, transposed=transposed)  # [M_pad, D]
     return combine(ys, gates, plan)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode attention: one query token per sequence against its KV cache
+# ---------------------------------------------------------------------------------------
+
+_ATTN_BLOCK = 64  # cache positions per loop step
+_ATTN_ROWS = 16  # query heads per KV head, padded: Triton's dot needs every side >= 16
+
+
+def _split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 x -> (hi, lo) bf16 with hi + lo = x to about 16 bits: two bf16 MMAs then
+    give a float32-accurate product at no extra memory traffic."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _decode_attention_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, bs, splits, scale, cap):
+    """One program: sequence b, KV head g, split s of the sequence's used keys.
+
+    The keys [0, length) are cut into `splits` runs of whole blocks; this program walks its
+    run (an online softmax) and leaves its unnormalised output, running max and sum.
+    """
+    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b]
+    per = (length + splits * bs - 1) // (splits * bs) * bs  # keys per split, whole blocks
+    start = s * per
+    end = jnp.minimum(length, start + per)
+    trips = jnp.maximum(end - start + bs - 1, 0) // bs
+    q_hi, q_lo = _split_bf16(q_ref[...].astype(jnp.float32))  # [R, K]
+    rows = q_hi.shape[0]
+
+    def block(i, carry):
+        m, l, acc = carry
+        k0 = pl.multiple_of(start + i * bs, bs)
+        keys = k_ref[b, pl.ds(k0, bs), g, :]  # [bs, K] bf16
+        values = v_ref[b, pl.ds(k0, bs), g, :]
+        logits = (jnp.dot(q_hi, keys.T, preferred_element_type=jnp.float32)
+                  + jnp.dot(q_lo, keys.T, preferred_element_type=jnp.float32)) * scale  # [R, bs]
+        logits = cap * jnp.tanh(logits / cap)
+        valid = (k0 + jnp.arange(bs)) < end  # [bs]
+        m_new = jnp.maximum(m, jnp.max(jnp.where(valid[None, :], logits, -1e30), axis=1))  # [R]
+        p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        p_hi, p_lo = _split_bf16(p)
+        pv = (jnp.dot(p_hi, values, preferred_element_type=jnp.float32)
+              + jnp.dot(p_lo, values, preferred_element_type=jnp.float32))  # [R, K]
+        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + pv
+
+    init = (jnp.full((rows,), -1e30, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros(q_hi.shape, jnp.float32))
+    m, l, acc = lax.fori_loop(0, trips, block, init)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, *,
+                     scale: float, cap: float, backend: str = "auto", splits: Optional[int] = None) -> jax.Array:
+    """Attention of one query token per sequence over the first lengths[b] cache positions.
+
+    q [B, G, Hg, K] (query heads grouped by their KV head; float32 or bf16), keys/values
+    [B, S, G, K] (the bf16 cache), lengths int32 [B] -> [B, G, Hg, K] float32.
+    Logits = cap * tanh(scale * q.k / cap), a float32 softmax over the visible keys, the
+    weighted sum in float32 (q and the probabilities enter the MMAs as bf16 hi/lo pairs, so
+    only the cache is bf16). Reads only the used keys: the cost follows the tokens in the
+    cache, not its capacity. A row with no visible key gives zeros.
+
+    Pallas only ("pallas", "interpret", or "auto" where it resolves to one of them): the
+    model uses its own XLA attention elsewhere.
+    """
+    resolved = _resolve_backend(backend)
+    if resolved == "xla":
+        raise ValueError("decode_attention is a Pallas kernel; on this backend use the model's XLA attention "
+                         "(or backend='interpret').")
+    bsz, seq, groups, k_dim = keys.shape
+    hg = q.shape[2]
+    if q.shape != (bsz, groups, hg, k_dim) or values.shape != keys.shape or lengths.shape != (bsz,):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}, lengths {tuple(lengths.shape)}; need q [B, G, Hg, K], "
+                         "keys = values [B, S, G, K], lengths [B].")
+    interpret = resolved == "interpret"
+    bs = _pow2_divisor(seq, _ATTN_BLOCK)
+    if not interpret and (bs < 16 or k_dim & (k_dim - 1) or k_dim < 16 or hg > _ATTN_ROWS):
+        raise ValueError(f"decode_attention: cannot tile cache length {seq} (needs a multiple of 16), "
+                         f"key size {k_dim} (a power of two >= 16) or {hg} query heads per KV head "
+                         f"(at most {_ATTN_ROWS}).")
+    if splits is None:  # about two programs per SM, no split shorter than a block at full cache
+        splits = max(1, min(seq // bs, -(-2 * _NUM_SMS // (bsz * groups))))
+    rows = hg if interpret else _ATTN_ROWS
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - hg), (0, 0)))  # [B, G, R, K]
+    return _decode_attention_call(qp, keys, values, lengths.astype(jnp.int32), scale=float(scale),
+                                  cap=float(cap), bs=bs, splits=splits, interpret=interpret)[:, :, :hg]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "cap", "bs", "splits", "interpret"))
+def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, interpret):
+    """The pallas_call and the merge of its splits: [B, G, R, K] float32."""
+    bsz, groups, rows, k_dim = q.shape
+    kernel = functools.partial(_decode_attention_kernel, bs=bs, splits=splits, scale=scale, cap=cap)
+    params = {}
+    if _TritonParams is not None and not interpret:
+        params = dict(compiler_params=_TritonParams(num_warps=4, num_stages=2))
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid=(bsz, groups, splits),
+        in_specs=[_WHOLE_ARRAY, pl.BlockSpec((None, None, rows, k_dim), lambda b, g, s: (b, g, 0, 0)),
+                  _WHOLE_ARRAY, _WHOLE_ARRAY],
+        out_specs=[pl.BlockSpec((None, None, None, rows, k_dim), lambda b, g, s: (b, g, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0)),
+                   pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((bsz, groups, splits, rows, k_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, groups, splits, rows), jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, groups, splits, rows), jnp.float32)],
+        interpret=interpret,
+        name="decode_attention",
+        **params,
+    )(lengths, q, keys, values)
+    # Merge the splits' online softmaxes: weights exp(m_s - max_s m_s).
+    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, G, splits, R]
+    total = jnp.sum(w * l, axis=2)  # [B, G, R]
+    out = jnp.sum(w[..., None] * acc, axis=2)  # [B, G, R, K]
+    return out / jnp.where(total > 0, total, 1.0)[..., None]

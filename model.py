@@ -403,12 +403,35 @@ class Linear(hk.Module):
         self.spec = spec
         self.out_dtype = out_dtype
 
+    def weight(self, input_size: int) -> Any:
+        """This projection's parameter `w` [input_size, output_size]."""
+        return hk.get_parameter("w", [input_size, self.output_size], jnp.float32, init=jnp.zeros)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
-        if (self.impl == "fast" and isinstance(w, QuantizedWeight8bit)
-                and self.mesh is not None and self.mesh.size > 1):
-            return sharded_matmul(x, w, self.mesh, self.spec, self.out_dtype)
-        return matmul(x, w, self.impl, "auto", self.out_dtype)
+        [y] = linears(x, [self])
+        return y
+
+
+def linears(x: jax.Array, projections: Sequence[Linear]) -> list[jax.Array]:
+    """x through several Linears that share their input, settings and weight layout.
+
+    On the fast int8 path they run as one kernel launch per device (attention's q, k and v:
+    one launch where there were three, each with its split-K sum); otherwise one by one.
+    """
+    first = projections[0]
+    settings = {(p.impl, p.mesh, tuple(p.spec), p.out_dtype) for p in projections}
+    if len(settings) > 1:
+        raise ValueError(f"linears: {[p.module_name for p in projections]} differ in impl, mesh, spec or "
+                         "out_dtype; call them one by one.")
+    ws = [p.weight(x.shape[-1]) for p in projections]
+    fused = (first.impl == "fast" and all(isinstance(w, QuantizedWeight8bit) for w in ws)
+             and len({is_transposed(w) for w in ws}) == 1)
+    if fused and first.mesh is not None and first.mesh.size > 1:
+        return sharded_matmul(x, ws, first.mesh, first.spec, first.out_dtype)
+    if fused and len(ws) > 1 and len({w.scales.shape[-2] for w in ws}) == 1:
+        return kernels.int8_matmuls(x, [(w.weight, w.scales) for w in ws], out_dtype=first.out_dtype or x.dtype,
+                                    transposed=is_transposed(ws[0]))
+    return [matmul(x, w, first.impl, "auto", first.out_dtype) for w in ws]
 
 
 def shardable_scales(w: Any, mesh: Mesh, in_axis: Any) -> Any:
@@ -433,29 +456,31 @@ def weight_in_specs(w: Any, spec: P, mesh: Mesh) -> Any:
     return spec
 
 
-def sharded_matmul(x: jax.Array, w: QuantizedWeight8bit, mesh: Mesh, spec: P, out_dtype: Any = None) -> jax.Array:
-    """x [..., n_in] @ w [n_in, n_out] with w split (in_axis, out_axis) = spec over the mesh.
+def sharded_matmul(x: jax.Array, ws: Sequence[QuantizedWeight8bit], mesh: Mesh, spec: P,
+                   out_dtype: Any = None) -> list[jax.Array]:
+    """x [..., n_in] @ each w [n_in, n_out_t] of ws, all split (in_axis, out_axis) = spec
+    over the mesh -> one [..., n_out_t] per weight.
 
-    Each device multiplies its own int8 shard with the int8 kernel (Pallas on a GPU, no
-    dequantized copy) and partial sums over in_axis are added with one psum (in float32).
-    x arrives whole along the batch dimensions; the result, in out_dtype (None: x's), is
-    split over out_axis on its last dimension.
+    Each device multiplies its own int8 shards with the int8 kernel (Pallas on a GPU, no
+    dequantized copy; several weights in one launch) and partial sums over in_axis are added
+    with one psum (in float32). x arrives whole along the batch dimensions; the results, in
+    out_dtype (None: x's), are split over out_axis on their last dimension.
     """
     in_axis, out_axis = spec
     lead = [None] * (x.ndim - 1)
-    w = shardable_scales(w, mesh, in_axis)
+    ws = [shardable_scales(w, mesh, in_axis) for w in ws]
     reduce = _axis_size(mesh, in_axis) > 1
     out_dtype = out_dtype or x.dtype
 
-    def body(x, w):
-        y = kernels.int8_matmul(x, w.weight, w.scales, backend="auto", transposed=is_transposed(w),
-                                out_dtype=jnp.float32 if reduce else out_dtype)
-        return jax.lax.psum(y, in_axis).astype(out_dtype) if reduce else y
+    def body(x, ws):
+        ys = kernels.int8_matmuls(x, [(w.weight, w.scales) for w in ws], backend="auto",
+                                  transposed=is_transposed(ws[0]), out_dtype=jnp.float32 if reduce else out_dtype)
+        return [jax.lax.psum(y, in_axis).astype(out_dtype) for y in ys] if reduce else ys
 
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(*lead, in_axis), weight_in_specs(w, spec, mesh)),
-        out_specs=P(*lead, out_axis), check_vma=False,
-    )(x, w)
+        body, mesh=mesh, in_specs=(P(*lead, in_axis), [weight_in_specs(w, spec, mesh) for w in ws]),
+        out_specs=[P(*lead, out_axis)] * len(ws), check_vma=False,
+    )(x, ws)
 
 
 def float32_sums_on_cpu(*operands: jax.Array) -> tuple[jax.Array, ...]:
@@ -532,6 +557,7 @@ def attention_mask(input_mask: jax.Array, step: jax.Array, cache_len: int) -> ja
     return causal & key_visible[:, None, :]
 
 
+ATTN_LOGIT_CAP = 30.0  # attention logits are capped by 30 tanh(x / 30) (SPEC)
 PREFIX_BUCKET_MIN = 512  # the smallest cache prefix a decode step reads
 # Reading only a prefix of the cache costs a conditional per layer (XLA waits on the host
 # for the branch: about 40 us per layer at batch 1 on an H200) and copies of the slices; a
@@ -573,13 +599,15 @@ class MultiHeadAttention(hk.Module):
         # Projections leave their float32 sums for RoPE; q, k, v are rounded once, after it.
         f32 = jnp.float32
         qkv_spec, out_spec = P(data, model), P(model, data)  # the release's weight layouts
-        q = Linear(h * k, impl, self.mesh, qkv_spec, name="query", out_dtype=f32)(x).reshape(b, t, h, k)  # [B, T, H, K]
-        key = Linear(g * k, impl, self.mesh, qkv_spec, name="key", out_dtype=f32)(x).reshape(b, t, g, k)  # [B, T, G, K]
-        value = Linear(g * k, impl, self.mesh, qkv_spec, name="value", out_dtype=f32)(x).reshape(b, t, g, k)
+        q, key, value = linears(x, [Linear(n, impl, self.mesh, qkv_spec, name=name, out_dtype=f32)
+                                    for name, n in (("query", h * k), ("key", g * k), ("value", g * k))])
+        q = q.reshape(b, t, h, k)  # [B, T, H, K]
+        key, value = key.reshape(b, t, g, k), value.reshape(b, t, g, k)  # [B, T, G, K]
 
         step = jnp.zeros((b,), jnp.int32) if memory is None else memory.step  # [B]
         positions = step[:, None] + jnp.arange(t)  # [B, T]
-        q = rotary_embedding(q, positions).astype(x.dtype)
+        q32 = rotary_embedding(q, positions)  # float32: the decode kernel takes it unrounded
+        q = q32.astype(x.dtype)
         key = rotary_embedding(key, positions).astype(x.dtype)  # as the KV cache stores it
         value = value.astype(x.dtype)
         q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
@@ -594,18 +622,38 @@ class MultiHeadAttention(hk.Module):
             keys = constrain(keys, self.mesh, P(data, None, model))
             values = constrain(values, self.mesh, P(data, None, model))
             new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller
-            # A large cache: read only the used prefix, the smallest bucket that holds every
-            # row's keys. A small one is read whole (see PREFIX_MIN_CACHE_BYTES).
-            buckets = prefix_buckets(keys.shape[1])
-            if self._cache_bytes_per_device(keys) < PREFIX_MIN_CACHE_BYTES:
-                buckets = buckets[-1:]
-            used = jnp.max(step) + t
-            branch = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < used)
-            attend = [functools.partial(self._attend_prefix, n) for n in buckets]
-            out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
+            if t == 1 and impl == "fast" and kernels.uses_pallas():
+                # Decode: one kernel reads each row's own keys, [0, step] (step itself only if
+                # this token is real), so the cost follows the tokens, not the capacity.
+                lengths = step + input_mask[:, 0].astype(jnp.int32)  # [B]
+                out = self._decode_attention(q32.reshape(b, g, h // g, k), keys, values, lengths)
+            else:
+                # A large cache: read only the used prefix, the smallest bucket that holds every
+                # row's keys. A small one is read whole (see PREFIX_MIN_CACHE_BYTES).
+                buckets = prefix_buckets(keys.shape[1])
+                if self._cache_bytes_per_device(keys) < PREFIX_MIN_CACHE_BYTES:
+                    buckets = buckets[-1:]
+                used = jnp.max(step) + t
+                branch = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < used)
+                attend = [functools.partial(self._attend_prefix, n) for n in buckets]
+                out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
         out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
         # float32 out: it goes through rms_norm_1 into the float32 residual stream.
         return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)(out), new_memory
+
+    def _decode_attention(self, q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array) -> jax.Array:
+        """kernels.decode_attention per device: q [B, G, H/G, K] float32, the cache [B, S, G, K],
+        lengths [B] -> [B, 1, G, H/G, K] in the cache's dtype; KV heads split over the model axis."""
+        cfg = self.config
+        attend = functools.partial(kernels.decode_attention, scale=cfg.attn_output_multiplier, cap=ATTN_LOGIT_CAP)
+        if self.mesh is not None and self.mesh.size > 1:
+            d, m = cfg.data_axis, cfg.model_axis
+            q_spec = fit_spec(P(d, m), q.shape, self.mesh)
+            cache_spec = fit_spec(P(d, None, m), keys.shape, self.mesh)
+            attend = jax.shard_map(attend, mesh=self.mesh, in_specs=(q_spec, cache_spec, cache_spec,
+                                                                      fit_spec(P(d), lengths.shape, self.mesh)),
+                                   out_specs=q_spec, check_vma=False)
+        return attend(q, keys, values, lengths)[:, None].astype(keys.dtype)
 
     def _cache_bytes_per_device(self, keys: jax.Array) -> float:
         """Bytes of this layer's K and V cache on one device ([B, S, G, K], split over data
@@ -629,7 +677,7 @@ class MultiHeadAttention(hk.Module):
         mask = attention_mask(input_mask, step, keys.shape[1])  # [B, T, S]
         logits = jnp.einsum("btgqk,bsgk->bgqts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
         logits = logits * self.config.attn_output_multiplier
-        logits = 30.0 * jnp.tanh(logits / 30.0)
+        logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
         logits = jnp.where(mask[:, None, None, :, :], logits, -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)  # [B, G, H/G, T, S]
         out = jnp.einsum("bgqts,bsgk->btgqk", *float32_sums_on_cpu(probs, values.astype(q.dtype)))

@@ -267,6 +267,62 @@ def test_int8_matmul_under_shard_map_with_local_scale_blocks():
     assert rel_err(y, f64(x) @ dequant_np(w, s)) < 1e-2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nb,transposed,split_k", [(1, True, 1), (2, False, 2), (1, True, 4)])
+def test_int8_matmuls_run_several_weights_side_by_side(backend, nb, transposed, split_k):
+    """q, k and v in one launch: widths 96, 32 and 32 (column blocks of 32: 3 + 1 + 1), each
+    output equal to its own product; split-K sums across the fused output."""
+    rng = np.random.default_rng(10 + nb)
+    x = bf16(rng.standard_normal((1, 3, D)))
+    mats = [quantized(rng, (D, n), nb) for n in (F, 32, 32)]
+    stored = [(w.T if transposed else w, s) for w, s in mats]
+    cfg = kernels.KernelConfig(block_n=128, block_k=16, split_k=split_k)
+    fn = jax.jit(functools.partial(kernels.int8_matmuls, backend=backend, transposed=transposed, config=cfg,
+                                   out_dtype=jnp.float32))
+    ys = fn(x, stored)
+    assert [y.shape for y in ys] == [(1, 3, F), (1, 3, 32), (1, 3, 32)]
+    for y, (w, s) in zip(ys, mats):
+        assert rel_err(f64(y).reshape(3, -1), f64(x).reshape(3, D) @ dequant_np(w, s)) < 1e-5
+
+
+def attention_np(q, keys, values, lengths, scale, cap):
+    """float64 decode attention from SPEC: logits q.k * scale, capped cap * tanh(x / cap),
+    softmax over the keys [0, length), weighted sum of values; zeros where nothing is visible.
+    q [B, G, Hg, K], keys/values [B, S, G, K]."""
+    q, keys, values = f64(q), f64(keys), f64(values)
+    out = np.zeros(q.shape)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        logits = np.einsum("ghk,sgk->ghs", q[b], keys[b, :n]) * scale
+        logits = cap * np.tanh(logits / cap)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        out[b] = np.einsum("ghs,sgk->ghk", p / p.sum(-1, keepdims=True), values[b, :n])
+    return out
+
+
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_decode_attention_reads_each_rows_keys(splits):
+    """Per-row lengths (0, 1, a block and a bit, the whole cache) against float64; positions
+    past a row's length hold large values that must not leak in."""
+    rng = np.random.default_rng(splits or 0)
+    b, s, g, hg, k = 4, 128, 2, 3, 16
+    q = jnp.asarray(rng.standard_normal((b, g, hg, k)).astype(np.float32) * 2)
+    keys, values = bf16(rng.standard_normal((b, s, g, k))), bf16(rng.standard_normal((b, s, g, k)))
+    lengths = np.array([0, 1, 70, 128], np.int32)
+    for row, n in enumerate(lengths):  # poison what a row must not read
+        keys = keys.at[row, n:].set(1e4)
+        values = values.at[row, n:].set(1e4)
+    out = kernels.decode_attention(q, keys, values, jnp.asarray(lengths), scale=0.25, cap=30.0,
+                                   backend="interpret", splits=splits)
+    assert out.shape == (b, g, hg, k) and out.dtype == jnp.float32
+    want = attention_np(q, keys, values, lengths, 0.25, 30.0)
+    assert np.all(f64(out)[0] == 0)
+    assert rel_err(out, want) < 1e-5
+    with pytest.raises(ValueError, match="Pallas kernel"):
+        kernels.decode_attention(q, keys, values, jnp.asarray(lengths), scale=0.25, cap=30.0, backend="xla")
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
+import kernels
 import model
 import reference
 
@@ -221,6 +222,37 @@ def test_attention_over_the_used_prefix_equals_the_whole_cache(monkeypatch):
     monkeypatch.setattr(model, "PREFIX_BUCKET_MIN", 8)
     assert model.prefix_buckets(64) == [8, 16, 32, 64]
     assert_close(decode_all(), whole, 1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2), (2, 4)])
+def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
+    """The fast mode's GPU decode path, run interpreted: q, k and v in one int8 launch and
+    the decode-attention kernel reading each row's own keys (one row's prompt ends before
+    the other's, so their lengths differ), on one device and under shard_map."""
+    cfg, params = setup("fast")
+    mesh = make_mesh(mesh_shape) if mesh_shape else None
+    if mesh is not None:
+        params = jax.device_put(params, model.param_shardings(cfg, mesh))
+    prepared = model.prepare_for_inference(params, cfg)
+    calls = []
+    attend = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    rng = np.random.RandomState(12)
+    lengths, steps = [5, 2], 3
+    full = random_tokens(rng, [n + steps for n in lengths], max(lengths) + steps, cfg.vocab_size)
+    prompt = np.where(np.arange(8)[None] < np.array(lengths)[:, None], np.pad(full, ((0, 0), (0, 8 - full.shape[1])))[:, :8], 0)
+    with kernels.auto_backend("interpret"):
+        forward = model.make_forward(cfg, mesh)
+        out = forward(prepared, jnp.asarray(prompt), model.init_memory(cfg, 2, 16, mesh), jnp.asarray(lengths))
+        got = [np.asarray(out.logits[:, 0])]
+        for i in range(steps):
+            nxt = np.array([[full[row, n + i]] for row, n in enumerate(lengths)], np.int32)
+            out = forward(prepared, jnp.asarray(nxt), out.model_state)
+            got.append(np.asarray(out.logits[:, 0]))
+    assert calls, "the decode steps did not use kernels.decode_attention"
+    want = [reference.forward(params, cfg, full[row : row + 1, : n + steps])[0][0, n - 1 : n + steps]
+            for row, n in enumerate(lengths)]
+    assert_close_bf16(np.stack(got, axis=1), np.stack(want))
 
 
 def test_prepared_params_give_the_same_logits():
