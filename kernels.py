@@ -110,6 +110,11 @@ def default_block_m(num_rows: int) -> int:
     return 64
 
 
+# Plans for up to this many (token, slot) rows are computed by pairwise comparison ([R, R]
+# and [M_pad, R] masks): on a GPU about half the kernels of cumulative sums and a scatter.
+_COMPARING_PLAN_MAX_ROWS = 256
+
+
 def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
     """Group the rows of `expert_idx` int32 [M, k] by expert, padded per expert to block_m.
 
@@ -125,25 +130,33 @@ def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
     rows = m * k
     n_tiles = max_tiles(rows, num_experts, block_m)
     flat = expert_idx.reshape(rows).astype(jnp.int32)  # [R]
-
-    # Rank of each row among the rows of its expert, by a cumulative count (no sort needed).
-    onehot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]).astype(jnp.int32)  # [R, E]
-    counts = jnp.sum(onehot, axis=0)  # [E]
-    rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # [R]
-
-    tiles = (counts + block_m - 1) // block_m  # [E] tiles per expert
-    tile_end = jnp.cumsum(tiles)  # [E], inclusive
-    tile_begin = tile_end - tiles
-    row_pos = (jnp.take(tile_begin, flat) * block_m + rank).astype(jnp.int32)  # [R]
-
-    row_token = jnp.full((n_tiles * block_m,), m, jnp.int32)
-    row_token = row_token.at[row_pos].set(jnp.arange(rows, dtype=jnp.int32) // k)
+    experts = jnp.arange(num_experts, dtype=jnp.int32)
+    onehot = flat[:, None] == experts[None, :]  # [R, E]
+    tiles = (jnp.sum(onehot, axis=0, dtype=jnp.int32) + block_m - 1) // block_m  # [E] tiles per expert
+    r = jnp.arange(rows, dtype=jnp.int32)
+    p = jnp.arange(n_tiles * block_m, dtype=jnp.int32)
+    # rank: a row's place among the rows of its expert; tile_begin: an expert's first tile.
+    small = rows <= _COMPARING_PLAN_MAX_ROWS
+    if small:  # pairwise comparisons: a few fused reductions, no scan (decode)
+        rank = jnp.sum((flat[:, None] == flat[None, :]) & (r[None, :] < r[:, None]), axis=1, dtype=jnp.int32)
+        tile_begin = jnp.sum(jnp.where(experts[None, :] < experts[:, None], tiles[None, :], 0), axis=1)
+    else:  # cumulative counts: linear in the rows (prefill)
+        hot = onehot.astype(jnp.int32)
+        rank = jnp.sum((jnp.cumsum(hot, axis=0) - 1) * hot, axis=1)
+        tile_begin = jnp.cumsum(tiles) - tiles
+    tile_end = tile_begin + tiles  # [E]
+    row_pos = (jnp.sum(jnp.where(onehot, tile_begin[None, :], 0), axis=1) * block_m + rank).astype(jnp.int32)  # [R]
+    if small:  # the inverse permutation by comparison: no scatter
+        hit = row_pos[None, :] == p[:, None]  # [M_pad, R]
+        row_token = m + jnp.sum(jnp.where(hit, r[None, :] // k - m, 0), axis=1, dtype=jnp.int32)
+    else:
+        row_token = jnp.full((n_tiles * block_m,), m, jnp.int32).at[row_pos].set(r // k)
 
     t = jnp.arange(n_tiles, dtype=jnp.int32)
+    num_tiles = jnp.sum(tiles).astype(jnp.int32)
     tile_expert = jnp.sum((tile_end[None, :] <= t[:, None]).astype(jnp.int32), axis=1)  # [T]
-    num_tiles = tile_end[-1].astype(jnp.int32)
     tile_expert = jnp.where(t < num_tiles, tile_expert, -1).astype(jnp.int32)
-    return MoEPlan(row_pos, row_token, tile_expert, num_tiles)
+    return MoEPlan(row_pos, row_token.astype(jnp.int32), tile_expert, num_tiles)
 
 
 def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:

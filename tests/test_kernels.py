@@ -99,12 +99,16 @@ combine = jax.jit(kernels.combine)
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["comparing", "counting"])
 @pytest.mark.parametrize("m,k,block_m,case", [(1, 2, 16, "uniform"), (13, 2, 4, "uneven"),
                                               (40, 2, 8, "uniform"), (7, 1, 2, "uneven")])
-def test_make_plan_groups_rows_by_expert(m, k, block_m, case):
+def test_make_plan_groups_rows_by_expert(m, k, block_m, case, path, monkeypatch):
+    """Both ways of building the plan (pairwise comparisons for decode, cumulative counts
+    for prefill) against the plan's definition."""
+    monkeypatch.setattr(kernels, "_COMPARING_PLAN_MAX_ROWS", 256 if path == "comparing" else 0)
     rng = np.random.default_rng(m * 10 + k)
     idx, _ = routing(rng, m, k, case)
-    plan = make_plan(idx, E, block_m)
+    plan = kernels.make_plan(idx, E, block_m)  # not jitted: a cached trace would ignore the patch
     idx = np.asarray(idx).reshape(-1)
     row_pos, row_token = np.asarray(plan.row_pos), np.asarray(plan.row_token)
     tile_expert, num_tiles = np.asarray(plan.tile_expert), int(plan.num_tiles)
