@@ -513,7 +513,8 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) 
 
 
 class KVMemory(NamedTuple):
-    """One layer's cache. k, v [B, S, G, K]; step [B]: tokens already written per sequence."""
+    """One layer's cache. k, v [B, S, G, K]; step [B]: tokens already written per sequence
+    (the same in every layer; the model reads layer 0's)."""
 
     k: Optional[jax.Array]
     v: Optional[jax.Array]
@@ -895,14 +896,19 @@ class Transformer(hk.Module):
         cfg = self.config
         if memory is not None and len(memory.layers) != cfg.num_layers:
             raise ValueError(f"memory has {len(memory.layers)} layers; the model has {cfg.num_layers}.")
+        # Every layer's cache holds the same tokens, so the layers share layer 0's step: the
+        # positions, RoPE phases and attention lengths are computed once per call, not once
+        # per layer (each a kernel on a GPU), and the steps advance in one go.
+        step = None if memory is None else memory.layers[0].step  # [B]
         new_layers = []
         for i in range(cfg.num_layers):
-            layer_memory = None if memory is None else memory.layers[i]
+            layer_memory = None if memory is None else memory.layers[i]._replace(step=step)
             h, new_memory = DecoderLayer(cfg, self.mesh, i)(h, input_mask, layer_memory)
-            if new_memory is not None:
-                new_memory = new_memory._replace(step=new_memory.step + advance)
             new_layers.append(new_memory)
-        return TransformerOutput(h, None if memory is None else Memory(layers=new_layers))
+        if memory is None:
+            return TransformerOutput(h, None)
+        new_step = step + advance
+        return TransformerOutput(h, Memory(layers=[m._replace(step=new_step) for m in new_layers]))
 
     def init_memory(self, batch_size: int, sequence_len: int, dtype: Any = jnp.bfloat16) -> Memory:
         cfg = self.config
