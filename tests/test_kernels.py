@@ -305,13 +305,14 @@ def attention_np(q, keys, values, lengths, scale, cap):
     return out
 
 
-@pytest.mark.parametrize("splits", [1, 3, None])
-def test_decode_attention_reads_each_rows_keys(splits):
+@pytest.mark.parametrize("splits,q_scale", [(1, 2.0), (3, 2.0), (None, 2.0), (3, 60.0)])
+def test_decode_attention_reads_each_rows_keys(splits, q_scale):
     """Per-row lengths (0, 1, a block and a bit, the whole cache) against float64; positions
-    past a row's length hold large values that must not leak in."""
+    past a row's length hold large values that must not leak in. q_scale 60: logits pinned
+    against the cap of 30 from both sides."""
     rng = np.random.default_rng(splits or 0)
     b, s, g, hg, k = 4, 128, 2, 3, 16
-    q = jnp.asarray(rng.standard_normal((b, g, hg, k)).astype(np.float32) * 2)
+    q = jnp.asarray(rng.standard_normal((b, g, hg, k)).astype(np.float32) * q_scale)
     keys, values = bf16(rng.standard_normal((b, s, g, k))), bf16(rng.standard_normal((b, s, g, k)))
     lengths = np.array([0, 1, 70, 128], np.int32)
     for row, n in enumerate(lengths):  # poison what a row must not read
