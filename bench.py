@@ -636,6 +636,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             save(json_path, results, rows)
             state.clear()  # the cache goes before the next batch's
 
+        if prefill_len <= 0:
+            continue
         forward = model.make_forward(config, mesh, donate_memory=True)
         tokens = jax.random.randint(jax.random.key(7), (1, prefill_len), 4, config.vocab_size)
         length = jnp.full((1,), prefill_len, jnp.int32)
@@ -1686,7 +1688,7 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache when decoding")
     p.add_argument("--cache-len", type=int, default=None,
                    help="KV cache positions for decode (default: the context plus room for the timed steps)")
-    p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill")
+    p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill (0: decode only)")
     p.add_argument("--modes", default="fast,reference")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-layers", type=int, default=64,
