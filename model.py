@@ -470,6 +470,39 @@ def float32_sums_on_cpu(*operands: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in operands)
 
 
+def activation_dtype(cfg: TransformerConfig, rows: int) -> Any:
+    """The dtype of an activation that feeds a matmul of `rows` rows (tokens; routed rows in
+    the MoE): float32 where the matmuls use it unrounded at no measurable cost
+    (kernels.float32_inputs: always on the CPU; up to kernels.SPLIT_MAX_ROWS rows on an
+    accelerator, where weight reads bound the time), else cfg.fprop_dtype (bf16: the
+    release's precision, for prefill-size matmuls on an accelerator)."""
+    if jnp.dtype(cfg.fprop_dtype) == jnp.float32 or kernels.float32_inputs(rows):
+        return jnp.float32
+    return cfg.fprop_dtype
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, split_axis: int) -> jax.Array:
+    """einsum(spec, a, b) -> float32, with float32 sums and a float32 `a` used unrounded.
+
+    On the CPU both operands go in as float32. Elsewhere a float32 `a` against a bf16 `b`
+    (a KV cache, the bf16 embedding table) is split into bf16 hi + lo (kernels.split_bf16)
+    stacked along a's axis `split_axis` (one the output keeps): one bf16 einsum reads b
+    once, and the two halves of its output are added. Other operands are multiplied as
+    they are.
+    """
+    f32 = jnp.float32
+    if jax.default_backend() == "cpu":
+        return jnp.einsum(spec, a.astype(f32), b.astype(f32), preferred_element_type=f32)
+    if a.dtype == f32 and b.dtype != f32:
+        inputs, out = spec.split("->")
+        out_axis = out.index(inputs.split(",")[0][split_axis])
+        n = a.shape[split_axis]
+        y = jnp.einsum(spec, jnp.concatenate(kernels.split_bf16(a), axis=split_axis), b.astype(jnp.bfloat16),
+                       preferred_element_type=f32)
+        return jax.lax.slice_in_dim(y, 0, n, axis=out_axis) + jax.lax.slice_in_dim(y, n, 2 * n, axis=out_axis)
+    return jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=f32)
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
     """Rotate-half RoPE over the whole head. x [B, T, N, K], positions [B, T] -> [B, T, N, K]."""
     k = x.shape[-1]
@@ -570,7 +603,8 @@ class MultiHeadAttention(hk.Module):
         impl = cfg.moe_impl
         data, model = cfg.data_axis, cfg.model_axis
 
-        # Projections leave their float32 sums for RoPE; q, k, v are rounded once, after it.
+        # Projections leave their float32 sums for RoPE. k and v are rounded once, after it, as
+        # the KV cache stores them; q stays float32 (_attend decides).
         f32 = jnp.float32
         qkv_spec, out_spec = P(data, model), P(model, data)  # the release's weight layouts
         q = Linear(h * k, impl, self.mesh, qkv_spec, name="query", out_dtype=f32)(x).reshape(b, t, h, k)  # [B, T, H, K]
@@ -579,9 +613,9 @@ class MultiHeadAttention(hk.Module):
 
         step = jnp.zeros((b,), jnp.int32) if memory is None else memory.step  # [B]
         positions = step[:, None] + jnp.arange(t)  # [B, T]
-        q = rotary_embedding(q, positions).astype(x.dtype)
-        key = rotary_embedding(key, positions).astype(x.dtype)  # as the KV cache stores it
-        value = value.astype(x.dtype)
+        q = rotary_embedding(q, positions)  # float32
+        key = rotary_embedding(key, positions).astype(cfg.fprop_dtype)  # as the KV cache stores it
+        value = value.astype(cfg.fprop_dtype)
         q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
 
         if memory is None:
@@ -621,19 +655,26 @@ class MultiHeadAttention(hk.Module):
 
     def _attend(self, q: jax.Array, keys: jax.Array, values: jax.Array, input_mask: jax.Array,
                 step: jax.Array) -> jax.Array:
-        """q [B, T, G, H/G, K] against keys/values [B, S, G, K] -> [B, T, G, H/G, K].
+        """q [B, T, G, H/G, K] (float32) against keys/values [B, S, G, K] (the cache's
+        dtype) -> [B, T, G, H/G, K].
 
-        Logits in float32, scaled, capped by 30 tanh(x / 30), masked, float32 softmax; the
-        probabilities are cast to the compute dtype for the weighted sum of values.
+        Logits in float32, scaled, capped by 30 tanh(x / 30), masked, float32 softmax, the
+        weighted sum of values with float32 sums. Where activations stay float32
+        (activation_dtype of B*T rows: the CPU, decode sizes) q, the probabilities and the
+        output are never rounded (einsum_f32); at prefill sizes on an accelerator q and the
+        probabilities are rounded to the compute dtype, as the release does, and so is the
+        output (the input of the output projection).
         """
+        cfg = self.config
+        dtype = activation_dtype(cfg, q.shape[0] * q.shape[1])
+        q = q.astype(dtype)
         mask = attention_mask(input_mask, step, keys.shape[1])  # [B, T, S]
-        logits = jnp.einsum("btgqk,bsgk->bgqts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        logits = logits * self.config.attn_output_multiplier
+        logits = einsum_f32("btgqk,bsgk->bgqts", q, keys, split_axis=3)
+        logits = logits * cfg.attn_output_multiplier
         logits = 30.0 * jnp.tanh(logits / 30.0)
         logits = jnp.where(mask[:, None, None, :, :], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)  # [B, G, H/G, T, S]
-        out = jnp.einsum("bgqts,bsgk->btgqk", *float32_sums_on_cpu(probs, values.astype(q.dtype)))
-        return out.astype(q.dtype)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)  # [B, G, H/G, T, S]
+        return einsum_f32("bgqts,bsgk->btgqk", probs, values, split_axis=2).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -745,7 +786,7 @@ class MoELayer(hk.Module):
         b, t, d = x.shape
         e, f = cfg.num_experts, cfg.ffn_size
         gates, experts = self.router(x)  # [B, T, k]
-        x = x.astype(cfg.fprop_dtype)  # the experts' matmul input
+        x = x.astype(activation_dtype(cfg, b * t * cfg.num_selected_experts))  # the experts' matmul input
         w_in = ExpertWeight([e, d, f], name="linear")()
         w_v = ExpertWeight([e, d, f], name="linear_v")()
         w_out = ExpertWeight([e, f, d], name="linear_1")()
@@ -802,8 +843,9 @@ def activation_spec(cfg: TransformerConfig) -> P:
 class DecoderLayer(hk.Module):
     """h += norm_1(attn(norm(h))); h += norm_3(moe(norm_2(h))).
 
-    h, the residual stream, is float32: the blocks' outputs are added unrounded. Only the
-    matmul inputs (the outputs of rms_norm and rms_norm_2) are cast to cfg.fprop_dtype.
+    h, the residual stream, is float32: the blocks' outputs are added unrounded. The matmul
+    inputs (the outputs of rms_norm and rms_norm_2) are float32 too where the matmuls take
+    them so (activation_dtype), else cast to cfg.fprop_dtype.
     """
 
     def __init__(self, config: TransformerConfig, mesh: Optional[Mesh], layer_index: int):
@@ -817,8 +859,8 @@ class DecoderLayer(hk.Module):
         cfg, mesh = self.config, self.mesh
         f32 = jnp.float32
         h = h.astype(f32)
-        attn, new_memory = MultiHeadAttention(cfg, mesh)(RMSNorm(name="rms_norm", dtype=cfg.fprop_dtype)(h),
-                                                         input_mask, memory)
+        x = RMSNorm(name="rms_norm", dtype=activation_dtype(cfg, h.shape[0] * h.shape[1]))(h)
+        attn, new_memory = MultiHeadAttention(cfg, mesh)(x, input_mask, memory)
         h = h + RMSNorm(name="rms_norm_1", dtype=f32)(attn)
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
         moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2", dtype=f32)(h))  # cast inside, after the router
@@ -881,9 +923,14 @@ class InOutEmbed(hk.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.table, tokens, axis=0)  # [B, T, D] float32
 
-    def decode(self, h: jax.Array) -> jax.Array:
-        """h [B, T, D] bf16 -> logits [B, T, V] float32 (bf16 products, float32 sums)."""
-        return jnp.dot(h, self.table.astype(h.dtype).T, preferred_element_type=jnp.float32)
+    def decode(self, h: jax.Array, dtype: Any) -> jax.Array:
+        """h [B, T, D] -> logits [B, T, V] float32 (einsum_f32: float32 sums, a float32 h
+        used unrounded). The table is used in `dtype` (the release's bf16) on an
+        accelerator, as stored on the CPU."""
+        table = self.table
+        if jax.default_backend() != "cpu":
+            table = table.astype(dtype)
+        return einsum_f32("btd,vd->btv", h, table, split_axis=1)
 
 
 class LanguageModel(hk.Module):
@@ -919,12 +966,13 @@ class LanguageModel(hk.Module):
 
         advance = jnp.full((b,), t, jnp.int32) if length is None else length.astype(jnp.int32)
         out = self.model(h, input_mask, memory=memory, advance=advance)
-        h = RMSNorm(name="rms_norm", dtype=cfg.fprop_dtype)(out.embeddings)  # the unembedding's input
+        h = RMSNorm(name="rms_norm", dtype=jnp.float32)(out.embeddings)  # the unembedding's input
 
         if length is not None:  # only the last real token of each row: [B, 1, D]
             last = jnp.maximum(length.astype(jnp.int32) - 1, 0)
             h = jnp.take_along_axis(h, last[:, None, None], axis=1)
-        logits = embed.decode(h) * cfg.output_multiplier_scale
+        h = h.astype(activation_dtype(cfg.model, h.shape[0] * h.shape[1]))
+        logits = embed.decode(h, cfg.fprop_dtype) * cfg.output_multiplier_scale
         return LanguageModelOutput(logits=constrain(logits, self.mesh, P(data)), model_state=out.memory)
 
     def init_memory(self, batch_size: int, seq_len: int, dtype: Any = jnp.bfloat16) -> Memory:

@@ -270,6 +270,22 @@ def test_block_scale_rule(nb):
         assert rel_l2(y, x.astype(np.float64) @ want[0]) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_einsum_f32_keeps_a_float32_operand_unrounded(backend, monkeypatch):
+    """Attention's and the unembedding's einsum: a float32 q (or probabilities, or norm
+    output) against a bf16 cache is multiplied unrounded: in float32 on the CPU, as bf16
+    hi + lo stacked on one axis elsewhere ("gpu" is pretended here: the split's own code
+    runs on the CPU)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 3, 4, 6, 16)).astype(np.float32)  # [B, T, G, H/G, K]
+    keys = jnp.asarray(rng.standard_normal((2, 9, 4, 16)), jnp.bfloat16)  # [B, S, G, K]
+    got = model.einsum_f32("btgqk,bsgk->bgqts", jnp.asarray(q), keys, split_axis=3)
+    want = np.einsum("btgqk,bsgk->bgqts", q.astype(np.float64), np.asarray(keys, np.float64))
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    assert rel_l2(np.asarray(got), want) < 2e-5  # q rounded to bf16: ~3e-3
+
+
 def test_block_scale_rule_is_mesh_independent():
     """The released 8-block scales give the same product on model axes 1, 2, 4 and 8."""
     rng = np.random.RandomState(9)
