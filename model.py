@@ -88,6 +88,55 @@ class TransposedWeight8bit(QuantizedWeight8bit):
 TransposedWeight8bit.__module__ = "model"
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class SplitTable:
+    """A float32 table held as two bf16 tables: hi = bf16(t), lo = bf16(t - hi), so that
+    hi + lo = t to 2^-16 relative. The embedding table for inference
+    (prepare_for_inference): the lookup reads hi + lo (the float32 rows, as the checkpoint
+    stores them, for the float32 residual stream), the output projection reads hi alone
+    (the release's bf16 table). The same bytes as the float32 table; never saved.
+    """
+
+    hi: Any
+    lo: Any
+
+    # Array-like where code reads the table as a whole (its shape, size and placement, or
+    # np.asarray of it): the float32 table it stands for.
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.hi.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def dtype(self) -> Any:
+        return np.dtype(np.float32)
+
+    @property
+    def sharding(self) -> Any:
+        return self.hi.sharding
+
+    def astype(self, dtype: Any) -> jax.Array:
+        return (jnp.asarray(self.hi, jnp.float32) + jnp.asarray(self.lo, jnp.float32)).astype(dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.asarray(self.hi).astype(np.float32) + np.asarray(self.lo).astype(np.float32)
+        return out if dtype is None else out.astype(dtype)
+
+    def tree_flatten(self):
+        return (self.hi, self.lo), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+SplitTable.__module__ = "model"
+
+
 def is_transposed(w: Any) -> bool:
     return isinstance(w, TransposedWeight8bit)
 
@@ -917,17 +966,25 @@ class InOutEmbed(hk.Module):
         self.embed_dim = embed_dim
 
     @property
-    def table(self) -> jax.Array:
+    def table(self) -> Any:
+        """The float32 table, a bf16 one, or a SplitTable (prepare_for_inference)."""
         return hk.get_parameter("embeddings", [self.vocab_size, self.embed_dim], jnp.float32, init=jnp.zeros)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.table, tokens, axis=0)  # [B, T, D] float32
+        """tokens [B, T] -> the table's rows [B, T, D], float32 (a SplitTable's hi + lo)."""
+        table = self.table
+        if isinstance(table, SplitTable):
+            rows = lambda t: jnp.take(t, tokens, axis=0).astype(jnp.float32)
+            return rows(table.hi) + rows(table.lo)
+        return jnp.take(table, tokens, axis=0).astype(jnp.float32)
 
     def decode(self, h: jax.Array, dtype: Any) -> jax.Array:
         """h [B, T, D] -> logits [B, T, V] float32 (einsum_f32: float32 sums, a float32 h
         used unrounded). The table is used in `dtype` (the release's bf16) on an
         accelerator, as stored on the CPU."""
         table = self.table
+        if isinstance(table, SplitTable):
+            table = table.hi
         if jax.default_backend() != "cpu":
             table = table.astype(dtype)
         return einsum_f32("btd,vd->btv", h, table, split_axis=1)
@@ -959,9 +1016,9 @@ class LanguageModel(hk.Module):
         data = cfg.model.data_axis
         input_mask = tokens > cfg.pad_token  # [B, T]
         embed = InOutEmbed(cfg.vocab_size, cfg.model.emb_size)
-        # The residual stream is float32 from the start: table rows (float32, or bf16 after
-        # prepare_for_inference) times the multiplier, unrounded.
-        h = embed(tokens).astype(jnp.float32) * jnp.float32(cfg.embedding_multiplier_scale)
+        # The residual stream is float32 from the start: the table's float32 rows (hi + lo
+        # after prepare_for_inference) times the multiplier, unrounded.
+        h = embed(tokens) * jnp.float32(cfg.embedding_multiplier_scale)
         h = constrain(h, self.mesh, activation_spec(cfg.model))
 
         advance = jnp.full((b,), t, jnp.int32) if length is None else length.astype(jnp.int32)
@@ -1206,12 +1263,13 @@ def init_memory(config: LanguageModelConfig, batch_size: int, seq_len: int, mesh
 def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bool = False) -> dict:
     """The parameter tree in the layouts inference reads fastest.
 
-    - The embedding table in the compute dtype (bf16), stored once instead of cast every
-      step. The output projection only ever uses the table cast to fprop_dtype, so there it
-      is exact; the embedding lookup reads rows into the float32 residual stream, and from a
-      bf16 table they are rounded to bf16 first (as in the release, which casts the rows).
-      It halves the table's memory, and decode no longer reads 4 bytes and writes 2 per
-      entry (3.2 GB for Grok-1) every step.
+    - The embedding table as a SplitTable of two fprop_dtype (bf16) tables, hi + lo, made
+      once instead of a cast every step: the output projection reads hi, the table cast to
+      bf16 as the release uses it (2 bytes per entry, not 4 read and 2 written every step:
+      3.2 GB for Grok-1), and the lookup reads hi + lo, the float32 rows unrounded to
+      2^-16 (rows rounded to bf16 cost 1.7e-2 of p90 logits error on issue 12's 2-layer
+      model, BENCHMARKS.md "Precision"). The same memory as the float32 table (a bf16
+      table alone would take half); a float32 fprop_dtype keeps the table as it is.
     - In the fast mode, every int8 matrix transposed (TransposedWeight8bit, n_in contiguous),
       the layout the int8 kernels read at close to the copy bandwidth. Same bytes, same values.
 
@@ -1226,7 +1284,10 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bo
         out[module] = dict(leaves)
         for name, leaf in leaves.items():
             if module.endswith("in_out_embed") and name == "embeddings":
-                old, new = leaf, jnp.asarray(leaf).astype(config.fprop_dtype)
+                if isinstance(leaf, SplitTable) or jnp.dtype(config.fprop_dtype) == jnp.float32:
+                    continue
+                old = leaf
+                new = _split_table(jnp.asarray(leaf), config.fprop_dtype)
                 out[module][name] = new
             elif transpose and isinstance(leaf, QuantizedWeight8bit) and not is_transposed(leaf):
                 old, new = leaf.weight, _transposed(leaf.weight)
@@ -1234,9 +1295,17 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bo
             else:
                 continue
             if consume and isinstance(old, jax.Array) and old is not new:
-                new.block_until_ready()
+                jax.block_until_ready(new)
                 old.delete()
     return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_table(table: jax.Array, dtype: Any) -> SplitTable:
+    """table (float32) -> SplitTable(hi, lo) in `dtype`, each sharded as the table."""
+    t = table.astype(jnp.float32)
+    hi = t.astype(dtype)
+    return SplitTable(hi, (t - hi.astype(jnp.float32)).astype(dtype))
 
 
 def _transposed(a: Any) -> jax.Array:
@@ -1275,7 +1344,10 @@ def inference_param_shapes(config: LanguageModelConfig, mesh: Mesh) -> dict:
         for name, a in leaves.items():
             s = shardings[module][name]
             if module.endswith("in_out_embed") and name == "embeddings":
-                out[module][name] = leaf(a, s, config.fprop_dtype)
+                if jnp.dtype(config.fprop_dtype) == jnp.float32:
+                    out[module][name] = leaf(a, s)
+                else:
+                    out[module][name] = SplitTable(leaf(a, s, config.fprop_dtype), leaf(a, s, config.fprop_dtype))
             elif isinstance(a, QuantizedWeight8bit) and transpose:
                 *lead, n_in, n_out = a.weight.shape
                 out[module][name] = TransposedWeight8bit(
