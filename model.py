@@ -134,9 +134,6 @@ class SplitTable:
         return cls(*children)
 
 
-SplitTable.__module__ = "model"
-
-
 def is_transposed(w: Any) -> bool:
     return isinstance(w, TransposedWeight8bit)
 
