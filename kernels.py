@@ -29,6 +29,12 @@ Backends (the `backend` argument):
   block results.
 - "auto": "pallas" on GPU (falling back to "xla" where the shapes cannot be tiled), else "xla".
 
+Activations: x may be bf16, or float32 to be used unrounded. A float32 x is multiplied in
+float32 on the CPU's XLA path; elsewhere (Pallas, XLA on a GPU) it is split into two bf16
+parts, x = hi + lo to 2^-16 relative, and both are multiplied by the same int8 tile with
+float32 sums: no extra weight bytes, twice the MMAs. Callers feed float32 only where
+`float32_inputs` says so (decode sizes, where weight reads bound the time, and the CPU).
+
 Everything here is jit- and shard_map-friendly: it sees local shapes only, and K may be a
 shard of the full input dimension as long as each shard holds whole scale blocks.
 """
@@ -58,6 +64,43 @@ _WHOLE_ARRAY = getattr(pl, "no_block_spec", None) or pl.BlockSpec()  # kernel in
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
 DEQUANT_MODES = ("cast", "bits", "asm")
+
+
+# ---------------------------------------------------------------------------------------
+# Float32 activations: the hi/lo split
+# ---------------------------------------------------------------------------------------
+
+# Up to this many rows (tokens, or routed rows tokens * k in the MoE) an int8 matmul takes
+# a float32 x as two bf16 parts. At decode the weight reads bound the time and the second
+# MMA hides behind them; at prefill sizes the matmuls are compute-bound, so callers round
+# x to bf16 there (float32_inputs).
+SPLIT_MAX_ROWS = 64
+
+
+def float32_inputs(num_rows: int, backend: str = "auto") -> bool:
+    """Whether activations feeding a matmul of `num_rows` rows should stay float32.
+
+    True on the CPU's XLA path (float32 arithmetic there costs no more than bf16) and up to
+    SPLIT_MAX_ROWS rows elsewhere (the hi/lo split); False means: round them to bf16, the
+    release's precision, for prefill-size matmuls on an accelerator.
+    """
+    if _resolve_backend(backend) == "xla" and jax.default_backend() == "cpu":
+        return True
+    return num_rows <= SPLIT_MAX_ROWS
+
+
+def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 x -> bf16 (hi, lo) with hi + lo = x to 2^-16 relative (hi = bf16(x), lo =
+    bf16(x - hi); x - hi is exact in float32)."""
+    x = x.astype(jnp.float32)
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _xla_split(x: jax.Array) -> bool:
+    """True when the XLA path multiplies a float32 x as hi + lo (off the CPU, where float32
+    dots would run at a fraction of the bf16 rate or convert the int8 weight to float32)."""
+    return x.dtype == jnp.float32 and jax.default_backend() != "cpu"
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,9 +334,11 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, transposed, col_blocks=None):
+                gated, transposed, col_blocks=None, hi_lo=False):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
+    x_ref: [M_pad, K] bf16, or float32 with hi_lo (each x chunk is split into bf16 hi + lo
+    and both are multiplied by the same int8 tile: the weights are read once).
     refs: (w, scales) per matrix ([E, K, N] int8, or [E, N, K] when transposed; [E, nb, N]
     bf16), then the output block.
     K is walked in segments that never cross a scale block; each segment's float32 sum is
@@ -322,14 +367,21 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
 
         def chunk(c, part, seg_start):
             k0 = pl.multiple_of(seg_start + c * bk, bk)
-            x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16
+            x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16 (float32 with hi_lo)
+            if hi_lo:
+                x_hi = x.astype(jnp.bfloat16)
+                xs = (x_hi, (x - x_hi.astype(jnp.float32)).astype(jnp.bfloat16))
+            else:
+                xs = (x,)
             out = []
             for (w_ref, _), p in zip(mats, part):
                 if transposed:
                     w = _dequant(w_ref[e_safe, cols, pl.ds(k0, bk)], dequant).T  # [bk, bn] view of [bn, bk]
                 else:
                     w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
-                out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))
+                for xp in xs:
+                    p = p + jnp.dot(xp, w, preferred_element_type=jnp.float32)
+                out.append(p)
             return tuple(out)
 
         def scaled(part, seg_start):
@@ -439,10 +491,11 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
                    out_dtype, name: Optional[str] = None, transposed: bool = False,
                    side_by_side: bool = False) -> jax.Array:
-    """xs [M_pad, K] bf16 times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
+    """xs [M_pad, K] times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
 
-    side_by_side: the matrices' products are concatenated along N ([M_pad, N_1 + N_2 + ...]),
-    one launch for what would be one per matrix (q, k and v of attention).
+    A float32 xs is used unrounded (split into bf16 hi + lo in the kernel); other dtypes
+    are cast to bf16. side_by_side: the matrices' products are concatenated along N
+    ([M_pad, N_1 + N_2 + ...]), one launch for what would be one per matrix (q, k and v).
     """
     m_pad, k_dim = xs.shape
     w0, s0 = mats[0]
@@ -461,10 +514,11 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     dequant = cfg.dequant
     if interpret and dequant == "asm":
         dequant = "bits"  # same arithmetic, no PTX on the CPU
+    hi_lo = xs.dtype == jnp.float32
 
     kernel = functools.partial(
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-        dequant=dequant, gated=gated, transposed=transposed,
+        dequant=dequant, gated=gated, transposed=transposed, hi_lo=hi_lo,
         col_blocks=tuple(n // bn for n in widths) if side_by_side else None)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
@@ -485,7 +539,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         interpret=interpret,
         name=name or ("int8_gated_matmul" if gated else "int8_grouped_matmul"),
         **params,
-    )(tile_expert.astype(jnp.int32), xs.astype(jnp.bfloat16), *flat)
+    )(tile_expert.astype(jnp.int32), xs if hi_lo else xs.astype(jnp.bfloat16), *flat)
     if split > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)
     return out
@@ -501,18 +555,24 @@ def _block_scaled_dot(x: jax.Array, w: jax.Array, s: jax.Array, transposed: bool
     [m, N], no dequantized copy.
 
     One dot per scale block (batched), int8 converted inside the dot's operand, the block
-    results scaled and summed.
+    results scaled and summed. A float32 x is used unrounded: float32 math on the CPU, the
+    hi/lo split (2m bf16 rows against the same weight) elsewhere.
     """
     m, k = x.shape
     nb, n = s.shape
+    split = _xla_split(x)
+    if split:
+        x = jnp.concatenate(split_bf16(x), axis=0)  # [2m, K]: hi rows, then lo rows
     compute = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16  # float32 in, float32 math
-    xb = x.astype(compute).reshape(m, nb, k // nb)
+    xb = x.astype(compute).reshape(x.shape[0], nb, k // nb)
     if transposed:
         wb = w.reshape(n, nb, k // nb).astype(compute)
         y = jnp.einsum("mbk,nbk->bmn", xb, wb, preferred_element_type=jnp.float32)  # [nb, m, N]
     else:
         wb = w.reshape(nb, k // nb, n).astype(compute)
         y = jnp.einsum("mbk,bkn->bmn", xb, wb, preferred_element_type=jnp.float32)
+    if split:
+        y = y[:, :m] + y[:, m:]
     return jnp.sum(y * s.astype(jnp.float32)[:, None, :], axis=0)
 
 
@@ -603,7 +663,8 @@ def grouped_matmul(xs: jax.Array, weight: jax.Array, scales: jax.Array, plan: Mo
 
     Each tile of plan.block_m rows is multiplied by its expert's matrix, float32
     accumulation, scales applied per K block; pad tiles give zeros and read no weights.
-    Returns [M_pad, N] in out_dtype (bf16 by default).
+    Returns [M_pad, N] in out_dtype (bf16 by default). xs: bf16, or float32 used unrounded
+    (see the module docstring).
     """
     return _grouped(xs, [(weight, scales)], plan, gated=False, backend=backend, config=config,
                     out_dtype=out_dtype, name="grouped_matmul", transposed=transposed)
@@ -616,7 +677,8 @@ def grouped_matmul_gated(xs: jax.Array, w: jax.Array, w_scales: jax.Array, v: ja
     """Fused expert input layer: gelu_tanh(xs @ W) * (xs @ V) -> [M_pad, F], reading xs once.
 
     W, V int8 [E, K, F] ([E, F, K] when transposed) with scales [E, nb, F]; both products
-    are summed in float32 and scaled before the tanh-approximated gelu.
+    are summed in float32 and scaled before the tanh-approximated gelu. xs: bf16, or
+    float32 used unrounded (see the module docstring).
     """
     return _grouped(xs, [(w, w_scales), (v, v_scales)], plan, gated=True, backend=backend,
                     config=config, out_dtype=out_dtype, name="grouped_matmul_gated", transposed=transposed)
@@ -629,7 +691,8 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
     [nb, N] -> [..., N].
 
     Leading dimensions of x are kept. The int8 weight is converted tile by tile inside the
-    matmul; each scale block's float32 partial result is scaled and summed.
+    matmul; each scale block's float32 partial result is scaled and summed. x: bf16, or
+    float32 used unrounded (see the module docstring).
 
     backend="auto" on GPU takes the Pallas kernel for fewer than 8 rows and XLA's fused
     int8 dot otherwise: for a [6144, 6144] weight on an H100, Pallas took 26.5 us at M=1
@@ -667,7 +730,7 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
     if resolved != "xla" and m > 0 and (len(nbs) == 1 or backend != "auto"):
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
-        xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
+        xp = jnp.pad(x2 if x2.dtype == jnp.float32 else x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
         cfg = config or default_config("dense", bm, n_tiles, k_dim, sum(widths), transposed)
         interpret = resolved == "interpret"
         biggest = max(max(w.size for w, _ in weights), n_tiles * bm * max(k_dim, sum(widths) * max(1, cfg.split_k)))

@@ -363,25 +363,32 @@ def compare_traces(got: dict, want: dict, valid: np.ndarray, num_layers: int) ->
 # ---------------------------------------------------------------------------------------
 
 
-# Where this model rounds to bf16 (see model.py): matmul inputs (norms before attention,
-# MoE and unembedding; q; the attention weighted sum; the experts' hidden layer), the KV
-# cache (k, v), the attention probabilities, the experts' outputs and the bf16 table in the
-# unembedding. The reference mode also rounds the experts' input matmuls and gelu, and
-# dequantizes the weights in bf16 (the release's algorithm). The runner's bf16 table adds
-# "embed".
+# Where this model rounds to bf16 (model.activation_dtype): on the CPU only what the KV
+# cache stores, in both MoE modes; on an accelerator at decode sizes (up to
+# kernels.SPLIT_MAX_ROWS rows) also the unembedding's bf16 table; at prefill sizes there,
+# the matmul inputs (norms before attention, MoE and unembedding; q; the attention
+# weighted sum; the experts' hidden layer), the attention probabilities and the experts'
+# outputs too, as the release does, and in the reference mode the experts' input matmuls
+# and gelu and the bf16 dequantization (the release's algorithm).
+_PREFILL_POINTS = ("cache", "unembed", "norm_in", "q", "probs", "attn_sum", "expert_hidden", "expert_out")
 MODEL_POINTS = {
-    "fast": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_hidden", "expert_out"),
-    "reference": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_in", "expert_hidden",
-                  "expert_out", "dequant"),
+    "CPU, both MoE modes": ("cache",),
+    "accelerator, decode sizes, both modes": ("cache", "unembed"),
+    "accelerator, prefill sizes, fast MoE": _PREFILL_POINTS,
+    "accelerator, prefill sizes, reference MoE": _PREFILL_POINTS + ("expert_in", "dequant"),
+    "before this change (fast MoE)": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_hidden",
+                                      "expert_out"),
 }
 
 
 def ablation(params: dict, cfg: Any, tokens: np.ndarray,
              points: tuple[str, ...] = reference.ROUNDING_POINTS) -> dict[str, dict[str, float]]:
     """p90 logits error vs float64 of the reference rounding at: each point alone ("only"),
-    every point of bf16=True but that one ("all but"), plus "all" (bf16=True) and "all +
-    dequant" (the release's bf16 dequantization too). Every run keeps float64's expert
-    choices, so that the numbers are the arithmetic's cost, not routing flips."""
+    with the KV cache's rounding ("with the cache": what the point adds to the floor a bf16
+    cache sets), every point of bf16=True but that one ("all but"), plus "all" (bf16=True),
+    "all + dequant" (the release's bf16 dequantization too) and this model's sets
+    (MODEL_POINTS). Every run keeps float64's expert choices, so that the numbers are the
+    arithmetic's cost, not routing flips."""
     valid = tokens != cfg.pad_token
     tr = reference.trace(params, cfg, tokens)
     want = tr["logits"]
@@ -390,10 +397,10 @@ def ablation(params: dict, cfg: Any, tokens: np.ndarray,
                                    want, valid)
     every = tuple(p for p in reference.ROUNDING_POINTS if p != "dequant")
     out = {"all": {"only": err(True)}, "all + dequant": {"only": err(reference.ROUNDING_POINTS)}}
-    for impl, model_points in MODEL_POINTS.items():
-        out[f"this model's points ({impl} MoE)"] = {"only": err(model_points)}
+    for where, model_points in MODEL_POINTS.items():
+        out[f"this model: {where}"] = {"only": err(model_points)}
     for point in points:
-        out[point] = {"only": err((point,)),
+        out[point] = {"only": err((point,)), "with the cache": err(tuple({point, "cache"})),
                       "all but": err(tuple(p for p in every if p != point)) if point in every else float("nan")}
     return out
 

@@ -329,6 +329,59 @@ def test_decode_attention_reads_each_rows_keys(splits, q_scale):
 
 
 # ---------------------------------------------------------------------------------------
+# Float32 activations: used unrounded (float32 math on the CPU, the hi/lo split elsewhere)
+# ---------------------------------------------------------------------------------------
+
+
+def test_split_bf16_is_exact_to_2_pow_minus_16():
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32) * np.float32(1e3)
+    hi, lo = jax.jit(kernels.split_bf16)(jnp.asarray(x))
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    back = f64(hi) + f64(lo)
+    assert np.all(np.abs(back - x) <= 2.0**-16 * np.abs(x))
+    assert np.array_equal(f64(hi), f64(x.astype(ml_dtypes.bfloat16)))
+
+
+@pytest.mark.parametrize("path", ["xla", "xla split", "interpret"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_float32_activations_are_not_rounded(path, transposed, monkeypatch):
+    """A float32 x reaches the int8 matmuls unrounded: float32 math on the CPU's XLA path,
+    bf16 hi + lo against the same int8 tile in the Pallas kernels and in XLA off the CPU
+    ("xla split" forces that here). The error against float64 on the same float32 input
+    is ~1e-5; rounding x to bf16 gives ~2e-3."""
+    if path == "xla split":
+        monkeypatch.setattr(kernels, "_xla_split", lambda x: x.dtype == jnp.float32)
+    backend = "interpret" if path == "interpret" else "xla"
+    rng = np.random.default_rng(11)
+    m, k = 5, 2
+    idx, _ = routing(rng, m, k, "uneven")
+    plan = make_plan(idx, E, kernels.default_block_m(m * k))
+    x = jnp.asarray(rng.standard_normal((m, D)).astype(np.float32))
+    (w, ws), (v, vs), (w1, w1s) = (quantized(rng, (E, D, F), 8), quantized(rng, (E, D, F), 8),
+                                   quantized(rng, (E, F, D), 8))
+    layout = (lambda a: jnp.swapaxes(a, -1, -2)) if transposed else (lambda a: a)
+    f32 = jnp.float32
+
+    @jax.jit
+    def run(x, plan, w, ws, v, vs, w1, w1s):
+        xs = kernels.dispatch(x, plan)
+        h = kernels.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=backend, out_dtype=f32,
+                                         transposed=transposed)
+        y = kernels.grouped_matmul(h, w1, w1s, plan, backend=backend, out_dtype=f32, transposed=transposed)
+        dense = kernels.int8_matmul(x, w[0], ws[0], backend=backend, out_dtype=f32, transposed=transposed)
+        return h, y, dense
+
+    h, y, dense = run(x, plan, layout(w), ws, layout(v), vs, layout(w1), w1s)
+    wd, vd, w1d = dequant_np(w, ws), dequant_np(v, vs), dequant_np(w1, w1s)
+    ix, x64, h64, rp = np.asarray(idx).reshape(-1), f64(x), f64(h), np.asarray(plan.row_pos)
+    h_ref = np.stack([gelu_np(x64[r // k] @ wd[e]) * (x64[r // k] @ vd[e]) for r, e in enumerate(ix)])
+    y_ref = np.stack([h64[rp[r]] @ w1d[e] for r, e in enumerate(ix)])
+    assert rel_err(h64[rp], h_ref) < 1e-4
+    assert rel_err(f64(y)[rp], y_ref) < 1e-4
+    assert rel_err(dense, x64 @ wd[0]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
 
