@@ -33,7 +33,8 @@ Activations: x may be bf16, or float32 to be used unrounded. A float32 x is mult
 float32 on the CPU's XLA path; elsewhere (Pallas, XLA on a GPU) it is split into two bf16
 parts, x = hi + lo to 2^-16 relative, and both are multiplied by the same int8 tile with
 float32 sums: no extra weight bytes, twice the MMAs. Callers feed float32 only where
-`float32_inputs` says so (decode sizes, where weight reads bound the time, and the CPU).
+`float32_inputs` says so: on the CPU (on an H200 the split inside the Pallas kernels made
+them 2.4-5x slower; see SPLIT_MAX_ROWS).
 
 Everything here is jit- and shard_map-friendly: it sees local shapes only, and K may be a
 shard of the full input dimension as long as each shard holds whole scale blocks.
@@ -70,11 +71,14 @@ DEQUANT_MODES = ("cast", "bits", "asm")
 # Float32 activations: the hi/lo split
 # ---------------------------------------------------------------------------------------
 
-# Up to this many rows (tokens, or routed rows tokens * k in the MoE) an int8 matmul takes
-# a float32 x as two bf16 parts. At decode the weight reads bound the time and the second
-# MMA hides behind them; at prefill sizes the matmuls are compute-bound, so callers round
-# x to bf16 there (float32_inputs).
-SPLIT_MAX_ROWS = 64
+# Up to this many rows (tokens, or routed rows tokens * k in the MoE) callers off the CPU
+# keep a matmul's activations float32 (float32_inputs). 0: none. Measured on an H200
+# (2026-11-30, 8 Grok-width layers, batch 1): with 64, the Pallas kernels that split a
+# float32 x inside took 996 us (gated, against 192), 290 us (down, against 106) and 75 us
+# (dense, against 31) per layer, a decode step 3.3x slower; so GPUs take bf16 activations
+# into their matmuls, as before issue 12, and the float32 path stays for explicit float32
+# inputs and the CPU.
+SPLIT_MAX_ROWS = 0
 
 
 def float32_inputs(num_rows: int, backend: str = "auto") -> bool:
@@ -773,13 +777,6 @@ _ATTN_BLOCK = 64  # cache positions per loop step
 _ATTN_ROWS = 16  # query heads per KV head, padded: Triton's dot needs every side >= 16
 
 
-def _split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """float32 x -> (hi, lo) bf16 with hi + lo = x to about 16 bits: two bf16 MMAs then
-    give a float32-accurate product at no extra memory traffic."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
 def _decode_attention_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, l_ref, *, bs, splits, scale, cap):
     """One program: sequence b, KV head g, split s of the sequence's used keys.
 
@@ -794,7 +791,7 @@ def _decode_attention_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, l_ref, *, bs, 
     start = s * per
     end = jnp.minimum(length, start + per)
     trips = jnp.maximum(end - start + bs - 1, 0) // bs
-    q_hi, q_lo = _split_bf16(q_ref[...].astype(jnp.float32))  # [R, K]
+    q_hi, q_lo = split_bf16(q_ref[...])  # [R, K]
 
     def block(i, carry):
         l, acc = carry
@@ -805,7 +802,7 @@ def _decode_attention_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, l_ref, *, bs, 
                   + jnp.dot(q_lo, keys.T, preferred_element_type=jnp.float32)) * scale  # [R, bs]
         valid = (k0 + jnp.arange(bs)) < end  # [bs]
         p = jnp.where(valid[None, :], jnp.exp(cap * jnp.tanh(logits / cap) - cap), 0.0)
-        p_hi, p_lo = _split_bf16(p)
+        p_hi, p_lo = split_bf16(p)
         pv = (jnp.dot(p_hi, values, preferred_element_type=jnp.float32)
               + jnp.dot(p_lo, values, preferred_element_type=jnp.float32))  # [R, K]
         return l + jnp.sum(p, axis=1), acc + pv

@@ -193,12 +193,9 @@ def _recording(store: dict) -> Iterator[None]:
             stack.append(name)
             put("attn_out", out[0])
             stack.pop()
-        elif isinstance(mod, model.Linear) and inside("multi_head_attention"):
+        elif isinstance(mod, model.Linear) and inside("multi_head_attention") and short == "linear":
             stack.append(name)
-            if short == "linear":
-                put("attn_sum", args[0])
-            elif short in ("query", "key", "value"):
-                put({"query": "q", "key": "k", "value": "v"}[short], out)
+            put("attn_sum", args[0])
             stack.pop()
         elif isinstance(mod, model.Router):
             stack.append(name)
@@ -211,7 +208,15 @@ def _recording(store: dict) -> Iterator[None]:
         return out
 
     real_rope, real_softmax, real_combine = model.rotary_embedding, jax.nn.softmax, kernels.combine
-    real_einsum = jnp.einsum
+    real_einsum, real_linears = jnp.einsum, model.linears
+
+    def linears(x, projections):  # q, k and v come out of one call
+        outs = real_linears(x, projections)
+        for p, out in zip(projections, outs):
+            short = p.module_name.split("/")[-1]
+            if short in ("query", "key", "value"):
+                put({"query": "q", "key": "k", "value": "v"}[short], out)
+        return outs
 
     def rope(x, positions, *a, **k):
         out = real_rope(x, positions, *a, **k)
@@ -241,7 +246,8 @@ def _recording(store: dict) -> Iterator[None]:
             mock.patch.object(model, "rotary_embedding", rope), \
             mock.patch.object(jax.nn, "softmax", softmax), \
             mock.patch.object(kernels, "combine", combine), \
-            mock.patch.object(jnp, "einsum", einsum):
+            mock.patch.object(jnp, "einsum", einsum), \
+            mock.patch.object(model, "linears", linears):
         yield
 
 
