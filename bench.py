@@ -521,19 +521,21 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
 
 def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, cache_len: int,
                   mesh: Any = None) -> model.Memory:
-    """A cache holding `context` random keys/values per sequence (step = context)."""
+    """A cache holding `context` random keys/values per sequence (step = context).
+
+    One small program makes a layer's cache and runs once per layer: one program for all
+    layers took minutes to compile on the 1x2 mesh of 2 x H200 at 32 and 48 layers
+    (XLA's slow-compile alarm named it, 2026-11-30). The values are the same either way."""
     cfg = config.model
-    shardings = None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len)
+    shardings = None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len).layers[0]
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
 
-    def make():
-        shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
-        layers = []
-        for i in range(cfg.num_layers):
-            k = jax.random.normal(jax.random.key(100 + i), shape, config.fprop_dtype)
-            layers.append(model.KVMemory(k, k * 0.5, jnp.full((batch,), context, jnp.int32)))
-        return model.Memory(layers)
+    def make(key):
+        k = jax.random.normal(key, shape, config.fprop_dtype)
+        return model.KVMemory(k, k * 0.5, jnp.full((batch,), context, jnp.int32))
 
-    return jax.jit(make, out_shardings=shardings)()
+    make_layer = jax.jit(make, out_shardings=shardings)
+    return model.Memory([make_layer(jax.random.key(100 + i)) for i in range(cfg.num_layers)])
 
 
 def weight_bytes(leaf: Any) -> int:
