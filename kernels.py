@@ -1,13 +1,15 @@
-"""Fast int8 kernels for Grok-1 inference: the sparse mixture of experts and int8 linears.
+"""Fast kernels for Grok-1 inference: the sparse mixture of experts, int8 linears (one
+launch for several that share their input) and decode attention over a KV cache.
 
 Works on raw arrays only (no Haiku, no model.py): an int8 weight [..., K, N] with bf16
 block scales [..., nb, N], where rows [b*K/nb, (b+1)*K/nb) of the weight use
 scales[..., b, :] (SPEC section 3). With transposed=True the int8 weight is stored
 [..., N, K] instead (K contiguous; the scales keep their layout): the layout the tensor
 cores take their right-hand operand in, which the Pallas kernels read at close to the copy
-bandwidth on an H200 (the checkpoint's [K, N] reaches about 65%; BENCHMARKS.md). Weights are never dequantized in memory: each kernel
-converts int8 tiles to bf16 in registers, accumulates x @ w in float32 per scale block and
-multiplies the block's partial result by that block's scales.
+bandwidth on an H200 (the checkpoint's [K, N] reaches about 65%; BENCHMARKS.md). Weights
+are never dequantized in memory: each kernel converts int8 tiles to bf16 in registers,
+accumulates x @ w in float32 per scale block and multiplies the block's partial result by
+that block's scales.
 
 The MoE runs in four steps, each a function below, in data-flow order:
 
