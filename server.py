@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -52,6 +53,10 @@ DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_LOGPROBS = runners.TOP_K  # the engine reports the 8 most likely tokens of every step
 DEFAULT_MAX_QUEUE = 256
+# Steps dispatched and not yet collected when the engine thread collects the oldest: the
+# device runs depth - 1 queued steps while the host turns one step's tokens into text and
+# hands them on. 1 would wait for every step before dispatching the next.
+PIPELINE_DEPTH = int(os.environ.get("GROK1_PIPELINE_DEPTH", "3"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,8 +340,11 @@ class Scheduler:
     steps the batch and hands each sequence's deltas to its sink on the event loop."""
 
     def __init__(self, runner: runners.InferenceRunner, metrics: Metrics, loop: asyncio.AbstractEventLoop,
-                 max_queue: int):
+                 max_queue: int, depth: int = PIPELINE_DEPTH):
+        if depth < 1:
+            raise ValueError(f"depth={depth}: must be >= 1.")
         self.runner, self.metrics, self.loop, self.max_queue = runner, metrics, loop, max_queue
+        self.depth = depth
         self.engine = runner.engine()
         self.engine.text_context = 8  # the first piece decodes after the prompt: " word", not "word"
         self.tokenizer = runner.tokenizer
@@ -392,13 +400,15 @@ class Scheduler:
         self.thread.start()
 
     def run(self) -> None:
-        """The loop. Decode steps are pipelined: step t+1 is dispatched before step t's tokens
-        are handled, so the device never waits for the host. A sequence that ends at step t
-        (or is cancelled) has its row of step t+1 dropped by engine.collect."""
-        in_flight = None  # the dispatched step whose tokens are not handled yet
+        """The loop. Steps are queued ahead: before it collects step t's tokens, steps up to
+        t + depth - 1 are dispatched (prefills of new sequences included), so the device
+        never waits for the host's work on a step. A sequence that ends at step t (or is
+        cancelled) has its rows of the later steps dropped by engine.collect; the device
+        keeps an ended row where it is."""
+        pending: collections.deque[runners.StepHandle] = collections.deque()  # dispatched, not collected
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._cancelled or self._active or in_flight):
+                while not (self._stopping or self._waiting or self._cancelled or self._active or pending):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -408,19 +418,26 @@ class Scheduler:
                     self.engine.cancel(seq.rid, self.owner)
                     seq.done = True
             try:
-                self._admit()
-                previous, in_flight = in_flight, self.engine.dispatch()
-                events = self.engine.collect(previous) if previous is not None else []
+                self._admit(pending)
+                while len(pending) < self.depth:
+                    handle = self.engine.dispatch()
+                    if handle is None:
+                        break
+                    pending.append(handle)
+                events = self.engine.collect(pending.popleft()) if pending else []
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 logger.exception("A step failed; ending the %d running sequences.", len(self._active))
                 self._fail_all(e)
-                in_flight, events = None, []
+                pending.clear()
+                events = []
             new_tokens = sum(self._on_event(self._active[e.request_id], e) for e in events)
             self.metrics.generated_tokens.inc(new_tokens)
             self.metrics.slots_busy.set(len(self._active))
             self._flush()
 
-    def _admit(self) -> None:
+    def _admit(self, pending: collections.deque) -> None:
+        """Dispatch the prefill of waiting sequences into the free slots (their first tokens
+        come with the handles, in order)."""
         while True:
             free = self.engine.free_slots()
             if not free:
@@ -431,7 +448,7 @@ class Scheduler:
                 seq = self._waiting.popleft()
                 self.metrics.queue_length.set(len(self._waiting))
             try:
-                event = self.engine.admit(seq.prepared, self.owner)
+                pending.append(self.engine.dispatch_admit(seq.prepared, self.owner))
             except Exception as e:  # noqa: BLE001
                 logger.exception("Prefill failed.")
                 self.engine.cancel(seq.rid, self.owner)
@@ -439,9 +456,7 @@ class Scheduler:
                 continue
             self.metrics.admissions.labels(str(free[0])).inc()
             self._active[seq.rid] = seq
-            self.metrics.generated_tokens.inc(self._on_event(seq, event))
             self.metrics.slots_busy.set(len(self._active))
-            self._flush()  # its first token now, not after the other admissions' prefills
 
     def _on_event(self, seq: _Sequence, event: runners.TokenEvent) -> int:
         """Pass one token event through the sequence's gate; returns 1 if it is a generated
