@@ -1435,13 +1435,16 @@ class InferenceRunner:
         """The prompt's token ids, as the runner feeds them (no BOS, as in the release)."""
         return list(self._ensure_tokenizer().encode(prompt))
 
-    def prepare(self, request: Union[Request, str], request_id: Any = 0) -> _Prepared:
-        """Check and tokenize a request, fit it to a bucket and the context (warning on cuts)."""
+    def prepare(self, request: Union[Request, str], request_id: Any = 0,
+                tokens: Optional[Sequence[int]] = None) -> _Prepared:
+        """Check and tokenize a request, fit it to a bucket and the context (warning on cuts).
+        tokens: the prompt's tokens when the caller has them already (tokenize(prompt)), so
+        that the prompt is not encoded twice."""
         if isinstance(request, str):
             request = Request(prompt=request)
         config = self.runner.model
         check_request(request, config.vocab_size)
-        tokens = self.tokenize(request.prompt)
+        tokens = self.tokenize(request.prompt) if tokens is None else list(tokens)
         if not tokens:
             raise InvalidRequestError(f"prompt {request.prompt!r} encodes to no tokens.")
         buckets = getattr(self, "buckets", None) or self._check_pad_sizes(config)

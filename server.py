@@ -8,14 +8,16 @@ included), GET /v1/models, GET /health (200 once the model is loaded and compile
 before), GET /metrics (Prometheus text format).
 
 How a request flows: the HTTP handler (asyncio, uvicorn) checks the body
-(CompletionRequest, then the limits of the model), tokenizes each prompt
+(CompletionRequest, then the limits of the model), tokenizes each prompt once
 (InferenceRunner.prepare) and queues one _Sequence per choice (prompts x n). One engine
-thread owns the device (Scheduler): between decode steps it prefills waiting sequences
-into free slots, then decodes every active slot by one token (InferenceRunner.engine()).
-Each token event passes its sequence's stop-string gate on the engine thread, so a
-sequence that stops, finishes or is abandoned by its client frees its slot before the next
-step. The text deltas go to each request's asyncio side in one loop.call_soon_threadsafe
-per step.
+thread owns the device (Scheduler): it dispatches the prefill of waiting sequences into
+free slots and decode steps of every active slot, keeping PIPELINE_DEPTH steps queued on
+the device, and turns the oldest step's tokens into text while the device runs the others
+(InferenceRunner.engine(): dispatch_admit / dispatch / collect). Each token event passes
+its sequence's stop-string gate on the engine thread, so a sequence that stops, finishes or
+is abandoned by its client frees its slot at once (its rows of the steps already queued
+are dropped) and the next waiting sequence is prefilled behind them. The text deltas go to
+each request's asyncio side in one loop.call_soon_threadsafe per step.
 
 Shapes and sizes: B slots (the runner's batch), S the context (sequence_len).
 """
@@ -29,7 +31,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
@@ -56,7 +57,7 @@ DEFAULT_MAX_QUEUE = 256
 # Steps dispatched and not yet collected when the engine thread collects the oldest: the
 # device runs depth - 1 queued steps while the host turns one step's tokens into text and
 # hands them on. 1 would wait for every step before dispatching the next.
-PIPELINE_DEPTH = int(os.environ.get("GROK1_PIPELINE_DEPTH", "3"))
+PIPELINE_DEPTH = 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -605,6 +606,20 @@ def _sse(obj: Any) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
 
 
+def _text_chunk_prefix(head: dict) -> str:
+    """The start of every text chunk of a stream without logprobs: _sse({**head, "choices":
+    [{"text": ...}]}) up to the text, serialized once per request instead of per token."""
+    return "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"text":'
+
+
+def _text_chunk(prefix: str, text: str, index: int, finish_reason: Optional[str]) -> str:
+    """_sse({**head, "choices": [{"text": text, "index": index, "logprobs": None,
+    "finish_reason": finish_reason}]}), built on _text_chunk_prefix(head)."""
+    reason = "null" if finish_reason is None else json.dumps(finish_reason)
+    return (f'{prefix}{json.dumps(text, ensure_ascii=False)},"index":{index},"logprobs":null,'
+            f'"finish_reason":{reason}}}]}}\n\n')
+
+
 async def _wait_disconnect(request: HTTPRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -678,7 +693,7 @@ def build_app(state: ServerState) -> Starlette:
             request = runners.Request(prompt=prompt, temperature=settings.temperature, nucleus_p=settings.top_p,
                                       rng_seed=0, max_len=settings.max_tokens)
             try:
-                prepared = runner.prepare(request, None)
+                prepared = runner.prepare(request, None, tokens=tokens)
             except runners.InvalidRequestError as e:
                 raise bad_request(str(e)) from None
             prompt_tokens.append(prepared.tokens)
@@ -715,6 +730,7 @@ def build_app(state: ServerState) -> Starlette:
 
     async def stream(settings: Settings, seqs, prompt_tokens, queue: asyncio.Queue, rid: str, created: int):
         head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+        prefix = _text_chunk_prefix(head)
         choices = {seq.index: Choice() for seq in seqs}
         finished = False
         try:
@@ -744,7 +760,10 @@ def build_app(state: ServerState) -> Starlette:
                         left -= 1
                 out = []
                 for m in merged.values():
-                    lp = _openai_logprobs(m.logprobs, None) if settings.logprobs is not None else None
+                    if settings.logprobs is None:
+                        out.append(_text_chunk(prefix, m.text, m.index, m.finish_reason))
+                        continue
+                    lp = _openai_logprobs(m.logprobs, None)
                     out.append(_sse({**head, "choices": [{"text": m.text, "index": m.index, "logprobs": lp,
                                                           "finish_reason": m.finish_reason}]}))
                 yield "".join(out)

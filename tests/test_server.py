@@ -134,6 +134,20 @@ def token_id(sp, text: str) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def test_text_chunks_are_the_json_of_the_whole_chunk():
+    """The stream's text chunks are built from a prefix serialized once per request; they
+    must be exactly the JSON of the whole chunk object."""
+    import server as server_module
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": 'gr"ok \u00e9'}
+    prefix = server_module._text_chunk_prefix(head)
+    for text in ["", " a b", 'caf\u00e9\n"\\ \u2028\x01', "\u65e5\u672c"]:
+        for reason in (None, "stop", "length"):
+            whole = {**head, "choices": [{"text": text, "index": 3, "logprobs": None, "finish_reason": reason}]}
+            assert server_module._text_chunk(prefix, text, 3, reason) == server_module._sse(whole)
+            assert json.loads(server_module._text_chunk(prefix, text, 3, reason)[6:]) == whole
+
+
 def test_health_is_503_while_loading_then_200(server):
     # Loading and compiling take seconds, so the first answers were "loading".
     assert server.statuses[0] == 503 and server.statuses[-1] == 200
