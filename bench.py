@@ -1438,11 +1438,15 @@ SERVE_PROMPTS = [
 ]
 
 
-def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7) -> dict:
+def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, max_tokens: int = 128) -> dict:
     """Decode rate of the runner's engine with every slot busy, each for about `seconds`:
     back-to-back jitted decode steps (dispatch overlaps the device, as `model` measures),
     and synchronous engine.step() calls (each waits for its tokens and turns them into
-    text). Rates are totals over the time (as the server's are), not medians.
+    text). Rates are totals over the time (as the server's are), not medians. Then the
+    serving loop without HTTP ("loop"): the server's engine-thread schedule (server.py's
+    Scheduler: prefills into free slots, PIPELINE_DEPTH steps queued, tokens turned into
+    text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
+    end-of-sequence token allowed), for `seconds`.
 
     The slots hold different requests, as under load: the prompts of the load, sampled at
     `temperature` with different seeds (`model` feeds random tokens). A batch of one
@@ -1502,15 +1506,47 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7) 
             room[0] -= chunk
         return elapsed / steps
 
+    def serving_loop(budget: float) -> float:
+        """Generated tokens/s of the server's schedule without HTTP (see server.Scheduler.run)."""
+        import collections
+
+        import server
+
+        pending: collections.deque = collections.deque()
+        tokens, i = 0, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < budget:
+            while engine.free_slots():
+                request = runners.Request(prompt=SERVE_PROMPTS[i % len(SERVE_PROMPTS)], temperature=temperature,
+                                          rng_seed=i, max_len=max_tokens)
+                pending.append(engine.dispatch_admit(runner.prepare(request, i), owner))
+                i += 1
+            while len(pending) < server.PIPELINE_DEPTH:
+                handle = engine.dispatch()
+                if handle is None:
+                    break
+                pending.append(handle)
+            for event in engine.collect(pending.popleft()):
+                tokens += not (event.finished and event.finish_reason == "eos")
+        elapsed = time.perf_counter() - start
+        while pending:
+            engine.collect(pending.popleft())
+        return tokens / elapsed
+
     try:
         raw = rate(raw_chunk, seconds)
         same = rate(raw_chunk, seconds / 2, same=True)
         synchronous = rate(step_chunk, seconds / 2)
+        engine.release(owner)
+        serving_loop(0.1)  # warm-up
+        engine.release(owner)
+        loop = serving_loop(seconds)
     finally:
         engine.release(owner)
     return {"batch": batch, "decode_ms": raw * 1e3, "decode_tokens_per_s": batch / raw,
             "decode_same_rows_tokens_per_s": batch / same,
-            "engine_step_ms": synchronous * 1e3, "engine_step_tokens_per_s": batch / synchronous}
+            "engine_step_ms": synchronous * 1e3, "engine_step_tokens_per_s": batch / synchronous,
+            "loop_tokens_per_s": loop}
 
 
 def serve_child(args: argparse.Namespace) -> None:
@@ -1547,7 +1583,7 @@ def serve_child(args: argparse.Namespace) -> None:
         return r
 
     def measure(runner: Any, path: str) -> None:
-        result = measure_engine(runner, args.engine_seconds, args.temperature)
+        result = measure_engine(runner, args.engine_seconds, args.temperature, args.max_tokens)
         result["device"] = str(jax.devices()[0].device_kind)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
@@ -1635,7 +1671,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     engine_json = tempfile.mktemp(prefix="grok1-engine-", suffix=".json")
     cmd = [sys.executable, os.path.join(REPO, "bench.py"), "_serve_child", "--port", str(port),
            "--slots", str(args.slots), "--engine-json", engine_json, "--engine-seconds", str(args.engine_seconds),
-           "--temperature", str(args.temperature)]
+           "--temperature", str(args.temperature), "--max-tokens", str(args.max_tokens)]
     cmd += ["--tiny"] if args.tiny else ["--layers", str(args.layers)]
     cmd += ["--mesh", args.mesh] if args.mesh else []
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
@@ -1657,7 +1693,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     def show(engine: dict, when: str) -> None:
         print(f"engine at batch {engine['batch']} ({when}): back-to-back decode {engine['decode_tokens_per_s']:.0f} "
               f"tok/s ({engine['decode_ms']:.2f} ms/step; same rows {engine['decode_same_rows_tokens_per_s']:.0f} "
-              f"tok/s), synchronous engine.step "
+              f"tok/s), serving loop without HTTP {engine['loop_tokens_per_s']:.0f} tok/s, synchronous engine.step "
               f"{engine['engine_step_tokens_per_s']:.0f} tok/s ({engine['engine_step_ms']:.2f} ms/step)", flush=True)
 
     running = threading.Event()  # clients send requests while set
@@ -1736,18 +1772,21 @@ def serve_bench(args: argparse.Namespace) -> dict:
             decode = (engine["decode_tokens_per_s"] + after["decode_tokens_per_s"]) / 2
             step = (engine["engine_step_tokens_per_s"] + after["engine_step_tokens_per_s"]) / 2
             same = (engine["decode_same_rows_tokens_per_s"] + after["decode_same_rows_tokens_per_s"]) / 2
+            loop = (engine["loop_tokens_per_s"] + after["loop_tokens_per_s"]) / 2
             window = [r for r in done if t0 <= r["end"] <= t1]
             rounds.append({
                 "t0": t0, "t1": t1, "seconds": t1 - t0, "output_tokens_per_s": rate,
                 "requests_per_s": len(window) / (t1 - t0), "decode_tokens_per_s": decode,
                 "engine_step_tokens_per_s": step, "decode_same_rows_tokens_per_s": same,
+                "loop_tokens_per_s": loop, "loop_vs_decode": loop / decode, "server_vs_loop": rate / loop,
                 "server_vs_decode": rate / decode, "server_vs_decode_same_rows": rate / same,
                 "server_vs_engine_step": rate / step,
                 "clients_cpu_cores": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
                 "server_cpu_cores": (server1 - server0) / (t1 - t0),
                 "load_average": os.getloadavg()[0], "engine_after": after})
             print(f"round {k + 1}: {rate:.0f} output tok/s = {100 * rate / decode:.0f}% of back-to-back decode "
-                  f"({decode:.0f} tok/s, mean of before and after); CPU cores: server "
+                  f"({decode:.0f} tok/s, mean of before and after), {100 * rate / loop:.0f}% of the serving loop "
+                  f"without HTTP ({loop:.0f} tok/s = {100 * loop / decode:.0f}% of decode); CPU cores: server "
                   f"{rounds[-1]['server_cpu_cores']:.2f}, clients {rounds[-1]['clients_cpu_cores']:.2f}; "
                   f"load average {rounds[-1]['load_average']:.1f}", flush=True)
             engine = after
@@ -1780,6 +1819,8 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "decode_same_rows_tokens_per_s": med("decode_same_rows_tokens_per_s"),
         "server_vs_decode": med("server_vs_decode"), "server_vs_engine_step": med("server_vs_engine_step"),
         "server_vs_decode_same_rows": med("server_vs_decode_same_rows"),
+        "loop_tokens_per_s": med("loop_tokens_per_s"), "loop_vs_decode": med("loop_vs_decode"),
+        "server_vs_loop": med("server_vs_loop"),
         "server_vs_decode_range": [min(r["server_vs_decode"] for r in rounds),
                                    max(r["server_vs_decode"] for r in rounds)],
         "server_cpu_cores": med("server_cpu_cores"), "clients_cpu_cores": med("clients_cpu_cores"),
@@ -1794,6 +1835,8 @@ def serve_bench(args: argparse.Namespace) -> dict:
           f"{100 * results['server_vs_decode']:.0f}% (rounds {100 * lo:.0f}-{100 * hi:.0f}%) of back-to-back decode "
           f"({results['decode_tokens_per_s']:.0f} tok/s; {100 * results['server_vs_decode_same_rows']:.0f}% of "
           f"same-rows decode, {results['decode_same_rows_tokens_per_s']:.0f} tok/s), "
+          f"{100 * results['server_vs_loop']:.0f}% of the serving loop without HTTP "
+          f"({results['loop_tokens_per_s']:.0f} tok/s = {100 * results['loop_vs_decode']:.0f}% of decode), "
           f"{100 * results['server_vs_engine_step']:.0f}% of "
           f"synchronous engine steps ({results['engine_step_tokens_per_s']:.0f} tok/s); TTFT p50/p99 "
           f"{results['ttft_p50_ms']:.1f}/{results['ttft_p99_ms']:.1f} ms, TPOT p50/p99 "
@@ -1960,6 +2003,7 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--engine-json", required=True)
     c.add_argument("--engine-seconds", type=float, default=1.0)
     c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--max-tokens", type=int, default=128)
     c.add_argument("--tiny", action="store_true")
     c.add_argument("--layers", type=int, default=4)
     c.add_argument("--mesh", default=None)
