@@ -1645,6 +1645,17 @@ def _server_counter(port: int, name: str) -> float:
     raise KeyError(name)
 
 
+def burn_child(args: argparse.Namespace) -> None:
+    """Keep one core busy `duty` of the time (busy 1 ms x duty, then sleep) for `seconds`:
+    the stand-in for host work beside the engine in `serve --contention`."""
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        while time.perf_counter() - start < args.duty * 1e-3:
+            pass
+        time.sleep((1 - args.duty) * 1e-3)
+
+
 def _cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of process `pid` so far (Linux /proc; NaN elsewhere)."""
     try:
@@ -1731,6 +1742,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
                     busy[0] -= 1
 
     rounds = []
+    contention: dict[float, list[float]] = {}  # busy fraction -> decode tok/s, interleaved with 0
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
     try:
         deadline = time.monotonic() + args.load_timeout
@@ -1794,6 +1806,20 @@ def serve_bench(args: argparse.Namespace) -> dict:
         running.set()
         for t in threads:
             t.join(timeout=600)
+        for _ in range(args.contention_repeats if args.contention else 0):
+            for duty in [0.0] + args.contention:
+                burner = None
+                if duty:
+                    burner = subprocess.Popen([sys.executable, os.path.join(REPO, "bench.py"), "_burn", "--duty",
+                                               str(duty), "--seconds", str(4 * args.engine_seconds + 2)])
+                    time.sleep(0.2)
+                child.stdin.write(engine_json + "\n")
+                child.stdin.flush()
+                measured = wait_for(engine_json, "measuring the engine beside a busy process")
+                if burner is not None:
+                    burner.terminate()
+                    burner.wait()
+                contention.setdefault(duty, []).append(measured["decode_tokens_per_s"])
     finally:
         stop.set()
         running.set()
@@ -1828,6 +1854,12 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "requests": len(window),
         "errors": len(errors), "round_results": rounds,
     }
+    if contention:
+        base = contention[0.0]
+        results["contention"] = [
+            {"busy_core_fraction": duty, "decode_tokens_per_s": statistics.median(rates),
+             "vs_alone": statistics.median(r / b for r, b in zip(rates, base))}
+            for duty, rates in sorted(contention.items())]
     print(json.dumps({k: v for k, v in results.items() if k != "round_results"}, indent=1))
     lo, hi = results["server_vs_decode_range"]
     print(f"\n{args.clients} clients, {args.slots} slots, {args.rounds} rounds of {args.seconds:g} s, medians: "
@@ -1843,6 +1875,10 @@ def serve_bench(args: argparse.Namespace) -> dict:
           f"{results['tpot_p50_ms']:.2f}/{results['tpot_p99_ms']:.2f} ms; CPU cores: server "
           f"{results['server_cpu_cores']:.2f}, clients {results['clients_cpu_cores']:.2f}; {len(errors)} errors"
           + (f" (first: {errors[0]})" if errors else ""))
+    for row in results.get("contention", []):
+        print(f"engine decode beside a process busy {100 * row['busy_core_fraction']:.0f}% of one core: "
+              f"{row['decode_tokens_per_s']:.0f} tok/s = {100 * row['vs_alone']:.0f}% of its rate alone "
+              f"(medians of {args.contention_repeats}, interleaved)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -1988,6 +2024,11 @@ def main(argv: list[str] | None = None) -> Any:
                    help="the clients' first requests of a round start over this many seconds (default 0.5)")
     p.add_argument("--engine-seconds", type=float, default=1.0,
                    help="seconds of each of the engine's decode measurements (default 1)")
+    p.add_argument("--contention", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                   help="after the rounds, the engine's decode rate while another process keeps one core "
+                        "busy these fractions of the time, e.g. 0.2,0.4 (CPU: how host work beside the model "
+                        "slows it), interleaved with the rate alone")
+    p.add_argument("--contention-repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request (default 128)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh (default: chosen from the devices present)")
@@ -2009,6 +2050,11 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--mesh", default=None)
     c.add_argument("--tokenizer", default=None)
     c.set_defaults(func=serve_child)
+
+    c = sub.add_parser("_burn", help=argparse.SUPPRESS)
+    c.add_argument("--duty", type=float, required=True)
+    c.add_argument("--seconds", type=float, required=True)
+    c.set_defaults(func=burn_child)
 
     c = sub.add_parser("_loader_child", help=argparse.SUPPRESS)
     c.add_argument("--dir", required=True)
