@@ -44,15 +44,19 @@
 Each measured pass runs in a fresh child process so that its peak resident memory can be
 reported next to its speed.
 
-  serve    N streaming clients for T seconds against the HTTP server (server.py) in a child
-           process, on the tiny demo model (--tiny, CPU) or a Grok-1-width model of --layers
-           layers with random int8 weights made on the device. Reports requests/s, output
-           tokens/s (the server's own count over the window), p50/p99 time to first token
-           and per output token, beside the engine's decode rate at the same batch measured
-           in the same server process just before it serves: back-to-back decode steps (what
-           `model` measures) and synchronous engine steps (host work included).
-           python bench.py serve --tiny --slots 8 --clients 16 --seconds 30
-           python bench.py serve --layers 4 --slots 32 --clients 64 --seconds 60 --json bench_out/serve.json
+  serve    N streaming clients against the HTTP server (server.py) in a child process, on the
+           tiny demo model (--tiny, CPU) or a Grok-1-width model of --layers layers with
+           random int8 weights made on the device, in --rounds windows of --seconds. After
+           each window (no request in flight) the same server process measures its engine at
+           the same batch: back-to-back decode steps with different requests in the slots
+           (what `model` measures), the same with one request repeated, synchronous engine
+           steps, and the serving loop without HTTP. Reports requests/s, output tokens/s
+           (the server's own count), p50/p99 time to first token and per output token, and
+           per round the ratio to the engine's rates just before and after; medians.
+           --contention 0.2,0.4 adds the engine's decode rate beside a process that keeps a
+           core busy (on a CPU the model and the server's host work share the cores).
+           python bench.py serve --tiny --slots 8 --clients 16 --rounds 6 --seconds 6
+           python bench.py serve --layers 4 --slots 32 --clients 64 --rounds 5 --seconds 10 --json bench_out/serve.json
 
   python bench.py loader --dir /tmp/ckpt_bench --size-gb 2 --json bench_out/loader.json
 """
