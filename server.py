@@ -58,6 +58,11 @@ DEFAULT_MAX_QUEUE = 256
 # device runs depth - 1 queued steps while the host turns one step's tokens into text and
 # hands them on. 1 would wait for every step before dispatching the next.
 PIPELINE_DEPTH = 3
+# A stream's tokens go to its client at most this often (seconds), several steps' tokens in
+# one chunk when steps are shorter; a sequence's first token and its end go out at once.
+# Each hand-over costs the event loop a wake-up and every stream a chunk (JSON, HTTP framing,
+# a socket write): per step, that host work grows with the batch.
+STREAM_INTERVAL_S = 0.005
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,9 +323,10 @@ class _Sequence:
     def __init__(self, rid: int, index: int, prepared: runners._Prepared, stops: tuple[str, ...],
                  logprobs: Optional[int], offset: int, sink: Callable[[Delta], None], stream: bool):
         self.rid, self.index, self.prepared, self.logprobs, self.sink = rid, index, prepared, logprobs, sink
-        # Streamed: a delta per token that has news. Otherwise one delta at the end, built here.
+        # Streamed: a delta per flush that has news (None until there is some). Otherwise one
+        # delta at the end, built here.
         self.stream = stream
-        self.pending = Delta(index, logprobs=[] if logprobs is not None else None)
+        self.pending: Optional[Delta] = None if stream else Delta(index, logprobs=[] if logprobs is not None else None)
         self.gate = StopGate(stops)
         self.offset = offset  # text offset of the first generated character (the echoed prompt's length)
         self.created = time.monotonic()
@@ -341,11 +347,11 @@ class Scheduler:
     steps the batch and hands each sequence's deltas to its sink on the event loop."""
 
     def __init__(self, runner: runners.InferenceRunner, metrics: Metrics, loop: asyncio.AbstractEventLoop,
-                 max_queue: int, depth: int = PIPELINE_DEPTH):
+                 max_queue: int, depth: int = PIPELINE_DEPTH, stream_interval: float = STREAM_INTERVAL_S):
         if depth < 1:
             raise ValueError(f"depth={depth}: must be >= 1.")
         self.runner, self.metrics, self.loop, self.max_queue = runner, metrics, loop, max_queue
-        self.depth = depth
+        self.depth, self.stream_interval = depth, stream_interval
         self.engine = runner.engine()
         self.engine.text_context = 8  # the first piece decodes after the prompt: " word", not "word"
         self.tokenizer = runner.tokenizer
@@ -355,7 +361,10 @@ class Scheduler:
         self._cancelled: list[_Sequence] = []
         self._stopping = False
         self._active: dict[int, _Sequence] = {}  # engine thread only
-        self._posts: list[tuple[Callable[[Delta], None], Delta]] = []
+        self._dirty: list[_Sequence] = []  # sequences with a delta to hand on (seq.pending)
+        self._errors: list[tuple[Callable[[Delta], None], Delta]] = []
+        self._urgent = False  # a first token, an end or an error waits: flush now
+        self._flushed_at = 0.0
         self._token_text: dict[int, str] = {}
         self._ids = itertools.count()
         self.thread: Optional[threading.Thread] = None
@@ -434,7 +443,7 @@ class Scheduler:
             new_tokens = sum(self._on_event(self._active[e.request_id], e) for e in events)
             self.metrics.generated_tokens.inc(new_tokens)
             self.metrics.slots_busy.set(len(self._active))
-            self._flush()
+            self._flush(idle=not (pending or self._active))
 
     def _admit(self, pending: collections.deque) -> None:
         """Dispatch the prefill of waiting sequences into the free slots (their first tokens
@@ -484,19 +493,33 @@ class Scheduler:
         elif event.finished:
             text += seq.gate.flush()
             finish = "stop" if eos else "length"
-        delta = Delta(seq.index, text, entries, finish) if seq.stream else seq.pending
-        if not seq.stream:
-            delta.text += text
-            if entries:
-                delta.logprobs.extend(entries)
         if finish:
             self._active.pop(seq.rid, None)
             seq.done = True
-            delta.finish_reason, delta.completion_tokens = finish, seq.tokens
             if seq.events > 1:
                 self.metrics.tpot.observe((seq.last_at - seq.first_at) / (seq.events - 1))
-        if finish or (seq.stream and (text or entries)):
-            self._posts.append((seq.sink, delta))
+        # One delta per sequence and flush: a streamed sequence's news since the last flush,
+        # or a whole completion (sent when it ends).
+        if seq.stream:
+            if text or entries or finish:
+                delta = seq.pending
+                if delta is None:
+                    delta = seq.pending = Delta(seq.index, logprobs=[] if seq.logprobs is not None else None)
+                    self._dirty.append(seq)
+                delta.text += text
+                if entries:
+                    delta.logprobs.extend(entries)
+                if finish or seq.events == 1:
+                    self._urgent = True  # the first token and the end go out at once
+        else:
+            seq.pending.text += text
+            if entries:
+                seq.pending.logprobs.extend(entries)
+            if finish:
+                self._dirty.append(seq)
+                self._urgent = True
+        if finish:
+            seq.pending.finish_reason, seq.pending.completion_tokens = finish, seq.tokens
         return 0 if eos else 1
 
     def _logprob_entry(self, seq: _Sequence, event: runners.TokenEvent) -> tuple[str, float, dict, int]:
@@ -525,7 +548,8 @@ class Scheduler:
 
     def _finish_with_error(self, seq: _Sequence, error: Exception) -> None:
         seq.done = True
-        self._posts.append((seq.sink, Delta(seq.index, error=f"{type(error).__name__}: {error}")))
+        self._errors.append((seq.sink, Delta(seq.index, error=f"{type(error).__name__}: {error}")))
+        self._urgent = True
 
     def _fail_all(self, error: Exception) -> None:
         self.engine.release(self.owner)
@@ -533,13 +557,24 @@ class Scheduler:
             self._finish_with_error(seq, error)
         self._active.clear()
 
-    def _flush(self) -> None:
-        if self._posts:
-            posts, self._posts = self._posts, []
-            try:
-                self.loop.call_soon_threadsafe(_deliver, posts)
-            except RuntimeError:  # the loop has closed: shutting down
-                pass
+    def _flush(self, idle: bool = False) -> None:
+        """Hand the sequences' deltas to the event loop: at once for a first token, an end or
+        an error, or when the engine goes idle; else at most every stream_interval seconds
+        (the tokens of the steps between go out together, one chunk per stream)."""
+        if not (self._dirty or self._errors):
+            return
+        now = time.monotonic()
+        if not (idle or self._urgent or now - self._flushed_at >= self.stream_interval):
+            return
+        posts = [(seq.sink, seq.pending) for seq in self._dirty] + self._errors
+        for seq in self._dirty:
+            if seq.stream:
+                seq.pending = None
+        self._dirty, self._errors, self._urgent, self._flushed_at = [], [], False, now
+        try:
+            self.loop.call_soon_threadsafe(_deliver, posts)
+        except RuntimeError:  # the loop has closed: shutting down
+            pass
 
 
 def _deliver(posts: list[tuple[Callable[[Delta], None], Delta]]) -> None:
