@@ -1395,10 +1395,11 @@ class InferenceRunner:
         """The slot engine, for a caller that schedules requests itself (server.py).
 
         engine.admit(prepare(request, id), owner) prefills a request into a free slot and
-        returns its first TokenEvent; engine.step() decodes every active slot by one token,
-        or dispatch() starts that step and collect() waits for its tokens (so the host can
-        work meanwhile); engine.cancel(id, owner) frees one request's slot; free_slots() /
-        num_active() say what is in use. Each operation holds the engine's lock; still, one
+        returns its first TokenEvent; engine.step() decodes every active slot by one token.
+        dispatch_admit() and dispatch() start the same steps without waiting and return a
+        StepHandle; collect(handle), in dispatch order, waits for its tokens (so the host can
+        work on one step while the device runs those queued after it). engine.cancel(id,
+        owner) frees one request's slot; free_slots() / num_active() say what is in use. Each operation holds the engine's lock; still, one
         scheduler should drive it, and nothing else (stream(), generate(), run()) should use
         this runner meanwhile, since requests of another owner make admit() refuse.
         """
