@@ -25,6 +25,11 @@
   kernels  the GPU kernels alone (kernel_bench.py): checks against XLA and float32,
            one MoE layer at 1, 8, 32 and 1024 tokens, tuning sweeps.
 
+  activations  the decode-size ops that take float32 activations (model.activation_dtype:
+           the MoE kernels, the q/k projections, the unembedding, XLA attention), timed with
+           bf16 and with float32 inputs in one process (issue 12):
+           python bench.py activations --json $OUT/activations.json
+
   memory   the planner's per-device memory against JAX's peak for the runner's compiled
            prefill and decode steps on the devices present (zero weights):
            python bench.py memory --layers 2 --batch 1 --context 8192 [--mesh 1x4]
@@ -66,6 +71,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -83,6 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels
 import model
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -518,19 +525,21 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
 
 def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, cache_len: int,
                   mesh: Any = None) -> model.Memory:
-    """A cache holding `context` random keys/values per sequence (step = context)."""
+    """A cache holding `context` random keys/values per sequence (step = context).
+
+    One small program makes a layer's cache and runs once per layer: one program for all
+    layers took minutes to compile on the 1x2 mesh of 2 x H200 at 32 and 48 layers
+    (XLA's slow-compile alarm named it, 2026-11-30). The values are the same either way."""
     cfg = config.model
-    shardings = None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len)
+    shardings = None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len).layers[0]
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
 
-    def make():
-        shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
-        layers = []
-        for i in range(cfg.num_layers):
-            k = jax.random.normal(jax.random.key(100 + i), shape, config.fprop_dtype)
-            layers.append(model.KVMemory(k, k * 0.5, jnp.full((batch,), context, jnp.int32)))
-        return model.Memory(layers)
+    def make(key):
+        k = jax.random.normal(key, shape, config.fprop_dtype)
+        return model.KVMemory(k, k * 0.5, jnp.full((batch,), context, jnp.int32))
 
-    return jax.jit(make, out_shardings=shardings)()
+    make_layer = jax.jit(make, out_shardings=shardings)
+    return model.Memory([make_layer(jax.random.key(100 + i)) for i in range(cfg.num_layers)])
 
 
 def weight_bytes(leaf: Any) -> int:
@@ -640,6 +649,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             save(json_path, results, rows)
             state.clear()  # the cache goes before the next batch's
 
+        if prefill_len <= 0:
+            continue
         forward = model.make_forward(config, mesh, donate_memory=True)
         tokens = jax.random.randint(jax.random.key(7), (1, prefill_len), 4, config.vocab_size)
         length = jnp.full((1,), prefill_len, jnp.int32)
@@ -944,11 +955,12 @@ def precision_bench(args: argparse.Namespace) -> dict:
                              pr.padded_tokens(seed=seed + 1)) for seed in range(args.ablation_seeds)]
         out["ablation"][name] = costs
         print(f"\n{name}: reference emulation, p90 logits error (median of {args.ablation_seeds} seeds)", flush=True)
-        print("| rounding at | only this point | every point but this |\n|---|---:|---:|")
+        print("| rounding at | only this point | this point and the KV cache | every point but this |\n"
+              "|---|---:|---:|---:|")
         for point in costs[0]:
-            only = float(np.median([c[point]["only"] for c in costs]))
-            but = float(np.median([c[point].get("all but", np.nan) for c in costs]))
-            print(f"| {point} | {_fmt(only)} | {_fmt(but)} |", flush=True)
+            med = lambda key: float(np.median([c[point].get(key, np.nan) for c in costs]))
+            print(f"| {point} | {_fmt(med('only'))} | {_fmt(med('with the cache'))} | {_fmt(med('all but'))} |",
+                  flush=True)
         save_json(args.json, out)
     return out
 
@@ -1094,6 +1106,96 @@ def kernels_bench(args: argparse.Namespace) -> None:
     import kernel_bench  # the kernel checks and sweeps: a module below this one
 
     kernel_bench.main(args.rest, (copy_bandwidth, matmul_rate))
+
+
+# ---------------------------------------------------------------------------------------
+# activations: the decode-size ops with bf16 against float32 (hi/lo split) activations
+# ---------------------------------------------------------------------------------------
+
+
+def activations_bench(args: argparse.Namespace) -> dict:
+    """What float32 activations cost at decode sizes (issue 12): each op that takes them
+    (model.activation_dtype), once with bf16 inputs (the release's precision) and once with
+    float32 ones, in one process, interleaved per shape. At Grok-1 width with random int8
+    weights in the inference layout: the MoE layer's kernels (dispatch, gated, down,
+    combine), the q and k projections (4 rotated weight copies, so that L2 does not hold
+    them), the unembedding against a bf16 table, and the XLA attention of one decode step
+    (model.MultiHeadAttention._attend). --small: tiny widths, Pallas in interpret mode (a
+    smoke test on a CPU)."""
+    small = args.small
+    e, d, f, v, h, g, k = (8, 256, 512, 1024, 16, 8, 16) if small else (8, 6144, 32768, 131072, 48, 8, 128)
+    backend = "interpret" if small else "auto"
+    key = jax.random.key(0)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    out: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                 "split_max_rows": kernels.SPLIT_MAX_ROWS, "rows": []}
+
+    def int8(seed: int, shape: tuple, nb: int):
+        kw = jax.random.fold_in(key, seed)
+        w = jax.random.randint(kw, shape, -127, 128, dtype=jnp.int8)
+        scale = jax.random.uniform(jax.random.fold_in(kw, 1), (*shape[:-2], nb, shape[-1]), f32, 0.5, 1.5)
+        return jnp.swapaxes(w, -1, -2), (scale / (73 * np.sqrt(shape[-2]))).astype(bf16)  # [.., N, K]
+
+    def measure(name: str, fn: Callable, *operands) -> None:
+        row = {"op": name}
+        for label, dtype in (("bf16", bf16), ("float32", f32)):
+            jitted = jax.jit(functools.partial(fn, dtype=dtype))
+            row[f"{label}_us"] = timed(lambda: jitted(*operands), iters=2 if small else 20) * 1e6
+        row["ratio"] = row["float32_us"] / row["bf16_us"]
+        out["rows"].append(row)
+        print(f"| {name} | {row['bf16_us']:.1f} | {row['float32_us']:.1f} | {row['ratio']:.3f} |", flush=True)
+        save_json(args.json, out)
+
+    print("| op | bf16 us | float32 us | ratio |\n|---|---:|---:|---:|", flush=True)
+    (wi, si), (wv, sv), (wo, so) = int8(1, (e, d, f), 1), int8(2, (e, d, f), 1), int8(3, (e, f, d), 8)
+
+    def moe(x, idx, gates, dtype):
+        plan = kernels.make_plan(idx, e, kernels.default_block_m(idx.size))
+        xs = kernels.dispatch(x.astype(dtype), plan)
+        hid = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend, out_dtype=dtype, transposed=True)
+        y = kernels.grouped_matmul(hid, wo, so, plan, backend=backend, out_dtype=dtype, transposed=True)
+        return kernels.combine(y, gates, plan, out_dtype=f32)
+
+    for m in (1, 8, 32):
+        x = jax.random.normal(jax.random.fold_in(key, 10 + m), (m, d), f32)
+        probs = jax.nn.softmax(2 * jax.random.normal(jax.random.fold_in(key, 20 + m), (m, e)), axis=-1)
+        gates, idx = jax.lax.top_k(probs, 2)
+        measure(f"MoE layer, {m} tokens", moe, x, idx.astype(jnp.int32), gates)
+
+    def dense(x, ws, dtype):
+        return tuple(kernels.int8_matmul(x.astype(dtype), w, sc, backend=backend, out_dtype=f32, transposed=True)
+                     for w, sc in ws)
+
+    for label, n_out, seed in (("q", h * k, 100), ("k", g * k, 200)):
+        ws = [int8(seed + r, (d, n_out), 1) for r in range(4)]
+        for m in (1, 8, 32):
+            measure(f"{label} projection x4, {m} rows", dense, jax.random.normal(jax.random.fold_in(key, seed + m), (m, d)), ws)
+
+    table = jax.random.normal(jax.random.fold_in(key, 400), (v, d), bf16)
+    for b in (1, 8, 32):
+        hb = jax.random.normal(jax.random.fold_in(key, 500 + b), (b, 1, d), f32)
+        measure(f"unembedding, batch {b}", lambda x, t, dtype: model.einsum_f32("btd,vd->btv", x.astype(dtype), t,
+                                                                                 split_axis=1), hb, table)
+
+    cfg = model.tiny_config(emb_size=d, key_size=k, num_q_heads=h, num_kv_heads=g).model
+    real = model.activation_dtype
+
+    def attend(q, keys, values, mask, step, dtype):
+        model.activation_dtype = lambda c, rows: real(c, rows) if dtype == f32 else bf16  # traced once per dtype
+        try:
+            fn = hk.without_apply_rng(hk.transform(
+                lambda *a: model.MultiHeadAttention(cfg, None)._attend(*a))).apply
+            return fn({}, q, keys, values, mask, step)
+        finally:
+            model.activation_dtype = real
+
+    for b in (1, 8, 32):
+        for cache in (1024, 8192):
+            q = jax.random.normal(jax.random.fold_in(key, 600 + b), (b, 1, g, h // g, k), f32)
+            kv = jax.random.normal(jax.random.fold_in(key, 700 + cache), (b, cache, g, k), bf16)
+            measure(f"attention (XLA), batch {b}, {cache} keys", attend, q, kv, kv, jnp.ones((b, 1), bool),
+                    jnp.full((b,), cache - 1, jnp.int32))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -1919,7 +2021,7 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache when decoding")
     p.add_argument("--cache-len", type=int, default=None,
                    help="KV cache positions for decode (default: the context plus room for the timed steps)")
-    p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill")
+    p.add_argument("--prefill", type=int, default=1024, help="prompt length of the prefill (0: decode only)")
     p.add_argument("--modes", default="fast,reference")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile-layers", type=int, default=64,
@@ -1981,6 +2083,12 @@ def main(argv: list[str] | None = None) -> Any:
                             "(kernel_bench.py; `bench.py kernels --help` lists its options)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=kernels_bench)
+
+    p = sub.add_parser("activations", help="decode-size ops with bf16 against float32 (hi/lo split) "
+                                           "activations (issue 12)")
+    p.add_argument("--small", action="store_true", help="tiny widths, Pallas interpreted: a CPU smoke test")
+    p.add_argument("--json", default=None, help="write every number here")
+    p.set_defaults(func=activations_bench)
 
     p = sub.add_parser("project", help="measured per-layer decode times -> 64-layer tokens/s on N devices, "
                                        "beside the roofline (arithmetic only, no devices)")

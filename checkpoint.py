@@ -55,7 +55,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model import QuantizedWeight8bit, TransposedWeight8bit
+from model import QuantizedWeight8bit, SplitTable, TransposedWeight8bit
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,12 @@ class TrainingState(NamedTuple):
 
 def _is_qw(x: Any) -> bool:
     return isinstance(x, QuantizedWeight8bit)
+
+
+def _is_leaf(x: Any) -> bool:
+    """A checkpoint leaf: one file. A SplitTable (inference only) is one too, so that save
+    refuses it by name instead of writing its halves as two files."""
+    return _is_qw(x) or isinstance(x, SplitTable)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1192,14 +1198,14 @@ def checkpoint_leaves(state_or_params: Any) -> tuple[list[str], list[Any], Any]:
     Leaf i is stored in file tensor{i:05d}_{h:03d}. A QuantizedWeight8bit is one leaf.
     """
     with_path, treedef = jax.tree_util.tree_flatten_with_path(
-        _as_state(state_or_params), is_leaf=_is_qw
+        _as_state(state_or_params), is_leaf=_is_leaf
     )
     return [path_tuple_to_string(p) for p, _ in with_path], [x for _, x in with_path], treedef
 
 
 def checkpoint_leaves_of(tree: Any) -> tuple[list[str], list[Any], Any]:
     """Like checkpoint_leaves, but for a tree as given (not wrapped in TrainingState)."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qw)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     return [path_tuple_to_string(p) for p, _ in with_path], [x for _, x in with_path], treedef
 
 
@@ -2076,6 +2082,10 @@ def _to_host(x: Any, path: str) -> tuple[Any, dict[str, _Box]]:
     if isinstance(x, TransposedWeight8bit):
         raise ValueError(f"{path}: an int8 weight stored transposed for inference (model.prepare_for_inference); "
                          "checkpoints keep the released layout: save the parameters as loaded or created.")
+    if isinstance(x, SplitTable):
+        raise ValueError(f"{path}: an embedding table split into bf16 hi + lo for inference "
+                         "(model.prepare_for_inference); checkpoints keep the released float32 table: "
+                         "save the parameters as loaded or created.")
     if _is_qw(x):
         w, wbox = _to_host(x.weight, path + " (weight)")
         s, sbox = _to_host(x.scales, path + " (scales)")

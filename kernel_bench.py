@@ -19,7 +19,10 @@ In one run, on random data at Grok-1 width (D=6144, F=32768, 8 experts, top-2):
 4. a sweep of kernel tilings (block sizes, warps, stages, split-K, int8->bf16 conversion),
    each checked against the xla backend, then the layer again with the best tilings;
 5. int8_matmul of a [6144, 6144] weight at M = 1..32 (four weight copies rotated so that
-   L2 does not hold the weight).
+   L2 does not hold the weight);
+6. attention's q, k and v projections in one int8_matmuls launch against three launches;
+7. decode_attention at Grok-1's heads against float64, with % of the bytes of the used keys
+   and values over the copy bandwidth.
 The kernels read the int8 weights in the layout the model stores for inference, [N, K]
 (model.TransposedWeight8bit); --layout kn measures the checkpoint's [K, N] instead (the
 release's algorithm always gets [K, N]). Results go to a JSON file, written after every
@@ -66,7 +69,7 @@ class Results:
     def __init__(self, path: str, budget_s: float):
         self.path, self.budget_s = path, budget_s
         self.data: dict = {"meta": {}, "ceilings": {}, "checks": [], "layer": [], "sweep": {},
-                           "best": {}, "dense": [], "errors": []}
+                           "best": {}, "dense": [], "qkv": [], "attention": [], "errors": []}
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -445,6 +448,86 @@ def dense_step(res, bw, rate, cfgs, ms=(1, 8, 16, 32)):
                 res.error(f"dense M={m} {be} {cfg}", exc)
 
 
+def qkv_step(res, bw, ms=(1, 8)):
+    """Attention's q, k and v projections ([6144 -> 6144, 1024, 1024], per-column scales) as
+    one int8_matmuls launch against three int8_matmul launches; 4 weight sets rotated."""
+    widths = (D, D // 6, D // 6)
+    keys = iter(jax.random.split(jax.random.key(12), 24))
+    sets = [[(jax.random.randint(next(keys), (n, D) if TRANSPOSED else (D, n), -127, 128, dtype=jnp.int8),
+              (jax.random.uniform(next(keys), (1, n), jnp.float32, 0.5, 1.5) / (73 * np.sqrt(D))).astype(jnp.bfloat16))
+             for n in widths] for _ in range(4)]
+    fused = jax.jit(lambda x, sets: [K.int8_matmuls(x, ws, backend=PALLAS, transposed=TRANSPOSED) for ws in sets])
+    three = jax.jit(lambda x, sets: [[K.int8_matmul(x, w, s, backend=PALLAS, transposed=TRANSPOSED) for w, s in ws]
+                                     for ws in sets])
+    for m in ms:
+        if res.left() < 15:
+            break
+        try:
+            x = jax.random.normal(jax.random.key(m), (m, D), jnp.bfloat16)
+            want = [K.int8_matmul(x, w, s, backend="xla", transposed=TRANSPOSED) for w, s in sets[0]]
+            got = fused(x, sets)[0]
+            errs = [rel_err(g, w) for g, w in zip(got, want)]
+            t_fused, t_three = timeit(fused, x, sets), timeit(three, x, sets)
+            per_fused, per_three = t_fused["median_s"] / 4, t_three["median_s"] / 4
+            rec = {"m": m, "fused_us": per_fused * 1e6, "three_us": per_three * 1e6,
+                   "rel_l2_vs_xla": max(float(e) for e, _ in errs), "nan": any(bool(n) for _, n in errs),
+                   "pct_bytes_roofline_fused": 100 * (sum(widths) * D / bw) / per_fused}
+            log("q/k/v", rec)
+            res.data["qkv"].append(rec)
+            res.save()
+        except Exception as exc:
+            res.error(f"qkv M={m}", exc)
+
+
+def attention_np(q, keys, values, lengths, scale, cap):
+    """float64 decode attention (SPEC): capped logits, softmax over keys [0, length)."""
+    q, keys, values = (np.asarray(a, np.float64) for a in (q, keys, values))
+    out = np.zeros(q.shape)
+    for b, n in enumerate(lengths):
+        logits = np.einsum("ghk,sgk->ghs", q[b], keys[b, :n]) * scale
+        logits = cap * np.tanh(logits / cap)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        out[b] = np.einsum("ghs,sgk->ghk", p / p.sum(-1, keepdims=True), values[b, :n])
+    return out
+
+
+# (batch, cache positions, tokens in the cache): the runner's 8192-position cache at 1024
+# tokens, the same tokens in a cache just big enough, and a full cache.
+ATTENTION_CASES = ((1, 8192, 1024), (8, 8192, 1024), (32, 8192, 1024), (32, 1152, 1024), (1, 8192, 8192))
+
+
+def attention_step(res, bw, cases=ATTENTION_CASES):
+    """kernels.decode_attention at Grok-1's heads (8 KV heads of 6 queries, key size 128):
+    (batch, cache positions, tokens in the cache) against float64 on the first rows, and its
+    time against the bytes of the used keys and values."""
+    groups, per_group, k_dim = (8, 6, 128) if D == 6144 else (2, 3, 16)
+    scale = 1 / np.sqrt(k_dim)
+    for b, s, used in cases:
+        if res.left() < 15:
+            break
+        try:
+            keys = jax.random.split(jax.random.key(b * s), 3)
+            q = jax.random.normal(keys[0], (b, groups, per_group, k_dim), jnp.float32)
+            kc = jax.random.normal(keys[1], (b, s, groups, k_dim), jnp.bfloat16)
+            vc = jax.random.normal(keys[2], (b, s, groups, k_dim), jnp.bfloat16)
+            lengths = np.full((b,), min(used, s), np.int32)
+            lengths[0] = max(1, lengths[0] - 37)  # rows of different lengths
+            fn = jax.jit(functools.partial(K.decode_attention, scale=scale, cap=30.0, backend=PALLAS))
+            got = np.asarray(fn(q, kc, vc, jnp.asarray(lengths)))
+            n = min(b, 4)
+            want = attention_np(q[:n], kc[:n], vc[:n], lengths[:n], scale, 30.0)
+            t = timeit(fn, q, kc, vc, jnp.asarray(lengths))
+            moved = 2 * int(lengths.sum()) * groups * k_dim * 2  # K and V bytes of the used positions
+            rec = {"batch": b, "cache": s, "used": used, "us": t["median_s"] * 1e6,
+                   "rel_l2_vs_float64": float(np.linalg.norm(got[:n] - want) / np.linalg.norm(want)),
+                   "nan": bool(np.isnan(got).any()), "pct_bytes_roofline": 100 * (moved / bw) / t["median_s"]}
+            log("decode attention", rec)
+            res.data["attention"].append(rec)
+            res.save()
+        except Exception as exc:
+            res.error(f"decode attention b={b} s={s}", exc)
+
+
 def table(res: Results) -> str:
     lines = ["| M | backend | tag | ms | % bytes roofline | % bf16 matmul rate | experts |",
              "|---|---|---|---|---|---|---|"]
@@ -537,6 +620,8 @@ def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
     dense_cfgs = [None, K.KernelConfig(128, 128, 8, 4, 4, dq), K.KernelConfig(64, 128, 8, 4, 4, dq),
                   K.KernelConfig(64, 256, 4, 4, 3, dq)]
     dense_step(res, bw, rate, dense_cfgs, tuple(args.dense_ms))
+    qkv_step(res, bw)
+    attention_step(res, bw, ((2, 128, 70), (3, 64, 64)) if args.dims else ATTENTION_CASES)
     res.data["meta"]["total_s"] = time.time() - T0
     res.save()
     print(table(res))

@@ -29,13 +29,23 @@ Backends (the `backend` argument):
   block results.
 - "auto": "pallas" on GPU (falling back to "xla" where the shapes cannot be tiled), else "xla".
 
+Activations: x may be bf16, or float32 to be used unrounded. A float32 x is multiplied in
+float32 on the CPU's XLA path; elsewhere (Pallas, XLA on a GPU) it is split into two bf16
+parts, x = hi + lo to 2^-16 relative, and both are multiplied by the same int8 tile with
+float32 sums: no extra weight bytes, twice the MMAs. Callers feed float32 only where
+`float32_inputs` says so: on the CPU (on an H200 the split inside the Pallas kernels made
+them 2.4-5x slower; see SPLIT_MAX_ROWS).
+
 Everything here is jit- and shard_map-friendly: it sees local shapes only, and K may be a
 shard of the full input dimension as long as each shard holds whole scale blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import itertools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -55,6 +65,46 @@ _WHOLE_ARRAY = getattr(pl, "no_block_spec", None) or pl.BlockSpec()  # kernel in
 
 BACKENDS = ("auto", "pallas", "interpret", "xla")
 DEQUANT_MODES = ("cast", "bits", "asm")
+
+
+# ---------------------------------------------------------------------------------------
+# Float32 activations: the hi/lo split
+# ---------------------------------------------------------------------------------------
+
+# Up to this many rows (tokens, or routed rows tokens * k in the MoE) callers off the CPU
+# keep a matmul's activations float32 (float32_inputs). 0: none. Measured on an H200
+# (2026-11-30, 8 Grok-width layers, batch 1): with 64, the Pallas kernels that split a
+# float32 x inside took 996 us (gated, against 192), 290 us (down, against 106) and 75 us
+# (dense, against 31) per layer, a decode step 3.3x slower; so GPUs take bf16 activations
+# into their matmuls, as before issue 12, and the float32 path stays for explicit float32
+# inputs and the CPU.
+SPLIT_MAX_ROWS = 0
+
+
+def float32_inputs(num_rows: int, backend: str = "auto") -> bool:
+    """Whether activations feeding a matmul of `num_rows` rows should stay float32.
+
+    True on the CPU's XLA path (float32 arithmetic there costs no more than bf16) and up to
+    SPLIT_MAX_ROWS rows elsewhere (the hi/lo split); False means: round them to bf16, the
+    release's precision, for prefill-size matmuls on an accelerator.
+    """
+    if _resolve_backend(backend) == "xla" and jax.default_backend() == "cpu":
+        return True
+    return num_rows <= SPLIT_MAX_ROWS
+
+
+def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 x -> bf16 (hi, lo) with hi + lo = x to 2^-16 relative (hi = bf16(x), lo =
+    bf16(x - hi); x - hi is exact in float32)."""
+    x = x.astype(jnp.float32)
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _xla_split(x: jax.Array) -> bool:
+    """True when the XLA path multiplies a float32 x as hi + lo (off the CPU, where float32
+    dots would run at a fraction of the bf16 rate or convert the int8 weight to float32)."""
+    return x.dtype == jnp.float32 and jax.default_backend() != "cpu"
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,6 +157,11 @@ def default_block_m(num_rows: int) -> int:
     return 64
 
 
+# Plans for up to this many (token, slot) rows are computed by pairwise comparison ([R, R]
+# and [M_pad, R] masks): on a GPU about half the kernels of cumulative sums and a scatter.
+_COMPARING_PLAN_MAX_ROWS = 256
+
+
 def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
     """Group the rows of `expert_idx` int32 [M, k] by expert, padded per expert to block_m.
 
@@ -122,25 +177,33 @@ def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
     rows = m * k
     n_tiles = max_tiles(rows, num_experts, block_m)
     flat = expert_idx.reshape(rows).astype(jnp.int32)  # [R]
-
-    # Rank of each row among the rows of its expert, by a cumulative count (no sort needed).
-    onehot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]).astype(jnp.int32)  # [R, E]
-    counts = jnp.sum(onehot, axis=0)  # [E]
-    rank = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=1)  # [R]
-
-    tiles = (counts + block_m - 1) // block_m  # [E] tiles per expert
-    tile_end = jnp.cumsum(tiles)  # [E], inclusive
-    tile_begin = tile_end - tiles
-    row_pos = (jnp.take(tile_begin, flat) * block_m + rank).astype(jnp.int32)  # [R]
-
-    row_token = jnp.full((n_tiles * block_m,), m, jnp.int32)
-    row_token = row_token.at[row_pos].set(jnp.arange(rows, dtype=jnp.int32) // k)
+    experts = jnp.arange(num_experts, dtype=jnp.int32)
+    onehot = flat[:, None] == experts[None, :]  # [R, E]
+    tiles = (jnp.sum(onehot, axis=0, dtype=jnp.int32) + block_m - 1) // block_m  # [E] tiles per expert
+    r = jnp.arange(rows, dtype=jnp.int32)
+    p = jnp.arange(n_tiles * block_m, dtype=jnp.int32)
+    # rank: a row's place among the rows of its expert; tile_begin: an expert's first tile.
+    small = rows <= _COMPARING_PLAN_MAX_ROWS
+    if small:  # pairwise comparisons: a few fused reductions, no scan (decode)
+        rank = jnp.sum((flat[:, None] == flat[None, :]) & (r[None, :] < r[:, None]), axis=1, dtype=jnp.int32)
+        tile_begin = jnp.sum(jnp.where(experts[None, :] < experts[:, None], tiles[None, :], 0), axis=1)
+    else:  # cumulative counts: linear in the rows (prefill)
+        hot = onehot.astype(jnp.int32)
+        rank = jnp.sum((jnp.cumsum(hot, axis=0) - 1) * hot, axis=1)
+        tile_begin = jnp.cumsum(tiles) - tiles
+    tile_end = tile_begin + tiles  # [E]
+    row_pos = (jnp.sum(jnp.where(onehot, tile_begin[None, :], 0), axis=1) * block_m + rank).astype(jnp.int32)  # [R]
+    if small:  # the inverse permutation by comparison: no scatter
+        hit = row_pos[None, :] == p[:, None]  # [M_pad, R]
+        row_token = m + jnp.sum(jnp.where(hit, r[None, :] // k - m, 0), axis=1, dtype=jnp.int32)
+    else:
+        row_token = jnp.full((n_tiles * block_m,), m, jnp.int32).at[row_pos].set(r // k)
 
     t = jnp.arange(n_tiles, dtype=jnp.int32)
+    num_tiles = jnp.sum(tiles).astype(jnp.int32)
     tile_expert = jnp.sum((tile_end[None, :] <= t[:, None]).astype(jnp.int32), axis=1)  # [T]
-    num_tiles = tile_end[-1].astype(jnp.int32)
     tile_expert = jnp.where(t < num_tiles, tile_expert, -1).astype(jnp.int32)
-    return MoEPlan(row_pos, row_token, tile_expert, num_tiles)
+    return MoEPlan(row_pos, row_token.astype(jnp.int32), tile_expert, num_tiles)
 
 
 def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
@@ -275,14 +338,18 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, transposed):
+                gated, transposed, col_blocks=None, hi_lo=False):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
+    x_ref: [M_pad, K] bf16, or float32 with hi_lo (each x chunk is split into bf16 hi + lo
+    and both are multiplied by the same int8 tile: the weights are read once).
     refs: (w, scales) per matrix ([E, K, N] int8, or [E, N, K] when transposed; [E, nb, N]
     bf16), then the output block.
     K is walked in segments that never cross a scale block; each segment's float32 sum is
     multiplied by its block's scales and added to the result. Tiles past the used ones
     (tile_expert < 0) skip all loads and write zeros.
+    col_blocks (not gated): the matrices sit side by side in the output, matrix t owning
+    col_blocks[t] column blocks; each program reads only the matrix of its own columns.
     """
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
     o_ref = refs[2 * n_mats]
@@ -290,52 +357,67 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     e = tile_expert_ref[i]
     e_safe = jnp.maximum(e, 0)
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
-    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
     kb = k_dim // nb  # rows per scale block
     ks = k_dim // split  # rows per K slice
     seg = math.gcd(kb, ks)  # segment: inside one slice and one scale block
     n_seg, n_chunk = ks // seg, seg // bk
     k_base = s * ks
-    zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(n_mats))
 
-    def chunk(c, part, seg_start):
-        k0 = pl.multiple_of(seg_start + c * bk, bk)
-        x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16
-        out = []
-        for (w_ref, _), p in zip(mats, part):
-            if transposed:
-                w = _dequant(w_ref[e_safe, cols, pl.ds(k0, bk)], dequant).T  # [bk, bn] view of [bn, bk]
+    def accumulate(mats, j):
+        """The float32 sums of x's tile times columns block j of each matrix in mats."""
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in mats)
+
+        def chunk(c, part, seg_start):
+            k0 = pl.multiple_of(seg_start + c * bk, bk)
+            x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16 (float32 with hi_lo)
+            if hi_lo:
+                x_hi = x.astype(jnp.bfloat16)
+                xs = (x_hi, (x - x_hi.astype(jnp.float32)).astype(jnp.bfloat16))
             else:
-                w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
-            out.append(p + jnp.dot(x, w, preferred_element_type=jnp.float32))
-        return tuple(out)
+                xs = (x,)
+            out = []
+            for (w_ref, _), p in zip(mats, part):
+                if transposed:
+                    w = _dequant(w_ref[e_safe, cols, pl.ds(k0, bk)], dequant).T  # [bk, bn] view of [bn, bk]
+                else:
+                    w = _dequant(w_ref[e_safe, pl.ds(k0, bk), cols], dequant)  # [bk, bn] bf16
+                for xp in xs:
+                    p = p + jnp.dot(xp, w, preferred_element_type=jnp.float32)
+                out.append(p)
+            return tuple(out)
 
-    def scaled(part, seg_start):
-        b = seg_start // kb
-        return tuple(p * sc_ref[e_safe, b, cols].astype(jnp.float32)[None, :]
-                     for (_, sc_ref), p in zip(mats, part))
+        def scaled(part, seg_start):
+            b = seg_start // kb
+            return tuple(p * sc_ref[e_safe, b, cols].astype(jnp.float32)[None, :]
+                         for (_, sc_ref), p in zip(mats, part))
 
-    # Trip counts are n * valid, not jnp.where(valid, n, 0): the Triton lowering of a select
-    # between two literals builds an i1 select and truncates the count.
-    valid = (e >= 0).astype(jnp.int32)
-    if n_seg == 1:
-        trips = n_chunk * valid
-        part = lax.fori_loop(0, trips, lambda c, p: chunk(c, p, k_base), zeros)
-        acc = scaled(part, k_base)
-    else:
+        # Trip counts are n * valid, not jnp.where(valid, n, 0): the Triton lowering of a select
+        # between two literals builds an i1 select and truncates the count.
+        valid = (e >= 0).astype(jnp.int32)
+        if n_seg == 1:
+            trips = n_chunk * valid
+            part = lax.fori_loop(0, trips, lambda c, p: chunk(c, p, k_base), zeros)
+            return scaled(part, k_base)
+
         def segment(g, acc):
             seg_start = k_base + g * seg
             part = lax.fori_loop(0, n_chunk, lambda c, p: chunk(c, p, seg_start), zeros)
             return tuple(a + p for a, p in zip(acc, scaled(part, seg_start)))
 
-        acc = lax.fori_loop(0, n_seg * valid, segment, zeros)
+        return lax.fori_loop(0, n_seg * valid, segment, zeros)
 
-    if gated:
-        out = _gelu_tanh(acc[0]) * acc[1]
-    else:
-        out = acc[0]
-    o_ref[...] = out.astype(o_ref.dtype)
+    if col_blocks is None:
+        acc = accumulate(mats, j)
+        o_ref[...] = (_gelu_tanh(acc[0]) * acc[1] if gated else acc[0]).astype(o_ref.dtype)
+        return
+    begin = 0
+    for mat, blocks in zip(mats, col_blocks):  # one branch runs: the matrix of block j
+        @pl.when((j >= begin) & (j < begin + blocks))
+        def _(mat=mat, begin=begin):
+            o_ref[...] = accumulate([mat], j - begin)[0].astype(o_ref.dtype)
+        begin += blocks
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -407,30 +489,41 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 
 # Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
 # once: a model's lowering then grows with its distinct kernels, not with its depth.
-@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed"))
+@functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed",
+                                             "side_by_side"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
-                   out_dtype, name: Optional[str] = None, transposed: bool = False) -> jax.Array:
-    """xs [M_pad, K] bf16 times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b)."""
+                   out_dtype, name: Optional[str] = None, transposed: bool = False,
+                   side_by_side: bool = False) -> jax.Array:
+    """xs [M_pad, K] times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
+
+    A float32 xs is used unrounded (split into bf16 hi + lo in the kernel); other dtypes
+    are cast to bf16. side_by_side: the matrices' products are concatenated along N
+    ([M_pad, N_1 + N_2 + ...]), one launch for what would be one per matrix (q, k and v).
+    """
     m_pad, k_dim = xs.shape
     w0, s0 = mats[0]
-    n_dim = w0.shape[1] if transposed else w0.shape[2]
+    widths = [w.shape[1] if transposed else w.shape[2] for w, _ in mats]
     nb = s0.shape[-2]
     for w, s in mats[1:]:
-        if w.shape != w0.shape or s.shape[-2] != nb:
-            # Both gated matrices share the K walk; give them one scale layout.
-            raise ValueError(f"gated weights differ: {w0.shape}/{s0.shape} vs {w.shape}/{s.shape}")
+        same = w.shape[:-2] == w0.shape[:-2] and (w.shape == w0.shape or side_by_side)
+        if not same or s.shape[-2] != nb:
+            # The matrices share the K walk; give them one scale layout.
+            raise ValueError(f"fused weights differ: {w0.shape}/{s0.shape} vs {w.shape}/{s.shape}")
+    n_dim = sum(widths) if side_by_side else widths[0]
     n_tiles = tile_expert.shape[0]
     if gated:
         cfg = cfg._replace(split_k=1)  # the gelu needs whole sums
-    bm, bn, bk, split = _pallas_tiling(m_pad, n_tiles, k_dim, n_dim, nb, cfg, interpret)
+    bm, bn, bk, split = _pallas_tiling(m_pad, n_tiles, k_dim, math.gcd(*widths), nb, cfg, interpret)
     dequant = cfg.dequant
     if interpret and dequant == "asm":
         dequant = "bits"  # same arithmetic, no PTX on the CPU
+    hi_lo = xs.dtype == jnp.float32
 
     kernel = functools.partial(
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
-        dequant=dequant, gated=gated, transposed=transposed)
+        dequant=dequant, gated=gated, transposed=transposed, hi_lo=hi_lo,
+        col_blocks=tuple(n // bn for n in widths) if side_by_side else None)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -450,7 +543,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         interpret=interpret,
         name=name or ("int8_gated_matmul" if gated else "int8_grouped_matmul"),
         **params,
-    )(tile_expert.astype(jnp.int32), xs.astype(jnp.bfloat16), *flat)
+    )(tile_expert.astype(jnp.int32), xs if hi_lo else xs.astype(jnp.bfloat16), *flat)
     if split > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)
     return out
@@ -466,18 +559,24 @@ def _block_scaled_dot(x: jax.Array, w: jax.Array, s: jax.Array, transposed: bool
     [m, N], no dequantized copy.
 
     One dot per scale block (batched), int8 converted inside the dot's operand, the block
-    results scaled and summed.
+    results scaled and summed. A float32 x is used unrounded: float32 math on the CPU, the
+    hi/lo split (2m bf16 rows against the same weight) elsewhere.
     """
     m, k = x.shape
     nb, n = s.shape
+    split = _xla_split(x)
+    if split:
+        x = jnp.concatenate(split_bf16(x), axis=0)  # [2m, K]: hi rows, then lo rows
     compute = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16  # float32 in, float32 math
-    xb = x.astype(compute).reshape(m, nb, k // nb)
+    xb = x.astype(compute).reshape(x.shape[0], nb, k // nb)
     if transposed:
         wb = w.reshape(n, nb, k // nb).astype(compute)
         y = jnp.einsum("mbk,nbk->bmn", xb, wb, preferred_element_type=jnp.float32)  # [nb, m, N]
     else:
         wb = w.reshape(nb, k // nb, n).astype(compute)
         y = jnp.einsum("mbk,bkn->bmn", xb, wb, preferred_element_type=jnp.float32)
+    if split:
+        y = y[:, :m] + y[:, m:]
     return jnp.sum(y * s.astype(jnp.float32)[:, None, :], axis=0)
 
 
@@ -506,12 +605,33 @@ def _xla_grouped(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]], pla
 # ---------------------------------------------------------------------------------------
 
 
+_AUTO_BACKEND: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kernels_auto_backend", default=None)
+
+
+@contextlib.contextmanager
+def auto_backend(backend: str):
+    """Within this block (while tracing), "auto" means `backend`: e.g. "interpret" runs a
+    whole model's Pallas paths on a CPU, as tests do."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"auto_backend: backend must be one of {BACKENDS[1:]}, got {backend!r}.")
+    token = _AUTO_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _AUTO_BACKEND.reset(token)
+
+
 def _resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return _AUTO_BACKEND.get() or ("pallas" if jax.default_backend() == "gpu" else "xla")
     return backend
+
+
+def uses_pallas(backend: str = "auto") -> bool:
+    """True if `backend` resolves to a Pallas kernel here (on a GPU, or interpreted)."""
+    return _resolve_backend(backend) != "xla"
 
 
 def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name, transposed):
@@ -547,7 +667,8 @@ def grouped_matmul(xs: jax.Array, weight: jax.Array, scales: jax.Array, plan: Mo
 
     Each tile of plan.block_m rows is multiplied by its expert's matrix, float32
     accumulation, scales applied per K block; pad tiles give zeros and read no weights.
-    Returns [M_pad, N] in out_dtype (bf16 by default).
+    Returns [M_pad, N] in out_dtype (bf16 by default). xs: bf16, or float32 used unrounded
+    (see the module docstring).
     """
     return _grouped(xs, [(weight, scales)], plan, gated=False, backend=backend, config=config,
                     out_dtype=out_dtype, name="grouped_matmul", transposed=transposed)
@@ -560,7 +681,8 @@ def grouped_matmul_gated(xs: jax.Array, w: jax.Array, w_scales: jax.Array, v: ja
     """Fused expert input layer: gelu_tanh(xs @ W) * (xs @ V) -> [M_pad, F], reading xs once.
 
     W, V int8 [E, K, F] ([E, F, K] when transposed) with scales [E, nb, F]; both products
-    are summed in float32 and scaled before the tanh-approximated gelu.
+    are summed in float32 and scaled before the tanh-approximated gelu. xs: bf16, or
+    float32 used unrounded (see the module docstring).
     """
     return _grouped(xs, [(w, w_scales), (v, v_scales)], plan, gated=True, backend=backend,
                     config=config, out_dtype=out_dtype, name="grouped_matmul_gated", transposed=transposed)
@@ -573,37 +695,58 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
     [nb, N] -> [..., N].
 
     Leading dimensions of x are kept. The int8 weight is converted tile by tile inside the
-    matmul; each scale block's float32 partial result is scaled and summed.
+    matmul; each scale block's float32 partial result is scaled and summed. x: bf16, or
+    float32 used unrounded (see the module docstring).
 
     backend="auto" on GPU takes the Pallas kernel for fewer than 8 rows and XLA's fused
     int8 dot otherwise: for a [6144, 6144] weight on an H100, Pallas took 26.5 us at M=1
     against XLA's 121 us, while XLA was faster at M=8 (19.8 vs 26.6 us) and M=32 (25.7 vs
     30.7 us).
     """
-    k_w, n_dim = _check_weight("int8_matmul", weight, scales, expert_dim=False, transposed=transposed)
+    [y] = int8_matmuls(x, [(weight, scales)], backend=backend, config=config, out_dtype=out_dtype,
+                       transposed=transposed)
+    return y
+
+
+def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *, backend: str = "auto",
+                 config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
+                 transposed: bool = False) -> list[jax.Array]:
+    """x [..., K] times several int8 weights (weight, scales) as in int8_matmul -> one
+    [..., N_t] per weight.
+
+    On the Pallas path they run as one kernel launch (attention's q, k and v: one launch
+    and one split-K sum instead of three of each); they must share K and the number of
+    scale blocks.
+    """
     *lead, k_dim = x.shape
-    if k_dim != k_w:
-        raise ValueError(f"int8_matmul: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} (K).")
+    widths = []
+    for t, (weight, scales) in enumerate(weights):
+        k_w, n_t = _check_weight(f"int8_matmul weight {t}", weight, scales, expert_dim=False, transposed=transposed)
+        if k_dim != k_w:
+            raise ValueError(f"int8_matmul: x {tuple(x.shape)} does not match weight {t} {tuple(weight.shape)} (K).")
+        widths.append(n_t)
     m = math.prod(lead)
     x2 = x.reshape(m, k_dim)
     resolved = _resolve_backend(backend)
     if backend == "auto" and m >= _DENSE_PALLAS_MAX_ROWS:
         resolved = "xla"
-    if resolved != "xla" and m > 0:
+    nbs = {s.shape[0] for _, s in weights}
+    if resolved != "xla" and m > 0 and (len(nbs) == 1 or backend != "auto"):
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
-        xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
-        cfg = config or default_config("dense", bm, n_tiles, k_dim, n_dim, transposed)
+        xp = jnp.pad(x2 if x2.dtype == jnp.float32 else x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
+        cfg = config or default_config("dense", bm, n_tiles, k_dim, sum(widths), transposed)
         interpret = resolved == "interpret"
-        biggest = max(weight.size, n_tiles * bm * max(k_dim, n_dim * max(1, cfg.split_k)))
-        if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, n_dim, scales.shape[0], cfg,
+        biggest = max(max(w.size for w, _ in weights), n_tiles * bm * max(k_dim, sum(widths) * max(1, cfg.split_k)))
+        if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, math.gcd(*widths), weights[0][1].shape[0], cfg,
                         interpret, biggest):
-            y = _pallas_matmul(xp, [(weight[None], scales[None])], jnp.zeros((n_tiles,), jnp.int32),
+            y = _pallas_matmul(xp, [(w[None], s[None]) for w, s in weights], jnp.zeros((n_tiles,), jnp.int32),
                                gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype,
-                               name="int8_dense_matmul", transposed=transposed)
-            return y[:m].reshape(*lead, n_dim)
-    y = _block_scaled_dot(x2, weight, scales, transposed).astype(out_dtype)
-    return y.reshape(*lead, n_dim)
+                               name="int8_dense_matmul", transposed=transposed, side_by_side=True)
+            ends = list(itertools.accumulate(widths))
+            return [y[:m, e - n:e].reshape(*lead, n) for e, n in zip(ends, widths)]
+    return [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)
+            for (w, s), n in zip(weights, widths)]
 
 
 def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
@@ -624,3 +767,113 @@ def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
     h = grouped_matmul_gated(xs, *linear, *linear_v, plan, backend=backend, config=gated_cfg, transposed=transposed)
     ys = grouped_matmul(h, *linear_1, plan, backend=backend, config=down_cfg, transposed=transposed)  # [M_pad, D]
     return combine(ys, gates, plan)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode attention: one query token per sequence against its KV cache
+# ---------------------------------------------------------------------------------------
+
+_ATTN_BLOCK = 64  # cache positions per loop step
+_ATTN_ROWS = 16  # query heads per KV head, padded: Triton's dot needs every side >= 16
+
+
+def _decode_attention_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, l_ref, *, bs, splits, scale, cap):
+    """One program: sequence b, KV head g, split s of the sequence's used keys.
+
+    The keys [0, length) are cut into `splits` runs of whole blocks; this program walks its
+    run and leaves sum_s p_s v_s and sum_s p_s with p = exp(logit - cap). The capped logits
+    never exceed cap, so the softmax needs no running maximum (exp(-2 cap) stays a normal
+    float32 for cap <= 40), and the splits merge by plain sums.
+    """
+    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b]
+    per = (length + splits * bs - 1) // (splits * bs) * bs  # keys per split, whole blocks
+    start = s * per
+    end = jnp.minimum(length, start + per)
+    trips = jnp.maximum(end - start + bs - 1, 0) // bs
+    q_hi, q_lo = split_bf16(q_ref[...])  # [R, K]
+
+    def block(i, carry):
+        l, acc = carry
+        k0 = pl.multiple_of(start + i * bs, bs)
+        keys = k_ref[b, pl.ds(k0, bs), g, :]  # [bs, K] bf16
+        values = v_ref[b, pl.ds(k0, bs), g, :]
+        logits = (jnp.dot(q_hi, keys.T, preferred_element_type=jnp.float32)
+                  + jnp.dot(q_lo, keys.T, preferred_element_type=jnp.float32)) * scale  # [R, bs]
+        valid = (k0 + jnp.arange(bs)) < end  # [bs]
+        p = jnp.where(valid[None, :], jnp.exp(cap * jnp.tanh(logits / cap) - cap), 0.0)
+        p_hi, p_lo = split_bf16(p)
+        pv = (jnp.dot(p_hi, values, preferred_element_type=jnp.float32)
+              + jnp.dot(p_lo, values, preferred_element_type=jnp.float32))  # [R, K]
+        return l + jnp.sum(p, axis=1), acc + pv
+
+    l, acc = lax.fori_loop(0, trips, block, (jnp.zeros((q_hi.shape[0],), jnp.float32),
+                                             jnp.zeros(q_hi.shape, jnp.float32)))
+    o_ref[...] = acc
+    l_ref[...] = l
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, *,
+                     scale: float, cap: float, backend: str = "auto", splits: Optional[int] = None) -> jax.Array:
+    """Attention of one query token per sequence over the first lengths[b] cache positions.
+
+    q [B, G, Hg, K] (query heads grouped by their KV head; float32 or bf16), keys/values
+    [B, S, G, K] (the bf16 cache), lengths int32 [B] -> [B, G, Hg, K] float32.
+    Logits = cap * tanh(scale * q.k / cap) (0 < cap <= 40), a float32 softmax over the
+    visible keys, the weighted sum in float32 (q and the probabilities enter the MMAs as bf16 hi/lo pairs, so
+    only the cache is bf16). Reads only the used keys: the cost follows the tokens in the
+    cache, not its capacity. A row with no visible key gives zeros.
+
+    Pallas only ("pallas", "interpret", or "auto" where it resolves to one of them): the
+    model uses its own XLA attention elsewhere.
+    """
+    resolved = _resolve_backend(backend)
+    if resolved == "xla":
+        raise ValueError("decode_attention is a Pallas kernel; on this backend use the model's XLA attention "
+                         "(or backend='interpret').")
+    bsz, seq, groups, k_dim = keys.shape
+    hg = q.shape[2]
+    if q.shape != (bsz, groups, hg, k_dim) or values.shape != keys.shape or lengths.shape != (bsz,):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}, lengths {tuple(lengths.shape)}; need q [B, G, Hg, K], "
+                         "keys = values [B, S, G, K], lengths [B].")
+    if not 0 < cap <= 40:
+        raise ValueError(f"decode_attention: cap={cap}; the kernel offsets its softmax by the cap, which "
+                         "needs 0 < cap <= 40 (exp(-2 cap) must stay a normal float32).")
+    interpret = resolved == "interpret"
+    bs = _pow2_divisor(seq, _ATTN_BLOCK)
+    if not interpret and (bs < 16 or k_dim & (k_dim - 1) or k_dim < 16 or hg > _ATTN_ROWS):
+        raise ValueError(f"decode_attention: cannot tile cache length {seq} (needs a multiple of 16), "
+                         f"key size {k_dim} (a power of two >= 16) or {hg} query heads per KV head "
+                         f"(at most {_ATTN_ROWS}).")
+    if splits is None:  # about two programs per SM, no split shorter than a block at full cache
+        splits = max(1, min(seq // bs, -(-2 * _NUM_SMS // (bsz * groups))))
+    rows = hg if interpret else _ATTN_ROWS
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - hg), (0, 0)))  # [B, G, R, K]
+    return _decode_attention_call(qp, keys, values, lengths.astype(jnp.int32), scale=float(scale),
+                                  cap=float(cap), bs=bs, splits=splits, interpret=interpret)[:, :, :hg]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "cap", "bs", "splits", "interpret"))
+def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, interpret):
+    """The pallas_call and the sum of its splits: [B, G, R, K] float32."""
+    bsz, groups, rows, k_dim = q.shape
+    kernel = functools.partial(_decode_attention_kernel, bs=bs, splits=splits, scale=scale, cap=cap)
+    params = {}
+    if _TritonParams is not None and not interpret:
+        params = dict(compiler_params=_TritonParams(num_warps=4, num_stages=2))
+    acc, l = pl.pallas_call(
+        kernel,
+        grid=(bsz, groups, splits),
+        in_specs=[_WHOLE_ARRAY, pl.BlockSpec((None, None, rows, k_dim), lambda b, g, s: (b, g, 0, 0)),
+                  _WHOLE_ARRAY, _WHOLE_ARRAY],
+        out_specs=[pl.BlockSpec((None, None, None, rows, k_dim), lambda b, g, s: (b, g, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((bsz, groups, splits, rows, k_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((bsz, groups, splits, rows), jnp.float32)],
+        interpret=interpret,
+        name="decode_attention",
+        **params,
+    )(lengths, q, keys, values)
+    total = jnp.sum(l, axis=2)  # [B, G, R]
+    return jnp.sum(acc, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]

@@ -88,6 +88,52 @@ class TransposedWeight8bit(QuantizedWeight8bit):
 TransposedWeight8bit.__module__ = "model"
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass
+class SplitTable:
+    """A float32 table held as two bf16 tables: hi = bf16(t), lo = bf16(t - hi), so that
+    hi + lo = t to 2^-16 relative. The embedding table for inference
+    (prepare_for_inference): the lookup reads hi + lo (the float32 rows, as the checkpoint
+    stores them, for the float32 residual stream), the output projection reads hi alone
+    (the release's bf16 table). The same bytes as the float32 table; never saved.
+    """
+
+    hi: Any
+    lo: Any
+
+    # Array-like where code reads the table as a whole (its shape, size and placement, or
+    # np.asarray of it): the float32 table it stands for.
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.hi.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def dtype(self) -> Any:
+        return np.dtype(np.float32)
+
+    @property
+    def sharding(self) -> Any:
+        return self.hi.sharding
+
+    def astype(self, dtype: Any) -> jax.Array:
+        return (jnp.asarray(self.hi, jnp.float32) + jnp.asarray(self.lo, jnp.float32)).astype(dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.asarray(self.hi).astype(np.float32) + np.asarray(self.lo).astype(np.float32)
+        return out if dtype is None else out.astype(dtype)
+
+    def tree_flatten(self):
+        return (self.hi, self.lo), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
 def is_transposed(w: Any) -> bool:
     return isinstance(w, TransposedWeight8bit)
 
@@ -403,12 +449,35 @@ class Linear(hk.Module):
         self.spec = spec
         self.out_dtype = out_dtype
 
+    def weight(self, input_size: int) -> Any:
+        """This projection's parameter `w` [input_size, output_size]."""
+        return hk.get_parameter("w", [input_size, self.output_size], jnp.float32, init=jnp.zeros)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
-        if (self.impl == "fast" and isinstance(w, QuantizedWeight8bit)
-                and self.mesh is not None and self.mesh.size > 1):
-            return sharded_matmul(x, w, self.mesh, self.spec, self.out_dtype)
-        return matmul(x, w, self.impl, "auto", self.out_dtype)
+        [y] = linears(x, [self])
+        return y
+
+
+def linears(x: jax.Array, projections: Sequence[Linear]) -> list[jax.Array]:
+    """x through several Linears that share their input, settings and weight layout.
+
+    On the fast int8 path they run as one kernel launch per device (attention's q, k and v:
+    one launch where there were three, each with its split-K sum); otherwise one by one.
+    """
+    first = projections[0]
+    settings = {(p.impl, p.mesh, tuple(p.spec), p.out_dtype) for p in projections}
+    if len(settings) > 1:
+        raise ValueError(f"linears: {[p.module_name for p in projections]} differ in impl, mesh, spec or "
+                         "out_dtype; call them one by one.")
+    ws = [p.weight(x.shape[-1]) for p in projections]
+    fused = (first.impl == "fast" and all(isinstance(w, QuantizedWeight8bit) for w in ws)
+             and len({is_transposed(w) for w in ws}) == 1)
+    if fused and first.mesh is not None and first.mesh.size > 1:
+        return sharded_matmul(x, ws, first.mesh, first.spec, first.out_dtype)
+    if fused and len(ws) > 1 and len({w.scales.shape[-2] for w in ws}) == 1:
+        return kernels.int8_matmuls(x, [(w.weight, w.scales) for w in ws], out_dtype=first.out_dtype or x.dtype,
+                                    transposed=is_transposed(ws[0]))
+    return [matmul(x, w, first.impl, "auto", first.out_dtype) for w in ws]
 
 
 def shardable_scales(w: Any, mesh: Mesh, in_axis: Any) -> Any:
@@ -433,29 +502,31 @@ def weight_in_specs(w: Any, spec: P, mesh: Mesh) -> Any:
     return spec
 
 
-def sharded_matmul(x: jax.Array, w: QuantizedWeight8bit, mesh: Mesh, spec: P, out_dtype: Any = None) -> jax.Array:
-    """x [..., n_in] @ w [n_in, n_out] with w split (in_axis, out_axis) = spec over the mesh.
+def sharded_matmul(x: jax.Array, ws: Sequence[QuantizedWeight8bit], mesh: Mesh, spec: P,
+                   out_dtype: Any = None) -> list[jax.Array]:
+    """x [..., n_in] @ each w [n_in, n_out_t] of ws, all split (in_axis, out_axis) = spec
+    over the mesh -> one [..., n_out_t] per weight.
 
-    Each device multiplies its own int8 shard with the int8 kernel (Pallas on a GPU, no
-    dequantized copy) and partial sums over in_axis are added with one psum (in float32).
-    x arrives whole along the batch dimensions; the result, in out_dtype (None: x's), is
-    split over out_axis on its last dimension.
+    Each device multiplies its own int8 shards with the int8 kernel (Pallas on a GPU, no
+    dequantized copy; several weights in one launch) and partial sums over in_axis are added
+    with one psum (in float32). x arrives whole along the batch dimensions; the results, in
+    out_dtype (None: x's), are split over out_axis on their last dimension.
     """
     in_axis, out_axis = spec
     lead = [None] * (x.ndim - 1)
-    w = shardable_scales(w, mesh, in_axis)
+    ws = [shardable_scales(w, mesh, in_axis) for w in ws]
     reduce = _axis_size(mesh, in_axis) > 1
     out_dtype = out_dtype or x.dtype
 
-    def body(x, w):
-        y = kernels.int8_matmul(x, w.weight, w.scales, backend="auto", transposed=is_transposed(w),
-                                out_dtype=jnp.float32 if reduce else out_dtype)
-        return jax.lax.psum(y, in_axis).astype(out_dtype) if reduce else y
+    def body(x, ws):
+        ys = kernels.int8_matmuls(x, [(w.weight, w.scales) for w in ws], backend="auto",
+                                  transposed=is_transposed(ws[0]), out_dtype=jnp.float32 if reduce else out_dtype)
+        return [jax.lax.psum(y, in_axis).astype(out_dtype) for y in ys] if reduce else ys
 
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(P(*lead, in_axis), weight_in_specs(w, spec, mesh)),
-        out_specs=P(*lead, out_axis), check_vma=False,
-    )(x, w)
+        body, mesh=mesh, in_specs=(P(*lead, in_axis), [weight_in_specs(w, spec, mesh) for w in ws]),
+        out_specs=[P(*lead, out_axis)] * len(ws), check_vma=False,
+    )(x, ws)
 
 
 def float32_sums_on_cpu(*operands: jax.Array) -> tuple[jax.Array, ...]:
@@ -468,6 +539,39 @@ def float32_sums_on_cpu(*operands: jax.Array) -> tuple[jax.Array, ...]:
     if jax.default_backend() != "cpu":
         return operands
     return tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in operands)
+
+
+def activation_dtype(cfg: TransformerConfig, rows: int) -> Any:
+    """The dtype of an activation that feeds a matmul of `rows` rows (tokens; routed rows in
+    the MoE): float32 where the matmuls use it unrounded at no measurable cost
+    (kernels.float32_inputs: always on the CPU; up to kernels.SPLIT_MAX_ROWS rows on an
+    accelerator, where weight reads bound the time), else cfg.fprop_dtype (bf16: the
+    release's precision, for prefill-size matmuls on an accelerator)."""
+    if jnp.dtype(cfg.fprop_dtype) == jnp.float32 or kernels.float32_inputs(rows):
+        return jnp.float32
+    return cfg.fprop_dtype
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, split_axis: int) -> jax.Array:
+    """einsum(spec, a, b) -> float32, with float32 sums and a float32 `a` used unrounded.
+
+    On the CPU both operands go in as float32. Elsewhere a float32 `a` against a bf16 `b`
+    (a KV cache, the bf16 embedding table) is split into bf16 hi + lo (kernels.split_bf16)
+    stacked along a's axis `split_axis` (one the output keeps): one bf16 einsum reads b
+    once, and the two halves of its output are added. Other operands are multiplied as
+    they are.
+    """
+    f32 = jnp.float32
+    if jax.default_backend() == "cpu":
+        return jnp.einsum(spec, a.astype(f32), b.astype(f32), preferred_element_type=f32)
+    if a.dtype == f32 and b.dtype != f32:
+        inputs, out = spec.split("->")
+        out_axis = out.index(inputs.split(",")[0][split_axis])
+        n = a.shape[split_axis]
+        y = jnp.einsum(spec, jnp.concatenate(kernels.split_bf16(a), axis=split_axis), b.astype(jnp.bfloat16),
+                       preferred_element_type=f32)
+        return jax.lax.slice_in_dim(y, 0, n, axis=out_axis) + jax.lax.slice_in_dim(y, n, 2 * n, axis=out_axis)
+    return jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=f32)
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -488,7 +592,8 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) 
 
 
 class KVMemory(NamedTuple):
-    """One layer's cache. k, v [B, S, G, K]; step [B]: tokens already written per sequence."""
+    """One layer's cache. k, v [B, S, G, K]; step [B]: tokens already written per sequence
+    (the same in every layer; the model reads layer 0's)."""
 
     k: Optional[jax.Array]
     v: Optional[jax.Array]
@@ -532,6 +637,7 @@ def attention_mask(input_mask: jax.Array, step: jax.Array, cache_len: int) -> ja
     return causal & key_visible[:, None, :]
 
 
+ATTN_LOGIT_CAP = 30.0  # attention logits are capped by 30 tanh(x / 30) (SPEC)
 PREFIX_BUCKET_MIN = 512  # the smallest cache prefix a decode step reads
 # Reading only a prefix of the cache costs a conditional per layer (XLA waits on the host
 # for the branch: about 40 us per layer at batch 1 on an H200) and copies of the slices; a
@@ -570,18 +676,20 @@ class MultiHeadAttention(hk.Module):
         impl = cfg.moe_impl
         data, model = cfg.data_axis, cfg.model_axis
 
-        # Projections leave their float32 sums for RoPE; q, k, v are rounded once, after it.
+        # Projections leave their float32 sums for RoPE. k and v are rounded once, after it, as
+        # the KV cache stores them; q stays float32 (_attend decides).
         f32 = jnp.float32
         qkv_spec, out_spec = P(data, model), P(model, data)  # the release's weight layouts
-        q = Linear(h * k, impl, self.mesh, qkv_spec, name="query", out_dtype=f32)(x).reshape(b, t, h, k)  # [B, T, H, K]
-        key = Linear(g * k, impl, self.mesh, qkv_spec, name="key", out_dtype=f32)(x).reshape(b, t, g, k)  # [B, T, G, K]
-        value = Linear(g * k, impl, self.mesh, qkv_spec, name="value", out_dtype=f32)(x).reshape(b, t, g, k)
+        q, key, value = linears(x, [Linear(n, impl, self.mesh, qkv_spec, name=name, out_dtype=f32)
+                                    for name, n in (("query", h * k), ("key", g * k), ("value", g * k))])
+        q = q.reshape(b, t, h, k)  # [B, T, H, K]
+        key, value = key.reshape(b, t, g, k), value.reshape(b, t, g, k)  # [B, T, G, K]
 
         step = jnp.zeros((b,), jnp.int32) if memory is None else memory.step  # [B]
         positions = step[:, None] + jnp.arange(t)  # [B, T]
-        q = rotary_embedding(q, positions).astype(x.dtype)
-        key = rotary_embedding(key, positions).astype(x.dtype)  # as the KV cache stores it
-        value = value.astype(x.dtype)
+        q = rotary_embedding(q, positions)  # float32
+        key = rotary_embedding(key, positions).astype(cfg.fprop_dtype)  # as the KV cache stores it
+        value = value.astype(cfg.fprop_dtype)
         q = q.reshape(b, t, g, h // g, k)  # query head i uses kv head i // (H / G)
 
         if memory is None:
@@ -594,18 +702,39 @@ class MultiHeadAttention(hk.Module):
             keys = constrain(keys, self.mesh, P(data, None, model))
             values = constrain(values, self.mesh, P(data, None, model))
             new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller
-            # A large cache: read only the used prefix, the smallest bucket that holds every
-            # row's keys. A small one is read whole (see PREFIX_MIN_CACHE_BYTES).
-            buckets = prefix_buckets(keys.shape[1])
-            if self._cache_bytes_per_device(keys) < PREFIX_MIN_CACHE_BYTES:
-                buckets = buckets[-1:]
-            used = jnp.max(step) + t
-            branch = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < used)
-            attend = [functools.partial(self._attend_prefix, n) for n in buckets]
-            out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
+            if t == 1 and impl == "fast" and kernels.uses_pallas():
+                # Decode: one kernel reads each row's own keys, [0, step] (step itself only if
+                # this token is real), so the cost follows the tokens, not the capacity.
+                lengths = step + input_mask[:, 0].astype(jnp.int32)  # [B]
+                out = self._decode_attention(q.reshape(b, g, h // g, k), keys, values, lengths)
+            else:
+                # A large cache: read only the used prefix, the smallest bucket that holds every
+                # row's keys. A small one is read whole (see PREFIX_MIN_CACHE_BYTES).
+                buckets = prefix_buckets(keys.shape[1])
+                if self._cache_bytes_per_device(keys) < PREFIX_MIN_CACHE_BYTES:
+                    buckets = buckets[-1:]
+                used = jnp.max(step) + t
+                branch = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < used)
+                attend = [functools.partial(self._attend_prefix, n) for n in buckets]
+                out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
         out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
         # float32 out: it goes through rms_norm_1 into the float32 residual stream.
         return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)(out), new_memory
+
+    def _decode_attention(self, q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array) -> jax.Array:
+        """kernels.decode_attention per device: q [B, G, H/G, K] float32, the cache [B, S, G, K],
+        lengths [B] -> [B, 1, G, H/G, K] (dtype as _attend's); KV heads split over the model axis."""
+        cfg = self.config
+        attend = functools.partial(kernels.decode_attention, scale=cfg.attn_output_multiplier, cap=ATTN_LOGIT_CAP)
+        if self.mesh is not None and self.mesh.size > 1:
+            d, m = cfg.data_axis, cfg.model_axis
+            q_spec = fit_spec(P(d, m), q.shape, self.mesh)
+            cache_spec = fit_spec(P(d, None, m), keys.shape, self.mesh)
+            attend = jax.shard_map(attend, mesh=self.mesh, in_specs=(q_spec, cache_spec, cache_spec,
+                                                                      fit_spec(P(d), lengths.shape, self.mesh)),
+                                   out_specs=q_spec, check_vma=False)
+        # float32 where _attend keeps it (decode sizes): the output projection takes it unrounded.
+        return attend(q, keys, values, lengths)[:, None].astype(activation_dtype(cfg, q.shape[0]))
 
     def _cache_bytes_per_device(self, keys: jax.Array) -> float:
         """Bytes of this layer's K and V cache on one device ([B, S, G, K], split over data
@@ -621,19 +750,26 @@ class MultiHeadAttention(hk.Module):
 
     def _attend(self, q: jax.Array, keys: jax.Array, values: jax.Array, input_mask: jax.Array,
                 step: jax.Array) -> jax.Array:
-        """q [B, T, G, H/G, K] against keys/values [B, S, G, K] -> [B, T, G, H/G, K].
+        """q [B, T, G, H/G, K] (float32) against keys/values [B, S, G, K] (the cache's
+        dtype) -> [B, T, G, H/G, K].
 
-        Logits in float32, scaled, capped by 30 tanh(x / 30), masked, float32 softmax; the
-        probabilities are cast to the compute dtype for the weighted sum of values.
+        Logits in float32, scaled, capped by 30 tanh(x / 30), masked, float32 softmax, the
+        weighted sum of values with float32 sums. Where activations stay float32
+        (activation_dtype of B*T rows: the CPU, decode sizes) q, the probabilities and the
+        output are never rounded (einsum_f32); at prefill sizes on an accelerator q and the
+        probabilities are rounded to the compute dtype, as the release does, and so is the
+        output (the input of the output projection).
         """
+        cfg = self.config
+        dtype = activation_dtype(cfg, q.shape[0] * q.shape[1])
+        q = q.astype(dtype)
         mask = attention_mask(input_mask, step, keys.shape[1])  # [B, T, S]
-        logits = jnp.einsum("btgqk,bsgk->bgqts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        logits = logits * self.config.attn_output_multiplier
-        logits = 30.0 * jnp.tanh(logits / 30.0)
+        logits = einsum_f32("btgqk,bsgk->bgqts", q, keys, split_axis=3)
+        logits = logits * cfg.attn_output_multiplier
+        logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
         logits = jnp.where(mask[:, None, None, :, :], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)  # [B, G, H/G, T, S]
-        out = jnp.einsum("bgqts,bsgk->btgqk", *float32_sums_on_cpu(probs, values.astype(q.dtype)))
-        return out.astype(q.dtype)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)  # [B, G, H/G, T, S]
+        return einsum_f32("bgqts,bsgk->btgqk", probs, values, split_axis=2).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -745,7 +881,7 @@ class MoELayer(hk.Module):
         b, t, d = x.shape
         e, f = cfg.num_experts, cfg.ffn_size
         gates, experts = self.router(x)  # [B, T, k]
-        x = x.astype(cfg.fprop_dtype)  # the experts' matmul input
+        x = x.astype(activation_dtype(cfg, b * t * cfg.num_selected_experts))  # the experts' matmul input
         w_in = ExpertWeight([e, d, f], name="linear")()
         w_v = ExpertWeight([e, d, f], name="linear_v")()
         w_out = ExpertWeight([e, f, d], name="linear_1")()
@@ -802,8 +938,9 @@ def activation_spec(cfg: TransformerConfig) -> P:
 class DecoderLayer(hk.Module):
     """h += norm_1(attn(norm(h))); h += norm_3(moe(norm_2(h))).
 
-    h, the residual stream, is float32: the blocks' outputs are added unrounded. Only the
-    matmul inputs (the outputs of rms_norm and rms_norm_2) are cast to cfg.fprop_dtype.
+    h, the residual stream, is float32: the blocks' outputs are added unrounded. The matmul
+    inputs (the outputs of rms_norm and rms_norm_2) are float32 too where the matmuls take
+    them so (activation_dtype), else cast to cfg.fprop_dtype.
     """
 
     def __init__(self, config: TransformerConfig, mesh: Optional[Mesh], layer_index: int):
@@ -817,8 +954,8 @@ class DecoderLayer(hk.Module):
         cfg, mesh = self.config, self.mesh
         f32 = jnp.float32
         h = h.astype(f32)
-        attn, new_memory = MultiHeadAttention(cfg, mesh)(RMSNorm(name="rms_norm", dtype=cfg.fprop_dtype)(h),
-                                                         input_mask, memory)
+        x = RMSNorm(name="rms_norm", dtype=activation_dtype(cfg, h.shape[0] * h.shape[1]))(h)
+        attn, new_memory = MultiHeadAttention(cfg, mesh)(x, input_mask, memory)
         h = h + RMSNorm(name="rms_norm_1", dtype=f32)(attn)
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
         moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2", dtype=f32)(h))  # cast inside, after the router
@@ -847,14 +984,19 @@ class Transformer(hk.Module):
         cfg = self.config
         if memory is not None and len(memory.layers) != cfg.num_layers:
             raise ValueError(f"memory has {len(memory.layers)} layers; the model has {cfg.num_layers}.")
+        # Every layer's cache holds the same tokens, so the layers share layer 0's step: the
+        # positions, RoPE phases and attention lengths are computed once per call, not once
+        # per layer (each a kernel on a GPU), and the steps advance in one go.
+        step = None if memory is None else memory.layers[0].step  # [B]
         new_layers = []
         for i in range(cfg.num_layers):
-            layer_memory = None if memory is None else memory.layers[i]
+            layer_memory = None if memory is None else memory.layers[i]._replace(step=step)
             h, new_memory = DecoderLayer(cfg, self.mesh, i)(h, input_mask, layer_memory)
-            if new_memory is not None:
-                new_memory = new_memory._replace(step=new_memory.step + advance)
             new_layers.append(new_memory)
-        return TransformerOutput(h, None if memory is None else Memory(layers=new_layers))
+        if memory is None:
+            return TransformerOutput(h, None)
+        new_step = step + advance
+        return TransformerOutput(h, Memory(layers=[m._replace(step=new_step) for m in new_layers]))
 
     def init_memory(self, batch_size: int, sequence_len: int, dtype: Any = jnp.bfloat16) -> Memory:
         cfg = self.config
@@ -875,15 +1017,28 @@ class InOutEmbed(hk.Module):
         self.embed_dim = embed_dim
 
     @property
-    def table(self) -> jax.Array:
+    def table(self) -> Any:
+        """The float32 table, a bf16 one, or a SplitTable (prepare_for_inference)."""
         return hk.get_parameter("embeddings", [self.vocab_size, self.embed_dim], jnp.float32, init=jnp.zeros)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.table, tokens, axis=0)  # [B, T, D] float32
+        """tokens [B, T] -> the table's rows [B, T, D], float32 (a SplitTable's hi + lo)."""
+        table = self.table
+        if isinstance(table, SplitTable):
+            rows = lambda t: jnp.take(t, tokens, axis=0).astype(jnp.float32)
+            return rows(table.hi) + rows(table.lo)
+        return jnp.take(table, tokens, axis=0).astype(jnp.float32)
 
-    def decode(self, h: jax.Array) -> jax.Array:
-        """h [B, T, D] bf16 -> logits [B, T, V] float32 (bf16 products, float32 sums)."""
-        return jnp.dot(h, self.table.astype(h.dtype).T, preferred_element_type=jnp.float32)
+    def decode(self, h: jax.Array, dtype: Any) -> jax.Array:
+        """h [B, T, D] -> logits [B, T, V] float32 (einsum_f32: float32 sums, a float32 h
+        used unrounded). The table is used in `dtype` (the release's bf16) on an
+        accelerator, as stored on the CPU."""
+        table = self.table
+        if isinstance(table, SplitTable):
+            table = table.hi
+        if jax.default_backend() != "cpu":
+            table = table.astype(dtype)
+        return einsum_f32("btd,vd->btv", h, table, split_axis=1)
 
 
 class LanguageModel(hk.Module):
@@ -912,19 +1067,20 @@ class LanguageModel(hk.Module):
         data = cfg.model.data_axis
         input_mask = tokens > cfg.pad_token  # [B, T]
         embed = InOutEmbed(cfg.vocab_size, cfg.model.emb_size)
-        # The residual stream is float32 from the start: table rows (float32, or bf16 after
-        # prepare_for_inference) times the multiplier, unrounded.
-        h = embed(tokens).astype(jnp.float32) * jnp.float32(cfg.embedding_multiplier_scale)
+        # The residual stream is float32 from the start: the table's float32 rows (hi + lo
+        # after prepare_for_inference) times the multiplier, unrounded.
+        h = embed(tokens) * jnp.float32(cfg.embedding_multiplier_scale)
         h = constrain(h, self.mesh, activation_spec(cfg.model))
 
         advance = jnp.full((b,), t, jnp.int32) if length is None else length.astype(jnp.int32)
         out = self.model(h, input_mask, memory=memory, advance=advance)
-        h = RMSNorm(name="rms_norm", dtype=cfg.fprop_dtype)(out.embeddings)  # the unembedding's input
+        h = RMSNorm(name="rms_norm", dtype=jnp.float32)(out.embeddings)  # the unembedding's input
 
         if length is not None:  # only the last real token of each row: [B, 1, D]
             last = jnp.maximum(length.astype(jnp.int32) - 1, 0)
             h = jnp.take_along_axis(h, last[:, None, None], axis=1)
-        logits = embed.decode(h) * cfg.output_multiplier_scale
+        h = h.astype(activation_dtype(cfg.model, h.shape[0] * h.shape[1]))
+        logits = embed.decode(h, cfg.fprop_dtype) * cfg.output_multiplier_scale
         return LanguageModelOutput(logits=constrain(logits, self.mesh, P(data)), model_state=out.memory)
 
     def init_memory(self, batch_size: int, seq_len: int, dtype: Any = jnp.bfloat16) -> Memory:
@@ -1158,12 +1314,13 @@ def init_memory(config: LanguageModelConfig, batch_size: int, seq_len: int, mesh
 def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bool = False) -> dict:
     """The parameter tree in the layouts inference reads fastest.
 
-    - The embedding table in the compute dtype (bf16), stored once instead of cast every
-      step. The output projection only ever uses the table cast to fprop_dtype, so there it
-      is exact; the embedding lookup reads rows into the float32 residual stream, and from a
-      bf16 table they are rounded to bf16 first (as in the release, which casts the rows).
-      It halves the table's memory, and decode no longer reads 4 bytes and writes 2 per
-      entry (3.2 GB for Grok-1) every step.
+    - The embedding table as a SplitTable of two fprop_dtype (bf16) tables, hi + lo, made
+      once instead of a cast every step: the output projection reads hi, the table cast to
+      bf16 as the release uses it (2 bytes per entry, not 4 read and 2 written every step:
+      3.2 GB for Grok-1), and the lookup reads hi + lo, the float32 rows unrounded to
+      2^-16 (rows rounded to bf16 cost 1.7e-2 of p90 logits error on issue 12's 2-layer
+      model, BENCHMARKS.md "Precision"). The same memory as the float32 table (a bf16
+      table alone would take half); a float32 fprop_dtype keeps the table as it is.
     - In the fast mode, every int8 matrix transposed (TransposedWeight8bit, n_in contiguous),
       the layout the int8 kernels read at close to the copy bandwidth. Same bytes, same values.
 
@@ -1178,7 +1335,10 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bo
         out[module] = dict(leaves)
         for name, leaf in leaves.items():
             if module.endswith("in_out_embed") and name == "embeddings":
-                old, new = leaf, jnp.asarray(leaf).astype(config.fprop_dtype)
+                if isinstance(leaf, SplitTable) or jnp.dtype(config.fprop_dtype) == jnp.float32:
+                    continue
+                old = leaf
+                new = _split_table(jnp.asarray(leaf), config.fprop_dtype)
                 out[module][name] = new
             elif transpose and isinstance(leaf, QuantizedWeight8bit) and not is_transposed(leaf):
                 old, new = leaf.weight, _transposed(leaf.weight)
@@ -1186,9 +1346,17 @@ def prepare_for_inference(params: dict, config: LanguageModelConfig, consume: bo
             else:
                 continue
             if consume and isinstance(old, jax.Array) and old is not new:
-                new.block_until_ready()
+                jax.block_until_ready(new)
                 old.delete()
     return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_table(table: jax.Array, dtype: Any) -> SplitTable:
+    """table (float32) -> SplitTable(hi, lo) in `dtype`, each sharded as the table."""
+    t = table.astype(jnp.float32)
+    hi = t.astype(dtype)
+    return SplitTable(hi, (t - hi.astype(jnp.float32)).astype(dtype))
 
 
 def _transposed(a: Any) -> jax.Array:
@@ -1227,7 +1395,10 @@ def inference_param_shapes(config: LanguageModelConfig, mesh: Mesh) -> dict:
         for name, a in leaves.items():
             s = shardings[module][name]
             if module.endswith("in_out_embed") and name == "embeddings":
-                out[module][name] = leaf(a, s, config.fprop_dtype)
+                if jnp.dtype(config.fprop_dtype) == jnp.float32:
+                    out[module][name] = leaf(a, s)
+                else:
+                    out[module][name] = SplitTable(leaf(a, s, config.fprop_dtype), leaf(a, s, config.fprop_dtype))
             elif isinstance(a, QuantizedWeight8bit) and transpose:
                 *lead, n_in, n_out = a.weight.shape
                 out[module][name] = TransposedWeight8bit(

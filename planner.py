@@ -29,6 +29,7 @@ import sys
 from typing import Any, NoReturn, Optional, Sequence
 
 import model as model_lib
+from kernels import SPLIT_MAX_ROWS
 
 GB = 10**9
 
@@ -377,26 +378,32 @@ def workspace_terms(config: Any, data: int, model: int, batch: int, tokens: int,
     only where the mesh axis divides the dimension (otherwise it is replicated). With
     d = data axis, m = model axis, D width, H query / G kv heads, K key size, E experts,
     k selected, F expert size, V vocabulary, N = B*T tokens, M = N*k rows padded per
-    expert to the kernel tile (kernels.make_plan):
+    expert to the kernel tile (kernels.make_plan). Activations "a" bytes: 4 (float32) where
+    the model keeps them so on an accelerator (model.activation_dtype: N rows, or N*k in
+    the MoE, up to kernels.SPLIT_MAX_ROWS: decode sizes), else 2 (bf16):
 
     - residual:   RESIDUAL_COPIES x [B, T, D] bf16 / (d on B, m on D)
-    - qkv:        q, k, v and the attention output, [B, T, (2H + 2G) K] bf16 / (d, m on heads)
+    - qkv:        q, k, v and the attention output, [B, T, (2H + 2G) K] a / (d, m on heads)
     - attention:  logits [B, H, T, S]: ATTN_F32_COPIES x float32 + bf16 probabilities,
-                  / (d on B, m on heads); the mask [B, T, S] bool / d
+                  / (d on B, m on heads); with float32 activations the probabilities are
+                  float32, and the hi/lo split (model.einsum_f32) adds a float32 copy of
+                  the logits (two halves summed) and the bf16 hi + lo of the probabilities
+                  (assumed, not measured: 12 bytes per entry more); the mask [B, T, S] bool / d
     - cache_update: the layer's k and v as rewritten with this call's keys, 2 x [B, S, G, K]
                   bf16, whole on every device: XLA writes the updated layer into a new
                   buffer, and the partitioner does not split that write over the model
                   axis (measured on 1 and 4 H100s); not split over data either (assumed)
     - fast MoE:   tokens are replicated over the model axis inside the MoE: x [N, D] and
-                  the dispatched rows [M, D] bf16 / d, the gated hidden [M, F] bf16 / m
+                  the dispatched rows [M, D] a / d, the gated hidden [M, F] a / m
                   (plus two float32 [M, F] / m partial sums when d > 1), the expert
                   outputs [M, D] (float32 when m > 1, plus its all-reduced copy) / d and the
                   float32 combine [N, D] / d
     - reference MoE (the release's algorithm): dequantized_experts, one layer's expert
-                  weights 3 x E x D x F bf16 / (d m); moe, the all-expert intermediates
-                  a, b, h [N, E, F] bf16 / m (plus two float32 partial sums when d > 1)
-                  and the expert outputs [N, E, D] bf16 + float32 / d; and
-                  dequantized_attention, one attention matrix, D x H K bf16 / (d m)
+                  weights 3 x E x D x F a / (d m) (dequantized to the activations' dtype);
+                  moe, the all-expert intermediates a, b, h [N, E, F] a / m (plus two
+                  float32 partial sums when d > 1) and the expert outputs [N, E, D] a +
+                  float32 / d; and dequantized_attention, one attention matrix, D x H K a
+                  / (d m)
     - head:       the embedding table cast to bf16, [V, D] / (d m); the float32 logits of
                   the last position [B, V] and their partial sums; the float32 embedding
                   gather [B, T, D] / (d m)
@@ -421,29 +428,32 @@ def workspace_terms(config: Any, data: int, model: int, batch: int, tokens: int,
     hm = split(g_, model)
     dm, dd, fm, ddm = split(d_, model), split(d_, data), split(f_, model), split(d_, data * model)
 
+    n = b * t
+    a_dense = 4 if n <= SPLIT_MAX_ROWS else 2  # activations' bytes (model.activation_dtype)
+    a_moe = 4 if n * top <= SPLIT_MAX_ROWS else 2
     out: dict[str, int] = {}
     out["residual"] = RESIDUAL_COPIES * b * t * d_ * 2 // (bd * dm)
-    out["qkv"] = b * t * (2 * h_ + 2 * g_) * k_ * 2 // (bd * hm)
-    out["attention"] = (b * h_ * t * s * (4 * ATTN_F32_COPIES + 2) // (bd * hm)) + b * t * s // bd
+    out["qkv"] = b * t * (2 * h_ + 2 * g_) * k_ * a_dense // (bd * hm)
+    attn_bytes = 4 * ATTN_F32_COPIES + (2 if a_dense == 2 else 16)
+    out["attention"] = (b * h_ * t * s * attn_bytes // (bd * hm)) + b * t * s // bd
     out["cache_update"] = 2 * b * s * g_ * k_ * 2
 
-    n = b * t
     if moe_impl == "fast":
         rows = _moe_rows(n * top, e_)
-        moe = n * d_ * 2 // dd + rows * d_ * 2 // dd + rows * f_ * 2 // fm
+        moe = n * d_ * a_moe // dd + rows * d_ * a_moe // dd + rows * f_ * a_moe // fm
         if data > 1:
             moe += 2 * rows * f_ * 4 // fm
         moe += rows * d_ * (8 if model > 1 else 2) // dd
         moe += n * d_ * 4 // dd
         out["moe"] = moe
     elif moe_impl == "reference":
-        out["dequantized_experts"] = 3 * e_ * d_ * f_ * 2 // (dd * fm)
-        moe = 3 * n * e_ * f_ * 2 // fm
+        out["dequantized_experts"] = 3 * e_ * d_ * f_ * a_moe // (dd * fm)
+        moe = 3 * n * e_ * f_ * a_moe // fm
         if data > 1:
             moe += 2 * n * e_ * f_ * 4 // fm
-        moe += n * e_ * d_ * (2 + 4) // dd
+        moe += n * e_ * d_ * (a_moe + 4) // dd
         out["moe"] = moe
-        out["dequantized_attention"] = d_ * h_ * k_ * 2 // (dd * hm)
+        out["dequantized_attention"] = d_ * h_ * k_ * a_dense // (dd * hm)
     else:
         raise PlanError(f"moe_impl={moe_impl!r}; expected one of {model_lib.MOE_IMPLS}")
 

@@ -193,12 +193,9 @@ def _recording(store: dict) -> Iterator[None]:
             stack.append(name)
             put("attn_out", out[0])
             stack.pop()
-        elif isinstance(mod, model.Linear) and inside("multi_head_attention"):
+        elif isinstance(mod, model.Linear) and inside("multi_head_attention") and short == "linear":
             stack.append(name)
-            if short == "linear":
-                put("attn_sum", args[0])
-            elif short in ("query", "key", "value"):
-                put({"query": "q", "key": "k", "value": "v"}[short], out)
+            put("attn_sum", args[0])
             stack.pop()
         elif isinstance(mod, model.Router):
             stack.append(name)
@@ -211,7 +208,15 @@ def _recording(store: dict) -> Iterator[None]:
         return out
 
     real_rope, real_softmax, real_combine = model.rotary_embedding, jax.nn.softmax, kernels.combine
-    real_einsum = jnp.einsum
+    real_einsum, real_linears = jnp.einsum, model.linears
+
+    def linears(x, projections):  # q, k and v come out of one call
+        outs = real_linears(x, projections)
+        for p, out in zip(projections, outs):
+            short = p.module_name.split("/")[-1]
+            if short in ("query", "key", "value"):
+                put({"query": "q", "key": "k", "value": "v"}[short], out)
+        return outs
 
     def rope(x, positions, *a, **k):
         out = real_rope(x, positions, *a, **k)
@@ -241,7 +246,8 @@ def _recording(store: dict) -> Iterator[None]:
             mock.patch.object(model, "rotary_embedding", rope), \
             mock.patch.object(jax.nn, "softmax", softmax), \
             mock.patch.object(kernels, "combine", combine), \
-            mock.patch.object(jnp, "einsum", einsum):
+            mock.patch.object(jnp, "einsum", einsum), \
+            mock.patch.object(model, "linears", linears):
         yield
 
 
@@ -363,25 +369,32 @@ def compare_traces(got: dict, want: dict, valid: np.ndarray, num_layers: int) ->
 # ---------------------------------------------------------------------------------------
 
 
-# Where this model rounds to bf16 (see model.py): matmul inputs (norms before attention,
-# MoE and unembedding; q; the attention weighted sum; the experts' hidden layer), the KV
-# cache (k, v), the attention probabilities, the experts' outputs and the bf16 table in the
-# unembedding. The reference mode also rounds the experts' input matmuls and gelu, and
-# dequantizes the weights in bf16 (the release's algorithm). The runner's bf16 table adds
-# "embed".
+# Where this model rounds to bf16 (model.activation_dtype): on the CPU only what the KV
+# cache stores, in both MoE modes; on an accelerator at decode sizes (up to
+# kernels.SPLIT_MAX_ROWS rows) also the unembedding's bf16 table; at prefill sizes there,
+# the matmul inputs (norms before attention, MoE and unembedding; q; the attention
+# weighted sum; the experts' hidden layer), the attention probabilities and the experts'
+# outputs too, as the release does, and in the reference mode the experts' input matmuls
+# and gelu and the bf16 dequantization (the release's algorithm).
+_PREFILL_POINTS = ("cache", "unembed", "norm_in", "q", "probs", "attn_sum", "expert_hidden", "expert_out")
 MODEL_POINTS = {
-    "fast": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_hidden", "expert_out"),
-    "reference": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_in", "expert_hidden",
-                  "expert_out", "dequant"),
+    "CPU, both MoE modes": ("cache",),
+    "accelerator, decode sizes, both modes": ("cache", "unembed"),
+    "accelerator, prefill sizes, fast MoE": _PREFILL_POINTS,
+    "accelerator, prefill sizes, reference MoE": _PREFILL_POINTS + ("expert_in", "dequant"),
+    "before this change (fast MoE)": ("unembed", "norm_in", "q", "kv", "probs", "attn_sum", "expert_hidden",
+                                      "expert_out"),
 }
 
 
 def ablation(params: dict, cfg: Any, tokens: np.ndarray,
              points: tuple[str, ...] = reference.ROUNDING_POINTS) -> dict[str, dict[str, float]]:
     """p90 logits error vs float64 of the reference rounding at: each point alone ("only"),
-    every point of bf16=True but that one ("all but"), plus "all" (bf16=True) and "all +
-    dequant" (the release's bf16 dequantization too). Every run keeps float64's expert
-    choices, so that the numbers are the arithmetic's cost, not routing flips."""
+    with the KV cache's rounding ("with the cache": what the point adds to the floor a bf16
+    cache sets), every point of bf16=True but that one ("all but"), plus "all" (bf16=True),
+    "all + dequant" (the release's bf16 dequantization too) and this model's sets
+    (MODEL_POINTS). Every run keeps float64's expert choices, so that the numbers are the
+    arithmetic's cost, not routing flips."""
     valid = tokens != cfg.pad_token
     tr = reference.trace(params, cfg, tokens)
     want = tr["logits"]
@@ -390,10 +403,10 @@ def ablation(params: dict, cfg: Any, tokens: np.ndarray,
                                    want, valid)
     every = tuple(p for p in reference.ROUNDING_POINTS if p != "dequant")
     out = {"all": {"only": err(True)}, "all + dequant": {"only": err(reference.ROUNDING_POINTS)}}
-    for impl, model_points in MODEL_POINTS.items():
-        out[f"this model's points ({impl} MoE)"] = {"only": err(model_points)}
+    for where, model_points in MODEL_POINTS.items():
+        out[f"this model: {where}"] = {"only": err(model_points)}
     for point in points:
-        out[point] = {"only": err((point,)),
+        out[point] = {"only": err((point,)), "with the cache": err(tuple({point, "cache"})),
                       "all but": err(tuple(p for p in every if p != point)) if point in every else float("nan")}
     return out
 

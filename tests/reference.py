@@ -177,6 +177,7 @@ ROUNDING_POINTS = (
     "residual",     # the residual stream after each add
     "q",            # the q projection and q after RoPE
     "kv",           # the k and v projections and k after RoPE (what the KV cache stores)
+    "cache",        # k after RoPE and v, rounded once: only what a bf16 KV cache stores
     "probs",        # attention probabilities
     "attn_sum",     # the attention weighted sum (input of the output projection)
     "attn_out",     # the attention output projection
@@ -264,7 +265,8 @@ def attention(
     if trace is not None:
         trace.update(q=q, k=k, v=v)
     q = rd("q", apply_rope(q, positions))
-    k = rd("kv", apply_rope(k, positions))
+    k = rd("cache", rd("kv", apply_rope(k, positions)))
+    v = rd("cache", v)
 
     # Each sequence writes at its own step.
     k_cache, v_cache = k_cache.copy(), v_cache.copy()
@@ -424,7 +426,8 @@ def forward(
     not modified.
 
     bf16=True rounds to bfloat16 at: the bf16 embedding table and its scaled output, every
-    RMSNorm output, the residual stream after each add, q/k/v projections and after RoPE,
+    RMSNorm output, the residual stream after each add, q/k/v projections and after RoPE
+    (k after RoPE and v: what the KV cache stores),
     attention probabilities, the attention weighted sum and output projection, each
     expert's matmul outputs, gelu * value product and output, the MoE output, and the
     logits (before and after the output multiplier). Dequantized weights are not rounded.

@@ -850,9 +850,15 @@ def test_release_style_training_state_class(saved_small):
 
 def test_save_refuses_weights_transposed_for_inference(tmp_path):
     """Checkpoints keep the released layout: a tree from model.prepare_for_inference (int8
-    stored transposed) is refused with the parameter's path, and nothing is written."""
+    stored transposed, the embedding table split into bf16 hi + lo) is refused with the
+    parameter's path, and nothing is written."""
     cfg = model.tiny_config(num_layers=1)
-    prepared = model.prepare_for_inference(model.init_random_params(cfg, 0), cfg)
+    raw = model.init_random_params(cfg, 0)
+    prepared = model.prepare_for_inference(raw, cfg)
+    embed = "language_model/in_out_embed"
+    with pytest.raises(ValueError, match="in_out_embed.*split into bf16 hi"):
+        ck.save(prepared, str(tmp_path / "ckpt"))
+    prepared[embed] = raw[embed]
     with pytest.raises(ValueError, match="decoder_layer_0.*transposed for inference"):
         ck.save(prepared, str(tmp_path / "ckpt"))
     assert not (tmp_path / "ckpt").exists() or not any(

@@ -99,12 +99,16 @@ combine = jax.jit(kernels.combine)
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["comparing", "counting"])
 @pytest.mark.parametrize("m,k,block_m,case", [(1, 2, 16, "uniform"), (13, 2, 4, "uneven"),
                                               (40, 2, 8, "uniform"), (7, 1, 2, "uneven")])
-def test_make_plan_groups_rows_by_expert(m, k, block_m, case):
+def test_make_plan_groups_rows_by_expert(m, k, block_m, case, path, monkeypatch):
+    """Both ways of building the plan (pairwise comparisons for decode, cumulative counts
+    for prefill) against the plan's definition."""
+    monkeypatch.setattr(kernels, "_COMPARING_PLAN_MAX_ROWS", 256 if path == "comparing" else 0)
     rng = np.random.default_rng(m * 10 + k)
     idx, _ = routing(rng, m, k, case)
-    plan = make_plan(idx, E, block_m)
+    plan = kernels.make_plan(idx, E, block_m)  # not jitted: a cached trace would ignore the patch
     idx = np.asarray(idx).reshape(-1)
     row_pos, row_token = np.asarray(plan.row_pos), np.asarray(plan.row_token)
     tile_expert, num_tiles = np.asarray(plan.tile_expert), int(plan.num_tiles)
@@ -265,6 +269,116 @@ def test_int8_matmul_under_shard_map_with_local_scale_blocks():
     y = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "model"), P("model", None), P("model", None)),
                               out_specs=P(), check_vma=False))(x, w, s)
     assert rel_err(y, f64(x) @ dequant_np(w, s)) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nb,transposed,split_k", [(1, True, 1), (2, False, 2), (1, True, 4)])
+def test_int8_matmuls_run_several_weights_side_by_side(backend, nb, transposed, split_k):
+    """q, k and v in one launch: widths 96, 32 and 32 (column blocks of 32: 3 + 1 + 1), each
+    output equal to its own product; split-K sums across the fused output."""
+    rng = np.random.default_rng(10 + nb)
+    x = bf16(rng.standard_normal((1, 3, D)))
+    mats = [quantized(rng, (D, n), nb) for n in (F, 32, 32)]
+    stored = [(w.T if transposed else w, s) for w, s in mats]
+    cfg = kernels.KernelConfig(block_n=128, block_k=16, split_k=split_k)
+    fn = jax.jit(functools.partial(kernels.int8_matmuls, backend=backend, transposed=transposed, config=cfg,
+                                   out_dtype=jnp.float32))
+    ys = fn(x, stored)
+    assert [y.shape for y in ys] == [(1, 3, F), (1, 3, 32), (1, 3, 32)]
+    for y, (w, s) in zip(ys, mats):
+        assert rel_err(f64(y).reshape(3, -1), f64(x).reshape(3, D) @ dequant_np(w, s)) < 1e-5
+
+
+def attention_np(q, keys, values, lengths, scale, cap):
+    """float64 decode attention from SPEC: logits q.k * scale, capped cap * tanh(x / cap),
+    softmax over the keys [0, length), weighted sum of values; zeros where nothing is visible.
+    q [B, G, Hg, K], keys/values [B, S, G, K]."""
+    q, keys, values = f64(q), f64(keys), f64(values)
+    out = np.zeros(q.shape)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        logits = np.einsum("ghk,sgk->ghs", q[b], keys[b, :n]) * scale
+        logits = cap * np.tanh(logits / cap)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        out[b] = np.einsum("ghs,sgk->ghk", p / p.sum(-1, keepdims=True), values[b, :n])
+    return out
+
+
+@pytest.mark.parametrize("splits,q_scale", [(1, 2.0), (3, 2.0), (None, 2.0), (3, 60.0)])
+def test_decode_attention_reads_each_rows_keys(splits, q_scale):
+    """Per-row lengths (0, 1, a block and a bit, the whole cache) against float64; positions
+    past a row's length hold large values that must not leak in. q_scale 60: logits pinned
+    against the cap of 30 from both sides."""
+    rng = np.random.default_rng(splits or 0)
+    b, s, g, hg, k = 4, 128, 2, 3, 16
+    q = jnp.asarray(rng.standard_normal((b, g, hg, k)).astype(np.float32) * q_scale)
+    keys, values = bf16(rng.standard_normal((b, s, g, k))), bf16(rng.standard_normal((b, s, g, k)))
+    lengths = np.array([0, 1, 70, 128], np.int32)
+    for row, n in enumerate(lengths):  # poison what a row must not read
+        keys = keys.at[row, n:].set(1e4)
+        values = values.at[row, n:].set(1e4)
+    out = kernels.decode_attention(q, keys, values, jnp.asarray(lengths), scale=0.25, cap=30.0,
+                                   backend="interpret", splits=splits)
+    assert out.shape == (b, g, hg, k) and out.dtype == jnp.float32
+    want = attention_np(q, keys, values, lengths, 0.25, 30.0)
+    assert np.all(f64(out)[0] == 0)
+    assert rel_err(out, want) < 1e-5
+    with pytest.raises(ValueError, match="Pallas kernel"):
+        kernels.decode_attention(q, keys, values, jnp.asarray(lengths), scale=0.25, cap=30.0, backend="xla")
+
+
+# ---------------------------------------------------------------------------------------
+# Float32 activations: used unrounded (float32 math on the CPU, the hi/lo split elsewhere)
+# ---------------------------------------------------------------------------------------
+
+
+def test_split_bf16_is_exact_to_2_pow_minus_16():
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32) * np.float32(1e3)
+    hi, lo = jax.jit(kernels.split_bf16)(jnp.asarray(x))
+    assert hi.dtype == lo.dtype == jnp.bfloat16
+    back = f64(hi) + f64(lo)
+    assert np.all(np.abs(back - x) <= 2.0**-16 * np.abs(x))
+    assert np.array_equal(f64(hi), f64(x.astype(ml_dtypes.bfloat16)))
+
+
+@pytest.mark.parametrize("path", ["xla", "xla split", "interpret"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_float32_activations_are_not_rounded(path, transposed, monkeypatch):
+    """A float32 x reaches the int8 matmuls unrounded: float32 math on the CPU's XLA path,
+    bf16 hi + lo against the same int8 tile in the Pallas kernels and in XLA off the CPU
+    ("xla split" forces that here). The error against float64 on the same float32 input
+    is ~1e-5; rounding x to bf16 gives ~2e-3."""
+    if path == "xla split":
+        monkeypatch.setattr(kernels, "_xla_split", lambda x: x.dtype == jnp.float32)
+    backend = "interpret" if path == "interpret" else "xla"
+    rng = np.random.default_rng(11)
+    m, k = 5, 2
+    idx, _ = routing(rng, m, k, "uneven")
+    plan = make_plan(idx, E, kernels.default_block_m(m * k))
+    x = jnp.asarray(rng.standard_normal((m, D)).astype(np.float32))
+    (w, ws), (v, vs), (w1, w1s) = (quantized(rng, (E, D, F), 8), quantized(rng, (E, D, F), 8),
+                                   quantized(rng, (E, F, D), 8))
+    layout = (lambda a: jnp.swapaxes(a, -1, -2)) if transposed else (lambda a: a)
+    f32 = jnp.float32
+
+    @jax.jit
+    def run(x, plan, w, ws, v, vs, w1, w1s):
+        xs = kernels.dispatch(x, plan)
+        h = kernels.grouped_matmul_gated(xs, w, ws, v, vs, plan, backend=backend, out_dtype=f32,
+                                         transposed=transposed)
+        y = kernels.grouped_matmul(h, w1, w1s, plan, backend=backend, out_dtype=f32, transposed=transposed)
+        dense = kernels.int8_matmul(x, w[0], ws[0], backend=backend, out_dtype=f32, transposed=transposed)
+        return h, y, dense
+
+    h, y, dense = run(x, plan, layout(w), ws, layout(v), vs, layout(w1), w1s)
+    wd, vd, w1d = dequant_np(w, ws), dequant_np(v, vs), dequant_np(w1, w1s)
+    ix, x64, h64, rp = np.asarray(idx).reshape(-1), f64(x), f64(h), np.asarray(plan.row_pos)
+    h_ref = np.stack([gelu_np(x64[r // k] @ wd[e]) * (x64[r // k] @ vd[e]) for r, e in enumerate(ix)])
+    y_ref = np.stack([h64[rp[r]] @ w1d[e] for r, e in enumerate(ix)])
+    assert rel_err(h64[rp], h_ref) < 1e-4
+    assert rel_err(f64(y)[rp], y_ref) < 1e-4
+    assert rel_err(dense, x64 @ wd[0]) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
+import kernels
 import model
 import planner
 
@@ -171,8 +172,13 @@ def test_real_model_on_8x80gb(grok):
 def test_reference_mode_adds_dequantized_experts(grok):
     fast = planner.plan(grok, 8, 80.0, 1, 8192, moe_impl="fast", suggest=False)
     ref = planner.plan(grok, 8, 80.0, 1, 8192, moe_impl="reference", suggest=False)
-    deq = 3 * E * D * F * 2 / 8 / planner.GB  # one layer's expert weights in bf16, 8 shards
+    # One layer's expert weights over 8 shards, dequantized to the activations' dtype: on an
+    # accelerator float32 up to kernels.SPLIT_MAX_ROWS routed rows (model.activation_dtype),
+    # else bf16 (prefill sizes; and decode while SPLIT_MAX_ROWS is 0).
+    decode_bytes = 4 if 1 * 2 <= kernels.SPLIT_MAX_ROWS else 2
+    deq = 3 * E * D * F * decode_bytes / 8 / planner.GB
     assert ref.decode_terms_gb["dequantized_experts"] == pytest.approx(deq)
+    assert ref.prefill_terms_gb["dequantized_experts"] == pytest.approx(3 * E * D * F * 2 / 8 / planner.GB)
     # The MoE stage now dominates a decode step's layer: the difference is about `deq`.
     assert fast.decode_workspace_gb + 0.9 * deq < ref.decode_workspace_gb < fast.decode_workspace_gb + 1.1 * deq
 

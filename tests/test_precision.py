@@ -9,7 +9,8 @@ KV cache; and greedy generation through the runner's run() against the float64 r
 Routing flips (a near-tie between the 2nd and 3rd expert resolved the other way after a
 rounding) change a position's logits by 5-40% and, through attention, the positions after
 it (SPEC's testing note). At 12 layers they decide the p90 (measured over seeds 0-4:
-0.0095 to 0.16 in the fast mode, 0.06 to 0.30 in the reference mode). So the bounds below
+3.5e-3 to 0.107 in both modes, the same flips that rounding only the bf16 KV cache makes
+in float64). So the bounds below
 apply to the error against float64 run with the model's own expert choices (the
 arithmetic's error); issue 12's targets, on the plain metric, are checked as well.
 """
@@ -33,17 +34,18 @@ CASES = [(name, impl) for name in pr.RECIPES for impl in IMPLS]
 # Issue 12's targets for the plain p90 (float64 with its own routing).
 ISSUE_TARGET = {"2 layers": 1.2e-2, "12 layers": 1.0e-2}
 # Bounds on the p90 against float64 with the model's routing, prefill and decode. Measured
-# on CPU, jax 0.10.2, seed 0 (prefill; decode within 1%): 2 layers fast 1.90e-2, reference
-# 2.39e-2; 12 layers fast 1.05e-2, reference 1.37e-2. With the bf16 residual stream before
-# this change: 2.49e-2, 3.24e-2, 1.73e-2, 2.09e-2.
-BOUND = {("2 layers", "fast"): 2.2e-2, ("2 layers", "reference"): 2.7e-2,
-         ("12 layers", "fast"): 1.2e-2, ("12 layers", "reference"): 1.6e-2}
-# Where the plain metric misses the issue's target on seed 0 (prefill / decode): 2 layers
-# fast 2.20e-2, reference 3.48e-2; 12 layers fast 4.32e-2 / 1.70e-2, reference 2.98e-1.
-# The 2-layer targets are out of reach with a bf16 KV cache: in tests/reference.py's
-# emulation, rounding only k and v to bf16 (everything else float64) already gives
-# 1.0e-2 to 1.3e-2 on seeds 0-3 (BENCHMARKS.md, "Precision").
-UNMET = set(CASES)
+# on CPU, jax 0.10.2, seed 0 (prefill; decode within 1%), with float32 activations (only
+# the KV cache rounded): 2 layers fast 9.13e-3, reference 9.00e-3; 12 layers fast 4.08e-3,
+# reference 4.04e-3. With bf16 matmul inputs, q and attention (the previous model): 1.90e-2,
+# 2.39e-2, 1.05e-2, 1.37e-2.
+BOUND = {("2 layers", "fast"): 1.2e-2, ("2 layers", "reference"): 1.2e-2,
+         ("12 layers", "fast"): 6e-3, ("12 layers", "reference"): 6e-3}
+# Where the plain metric misses the issue's target on seed 0: 12 layers, both modes, 0.107
+# prefill and decode, from 3 routing flips. That is the bf16 KV cache's doing: in
+# tests/reference.py's emulation (float64 arithmetic, float64's own routing decisions),
+# rounding only what the cache stores gives the same 0.107 on this seed, with the same
+# flips (2.7e-2, 3.5e-3, 7.0e-2, 4.0e-3 on seeds 1-4; BENCHMARKS.md, "Precision").
+UNMET = {("12 layers", "fast"), ("12 layers", "reference")}
 NEAR_TIE = 0.01  # top-2 logit gap below which greedy decoding may legitimately differ
 PROMPT_SEED, PROMPT_LEN, NEW_TOKENS = 100, 8, 10  # float64 rollouts: first near-tie at step 7 / none
 
@@ -178,4 +180,6 @@ def test_model_trace_names_every_op_of_the_reference():
     errors = np.array([v for row in table.values() for v in row])
     assert np.all(np.isfinite(errors)) and errors.max() < 0.05 and table["embed"][0] < 1e-6
     plain = model.make_forward(config)(device_params("2 layers"), jnp.asarray(r.tokens)).logits
-    np.testing.assert_allclose(got["logits"], np.asarray(plain), rtol=1e-6, atol=1e-7)
+    # float32 arithmetic: the traced program fuses differently, so the two agree to float32
+    # rounding, not bit for bit.
+    assert pr.per_position_rel(got["logits"], np.asarray(plain)).max() < 1e-5

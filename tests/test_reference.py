@@ -350,6 +350,7 @@ def test_rounding_points_subset_and_dequant():
     params = make_params(cfg, seed=14)
     tokens = random_tokens(np.random.default_rng(14), 2, 5)
     exact, _ = ref.forward(params, cfg, tokens)
+    exact_trace = ref.trace(params, cfg, tokens)
     np.testing.assert_array_equal(ref.forward(params, cfg, tokens, bf16=())[0], exact)
     every = tuple(p for p in ref.ROUNDING_POINTS if p != "dequant")
     np.testing.assert_array_equal(ref.forward(params, cfg, tokens, bf16=every)[0],
@@ -364,6 +365,13 @@ def test_rounding_points_subset_and_dequant():
     q = params["transformer/decoder_layer_0/multi_head_attention/query"]["w"]
     np.testing.assert_array_equal(p["wq"], ref.to_bf16(ref.dequantize(q.weight, q.scales)))
     assert not np.array_equal(ref._layer_params(params, cfg, 0, True)["wq"], p["wq"])
+    # "cache" rounds what a bf16 KV cache stores, k after RoPE and v, once each; "kv" also
+    # rounds the k projection before RoPE.
+    tr_cache, tr_kv = ref.trace(params, cfg, tokens, bf16=("cache",)), ref.trace(params, cfg, tokens, bf16=("kv",))
+    k_exact = ref.apply_rope(exact_trace["layer_0/k"], np.arange(5)[None].repeat(2, 0))
+    np.testing.assert_array_equal(tr_cache["layer_0/k_rope"], ref.to_bf16(k_exact))
+    np.testing.assert_array_equal(tr_cache["layer_0/q_rope"], exact_trace["layer_0/q_rope"])
+    assert not np.array_equal(tr_kv["layer_0/k_rope"], tr_cache["layer_0/k_rope"])
     with pytest.raises(ValueError, match="unknown rounding point"):
         ref.forward(params, cfg, tokens, bf16=("residual", "nope"))
 
