@@ -49,15 +49,19 @@
 Each measured pass runs in a fresh child process so that its peak resident memory can be
 reported next to its speed.
 
-  serve    N streaming clients for T seconds against the HTTP server (server.py) in a child
-           process, on the tiny demo model (--tiny, CPU) or a Grok-1-width model of --layers
-           layers with random int8 weights made on the device. Reports requests/s, output
-           tokens/s (the server's own count over the window), p50/p99 time to first token
-           and per output token, beside the engine's decode rate at the same batch measured
-           in the same server process just before it serves: back-to-back decode steps (what
-           `model` measures) and synchronous engine steps (host work included).
-           python bench.py serve --tiny --slots 8 --clients 16 --seconds 30
-           python bench.py serve --layers 4 --slots 32 --clients 64 --seconds 60 --json bench_out/serve.json
+  serve    N streaming clients against the HTTP server (server.py) in a child process, on the
+           tiny demo model (--tiny, CPU) or a Grok-1-width model of --layers layers with
+           random int8 weights made on the device, in --rounds windows of --seconds. After
+           each window (no request in flight) the same server process measures its engine at
+           the same batch: back-to-back decode steps with different requests in the slots
+           (what `model` measures), the same with one request repeated, synchronous engine
+           steps, and the serving loop without HTTP. Reports requests/s, output tokens/s
+           (the server's own count), p50/p99 time to first token and per output token, and
+           per round the ratio to the engine's rates just before and after; medians.
+           --contention 0.2,0.4 adds the engine's decode rate beside a process that keeps a
+           core busy (on a CPU the model and the server's host work share the cores).
+           python bench.py serve --tiny --slots 8 --clients 16 --rounds 6 --seconds 6
+           python bench.py serve --layers 4 --slots 32 --clients 64 --rounds 5 --seconds 10 --json bench_out/serve.json
 
   python bench.py loader --dir /tmp/ckpt_bench --size-gb 2 --json bench_out/loader.json
 """
@@ -1540,41 +1544,123 @@ SERVE_PROMPTS = [
 ]
 
 
-def measure_engine(runner: Any, steps: int = 50) -> dict:
-    """Decode rate of the runner's engine with every slot busy: back-to-back jitted decode
-    steps (dispatch overlaps the device, as `model` measures), and synchronous engine.step()
-    calls (each waits for its tokens and turns them into text, as the server's loop does)."""
+def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, max_tokens: int = 128) -> dict:
+    """Decode rate of the runner's engine with every slot busy, each for about `seconds`:
+    back-to-back jitted decode steps (dispatch overlaps the device, as `model` measures),
+    and synchronous engine.step() calls (each waits for its tokens and turns them into
+    text). Rates are totals over the time (as the server's are), not medians. Then the
+    serving loop without HTTP ("loop"): the server's engine-thread schedule (server.py's
+    Scheduler: prefills into free slots, PIPELINE_DEPTH steps queued, tokens turned into
+    text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
+    end-of-sequence token allowed), for `seconds`.
+
+    The slots hold different requests, as under load: the prompts of the load, sampled at
+    `temperature` with different seeds (`model` feeds random tokens). A batch of one
+    request repeated ("same rows", the rate this function reported before) routes every
+    row to the same two experts, which the fast MoE computes faster than the different
+    experts of different rows. The end-of-sequence token is masked so that nobody leaves
+    the batch while it is timed; it is refilled (untimed) before its requests reach the end
+    of the context."""
     import runners
 
     engine, owner = runner.engine(), object()
-    batch, seq_len = runner.batch_size, runner.runner.model.sequence_len
-    base = runner.prepare(runners.Request(prompt=SERVE_PROMPTS[0], temperature=0.0,
-                                          max_len=min(4 * steps, seq_len - 64)), 0)
-    mask = base.mask.copy()
-    mask[runner.runner.model.eos_token] = False  # nobody leaves the batch while it is timed
-    for i in range(batch):
-        engine.admit(dataclasses.replace(base, request_id=i, mask=mask), owner)
+    batch, config = runner.batch_size, runner.runner.model
+    chunk = 10
+    room = [0]  # steps the batch can still take
     active = np.ones((batch,), bool)
 
-    def raw_step():
-        engine.memory, engine.state, out = engine.decode(engine.params, engine.memory, engine.state, active)
+    def requests(same: bool) -> list:
+        out = []
+        for i in range(batch):
+            prompt = SERVE_PROMPTS[0 if same else i % len(SERVE_PROMPTS)]
+            request = runners.Request(prompt=prompt, temperature=0.0 if same else temperature, rng_seed=i,
+                                      max_len=config.sequence_len - 64)
+            prepared = runner.prepare(request, i)
+            prepared.mask[config.eos_token] = False
+            out.append(prepared)
         return out
 
-    raw = timed(raw_step, warmup=2, iters=max(1, steps // 5), reps=5)
-    for _ in range(2):
-        engine.step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    synchronous = (time.perf_counter() - start) / steps
-    engine.release(owner)
+    def fill(batch_requests: list) -> None:
+        engine.release(owner)
+        for prepared in batch_requests:
+            engine.admit(prepared, owner)
+        room[0] = min(p.max_len for p in batch_requests) - 2
+
+    def raw_chunk() -> None:
+        for _ in range(chunk):
+            engine.memory, engine.state, out = engine.decode(engine.params, engine.memory, engine.state, active)
+        jax.block_until_ready(out)
+
+    def step_chunk() -> None:
+        for _ in range(chunk):
+            engine.step()
+
+    def rate(run_chunk: Callable[[], None], budget: float, same: bool = False) -> float:
+        """Seconds per step over chunks of back-to-back steps until `budget` seconds have run."""
+        batch_requests = requests(same)
+        fill(batch_requests)
+        run_chunk()  # warm-up
+        room[0] -= chunk
+        steps, elapsed = 0, 0.0
+        while elapsed < budget or steps < 5 * chunk:
+            if room[0] < chunk:
+                fill(batch_requests)
+            start = time.perf_counter()
+            run_chunk()
+            elapsed += time.perf_counter() - start
+            steps += chunk
+            room[0] -= chunk
+        return elapsed / steps
+
+    def serving_loop(budget: float) -> float:
+        """Generated tokens/s of the server's schedule without HTTP (see server.Scheduler.run)."""
+        import collections
+
+        import server
+
+        pending: collections.deque = collections.deque()
+        tokens, i = 0, 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < budget:
+            while engine.free_slots():
+                request = runners.Request(prompt=SERVE_PROMPTS[i % len(SERVE_PROMPTS)], temperature=temperature,
+                                          rng_seed=i, max_len=max_tokens)
+                pending.append(engine.dispatch_admit(runner.prepare(request, i), owner))
+                i += 1
+            while len(pending) < server.PIPELINE_DEPTH:
+                handle = engine.dispatch()
+                if handle is None:
+                    break
+                pending.append(handle)
+            for event in engine.collect(pending.popleft()):
+                tokens += not (event.finished and event.finish_reason == "eos")
+        elapsed = time.perf_counter() - start
+        while pending:
+            engine.collect(pending.popleft())
+        return tokens / elapsed
+
+    try:
+        raw = rate(raw_chunk, seconds)
+        same = rate(raw_chunk, seconds / 2, same=True)
+        synchronous = rate(step_chunk, seconds / 2)
+        engine.release(owner)
+        serving_loop(0.1)  # warm-up
+        engine.release(owner)
+        loop = serving_loop(seconds)
+    finally:
+        engine.release(owner)
     return {"batch": batch, "decode_ms": raw * 1e3, "decode_tokens_per_s": batch / raw,
-            "engine_step_ms": synchronous * 1e3, "engine_step_tokens_per_s": batch / synchronous}
+            "decode_same_rows_tokens_per_s": batch / same,
+            "engine_step_ms": synchronous * 1e3, "engine_step_tokens_per_s": batch / synchronous,
+            "loop_tokens_per_s": loop}
 
 
 def serve_child(args: argparse.Namespace) -> None:
-    """The server process of `serve`: build the runner, measure its engine, then serve."""
+    """The server process of `serve`: build the runner, measure its engine, then serve. Each
+    line read from stdin names a file: the engine is measured again (the parent sends it
+    only while no request is in flight) and the result written there."""
     import logging
+    import threading
 
     import run
     import runners
@@ -1602,11 +1688,21 @@ def serve_child(args: argparse.Namespace) -> None:
         r.initialize()
         return r
 
-    def on_ready(runner: Any) -> None:
-        result = measure_engine(runner)
+    def measure(runner: Any, path: str) -> None:
+        result = measure_engine(runner, args.engine_seconds, args.temperature, args.max_tokens)
         result["device"] = str(jax.devices()[0].device_kind)
-        with open(args.engine_json, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(result, f)
+        os.replace(path + ".tmp", path)
+
+    def control(runner: Any) -> None:
+        for line in sys.stdin:
+            if line.strip():
+                measure(runner, line.strip())
+
+    def on_ready(runner: Any) -> None:
+        measure(runner, args.engine_json)
+        threading.Thread(target=control, args=(runner,), name="bench-control", daemon=True).start()
 
     try:
         server.serve(load, "127.0.0.1", args.port, model_name="bench", max_queue=100000, log_level="warning",
@@ -1655,7 +1751,31 @@ def _server_counter(port: int, name: str) -> float:
     raise KeyError(name)
 
 
+def burn_child(args: argparse.Namespace) -> None:
+    """Keep one core busy `duty` of the time (busy 1 ms x duty, then sleep) for `seconds`:
+    the stand-in for host work beside the engine in `serve --contention`."""
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        while time.perf_counter() - start < args.duty * 1e-3:
+            pass
+        time.sleep((1 - args.duty) * 1e-3)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of process `pid` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def serve_bench(args: argparse.Namespace) -> dict:
+    """Rounds of load, each followed by an engine measurement in the same server process
+    while no request is in flight: other jobs on the machine change its speed over time,
+    so every window is compared with the engine's rate just before and just after it."""
     import random
     import socket
     import threading
@@ -1667,11 +1787,69 @@ def serve_bench(args: argparse.Namespace) -> dict:
         port = s.getsockname()[1]
     engine_json = tempfile.mktemp(prefix="grok1-engine-", suffix=".json")
     cmd = [sys.executable, os.path.join(REPO, "bench.py"), "_serve_child", "--port", str(port),
-           "--slots", str(args.slots), "--engine-json", engine_json]
+           "--slots", str(args.slots), "--engine-json", engine_json, "--engine-seconds", str(args.engine_seconds),
+           "--temperature", str(args.temperature), "--max-tokens", str(args.max_tokens)]
     cmd += ["--tiny"] if args.tiny else ["--layers", str(args.layers)]
     cmd += ["--mesh", args.mesh] if args.mesh else []
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
+
+    def wait_for(path: str, what: str) -> dict:
+        deadline = time.monotonic() + args.load_timeout
+        while not os.path.exists(path):
+            if child.poll() is not None:
+                raise SystemExit(f"the server process ended with status {child.returncode} {what}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no engine measurement after {args.load_timeout} s {what}")
+            time.sleep(0.1)
+        with open(path) as f:
+            result = json.load(f)
+        os.remove(path)
+        return result
+
+    def show(engine: dict, when: str) -> None:
+        print(f"engine at batch {engine['batch']} ({when}): back-to-back decode {engine['decode_tokens_per_s']:.0f} "
+              f"tok/s ({engine['decode_ms']:.2f} ms/step; same rows {engine['decode_same_rows_tokens_per_s']:.0f} "
+              f"tok/s), serving loop without HTTP {engine['loop_tokens_per_s']:.0f} tok/s, synchronous engine.step "
+              f"{engine['engine_step_tokens_per_s']:.0f} tok/s ({engine['engine_step_ms']:.2f} ms/step)", flush=True)
+
+    running = threading.Event()  # clients send requests while set
+    stop = threading.Event()
+    done: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    busy = [0]  # clients with a request in flight
+    resumed = [0, 0.0]  # how often the load was started, when
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        seen = 0
+        while True:
+            running.wait()
+            if stop.is_set():
+                return
+            with lock:
+                if not running.is_set():
+                    continue
+                busy[0] += 1
+                generation, start = resumed
+            try:
+                if generation != seen:  # spread the clients' first requests over one request's time
+                    seen = generation
+                    time.sleep(max(0.0, start + args.stagger * i / args.clients - time.perf_counter()))
+                r = _serve_client(port, rng.choice(SERVE_PROMPTS), args.max_tokens, args.temperature)
+                with lock:
+                    done.append(r)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+            finally:
+                with lock:
+                    busy[0] -= 1
+
+    rounds = []
+    contention: dict[float, list[float]] = {}  # busy fraction -> decode tok/s, interleaved with 0
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
     try:
         deadline = time.monotonic() + args.load_timeout
         while True:
@@ -1686,40 +1864,71 @@ def serve_bench(args: argparse.Namespace) -> dict:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
-        with open(engine_json) as f:
-            engine = json.load(f)
-        print(f"engine at batch {engine['batch']}: back-to-back decode {engine['decode_tokens_per_s']:.0f} tok/s "
-              f"({engine['decode_ms']:.2f} ms/step), synchronous engine.step {engine['engine_step_tokens_per_s']:.0f} "
-              f"tok/s ({engine['engine_step_ms']:.2f} ms/step)", flush=True)
-
-        stop = threading.Event()
-        done: list[dict] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-
-        def client(i: int) -> None:
-            rng = random.Random(i)
-            while not stop.is_set():
-                try:
-                    r = _serve_client(port, rng.choice(SERVE_PROMPTS), args.max_tokens, args.temperature)
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    with lock:
-                        errors.append(f"{type(e).__name__}: {e}")
-                    continue
-                with lock:
-                    done.append(r)
-
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
+        engine = wait_for(engine_json, "while loading")
+        show(engine, "before round 1")
         for t in threads:
             t.start()
-        time.sleep(args.warmup)  # the batch fills up
-        t0, tokens0 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
-        time.sleep(args.seconds)
-        t1, tokens1 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+        for k in range(args.rounds):
+            with lock:
+                resumed[:] = [resumed[0] + 1, time.perf_counter()]
+            running.set()
+            time.sleep(args.warmup)  # the batch fills up
+            t0, tokens0 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+            cpu0, server0 = os.times(), _cpu_seconds(child.pid)
+            time.sleep(args.seconds)
+            t1, tokens1 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+            cpu1, server1 = os.times(), _cpu_seconds(child.pid)
+            running.clear()
+            idle_by = time.monotonic() + 600
+            while busy[0] and time.monotonic() < idle_by:
+                time.sleep(0.01)
+            child.stdin.write(engine_json + "\n")
+            child.stdin.flush()
+            after = wait_for(engine_json, f"measuring the engine after round {k + 1}")
+            show(after, f"after round {k + 1}")
+            rate = (tokens1 - tokens0) / (t1 - t0)
+            decode = (engine["decode_tokens_per_s"] + after["decode_tokens_per_s"]) / 2
+            step = (engine["engine_step_tokens_per_s"] + after["engine_step_tokens_per_s"]) / 2
+            same = (engine["decode_same_rows_tokens_per_s"] + after["decode_same_rows_tokens_per_s"]) / 2
+            loop = (engine["loop_tokens_per_s"] + after["loop_tokens_per_s"]) / 2
+            window = [r for r in done if t0 <= r["end"] <= t1]
+            rounds.append({
+                "t0": t0, "t1": t1, "seconds": t1 - t0, "output_tokens_per_s": rate,
+                "requests_per_s": len(window) / (t1 - t0), "decode_tokens_per_s": decode,
+                "engine_step_tokens_per_s": step, "decode_same_rows_tokens_per_s": same,
+                "loop_tokens_per_s": loop, "loop_vs_decode": loop / decode, "server_vs_loop": rate / loop,
+                "server_vs_decode": rate / decode, "server_vs_decode_same_rows": rate / same,
+                "server_vs_engine_step": rate / step,
+                "clients_cpu_cores": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
+                "server_cpu_cores": (server1 - server0) / (t1 - t0),
+                "load_average": os.getloadavg()[0], "engine_after": after})
+            print(f"round {k + 1}: {rate:.0f} output tok/s = {100 * rate / decode:.0f}% of back-to-back decode "
+                  f"({decode:.0f} tok/s, mean of before and after), {100 * rate / loop:.0f}% of the serving loop "
+                  f"without HTTP ({loop:.0f} tok/s = {100 * loop / decode:.0f}% of decode); CPU cores: server "
+                  f"{rounds[-1]['server_cpu_cores']:.2f}, clients {rounds[-1]['clients_cpu_cores']:.2f}; "
+                  f"load average {rounds[-1]['load_average']:.1f}", flush=True)
+            engine = after
         stop.set()
+        running.set()
         for t in threads:
-            t.join(timeout=args.seconds + 600)
+            t.join(timeout=600)
+        for _ in range(args.contention_repeats if args.contention else 0):
+            for duty in [0.0] + args.contention:
+                burner = None
+                if duty:
+                    burner = subprocess.Popen([sys.executable, os.path.join(REPO, "bench.py"), "_burn", "--duty",
+                                               str(duty), "--seconds", str(4 * args.engine_seconds + 2)])
+                    time.sleep(0.2)
+                child.stdin.write(engine_json + "\n")
+                child.stdin.flush()
+                measured = wait_for(engine_json, "measuring the engine beside a busy process")
+                if burner is not None:
+                    burner.terminate()
+                    burner.wait()
+                contention.setdefault(duty, []).append(measured["decode_tokens_per_s"])
     finally:
+        stop.set()
+        running.set()
         child.terminate()
         try:
             child.wait(timeout=30)
@@ -1728,30 +1937,54 @@ def serve_bench(args: argparse.Namespace) -> dict:
         if os.path.exists(engine_json):
             os.remove(engine_json)
 
-    window = [r for r in done if t0 <= r["end"] <= t1]
+    window = [r for r in done if any(w["t0"] <= r["end"] <= w["t1"] for w in rounds)]
     ttft = [r["ttft"] for r in window]
     tpot = [r["tpot"] for r in window if r["tpot"] is not None]
-    seconds = t1 - t0
-    out_rate = (tokens1 - tokens0) / seconds
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     results = {
         "model": "tiny" if args.tiny else f"grok-1 width, {args.layers} layers", "slots": args.slots,
-        "clients": args.clients, "seconds": seconds, "max_tokens": args.max_tokens,
-        "temperature": args.temperature, "requests_per_s": len(window) / seconds,
-        "output_tokens_per_s": out_rate, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+        "clients": args.clients, "rounds": args.rounds, "seconds": args.seconds, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "requests_per_s": med("requests_per_s"),
+        "output_tokens_per_s": med("output_tokens_per_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
+        "engine_step_tokens_per_s": med("engine_step_tokens_per_s"),
+        "decode_same_rows_tokens_per_s": med("decode_same_rows_tokens_per_s"),
+        "server_vs_decode": med("server_vs_decode"), "server_vs_engine_step": med("server_vs_engine_step"),
+        "server_vs_decode_same_rows": med("server_vs_decode_same_rows"),
+        "loop_tokens_per_s": med("loop_tokens_per_s"), "loop_vs_decode": med("loop_vs_decode"),
+        "server_vs_loop": med("server_vs_loop"),
+        "server_vs_decode_range": [min(r["server_vs_decode"] for r in rounds),
+                                   max(r["server_vs_decode"] for r in rounds)],
+        "server_cpu_cores": med("server_cpu_cores"), "clients_cpu_cores": med("clients_cpu_cores"),
+        "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "requests": len(window),
-        "errors": len(errors), "engine": engine,
-        "server_vs_decode": out_rate / engine["decode_tokens_per_s"],
-        "server_vs_engine_step": out_rate / engine["engine_step_tokens_per_s"],
+        "errors": len(errors), "round_results": rounds,
     }
-    print(json.dumps(results, indent=1))
-    print(f"\n{args.clients} clients, {args.slots} slots, {seconds:.0f} s: {results['requests_per_s']:.2f} req/s, "
-          f"{out_rate:.0f} output tok/s = {100 * results['server_vs_decode']:.0f}% of back-to-back decode "
-          f"({engine['decode_tokens_per_s']:.0f} tok/s), {100 * results['server_vs_engine_step']:.0f}% of "
-          f"synchronous engine steps ({engine['engine_step_tokens_per_s']:.0f} tok/s); TTFT p50/p99 "
+    if contention:
+        base = contention[0.0]
+        results["contention"] = [
+            {"busy_core_fraction": duty, "decode_tokens_per_s": statistics.median(rates),
+             "vs_alone": statistics.median(r / b for r, b in zip(rates, base))}
+            for duty, rates in sorted(contention.items())]
+    print(json.dumps({k: v for k, v in results.items() if k != "round_results"}, indent=1))
+    lo, hi = results["server_vs_decode_range"]
+    print(f"\n{args.clients} clients, {args.slots} slots, {args.rounds} rounds of {args.seconds:g} s, medians: "
+          f"{results['requests_per_s']:.2f} req/s, {results['output_tokens_per_s']:.0f} output tok/s = "
+          f"{100 * results['server_vs_decode']:.0f}% (rounds {100 * lo:.0f}-{100 * hi:.0f}%) of back-to-back decode "
+          f"({results['decode_tokens_per_s']:.0f} tok/s; {100 * results['server_vs_decode_same_rows']:.0f}% of "
+          f"same-rows decode, {results['decode_same_rows_tokens_per_s']:.0f} tok/s), "
+          f"{100 * results['server_vs_loop']:.0f}% of the serving loop without HTTP "
+          f"({results['loop_tokens_per_s']:.0f} tok/s = {100 * results['loop_vs_decode']:.0f}% of decode), "
+          f"{100 * results['server_vs_engine_step']:.0f}% of "
+          f"synchronous engine steps ({results['engine_step_tokens_per_s']:.0f} tok/s); TTFT p50/p99 "
           f"{results['ttft_p50_ms']:.1f}/{results['ttft_p99_ms']:.1f} ms, TPOT p50/p99 "
-          f"{results['tpot_p50_ms']:.2f}/{results['tpot_p99_ms']:.2f} ms; {len(errors)} errors"
+          f"{results['tpot_p50_ms']:.2f}/{results['tpot_p99_ms']:.2f} ms; CPU cores: server "
+          f"{results['server_cpu_cores']:.2f}, clients {results['clients_cpu_cores']:.2f}; {len(errors)} errors"
           + (f" (first: {errors[0]})" if errors else ""))
+    for row in results.get("contention", []):
+        print(f"engine decode beside a process busy {100 * row['busy_core_fraction']:.0f}% of one core: "
+              f"{row['decode_tokens_per_s']:.0f} tok/s = {100 * row['vs_alone']:.0f}% of its rate alone "
+              f"(medians of {args.contention_repeats}, interleaved)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -1894,8 +2127,20 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--layers", type=int, default=4, help="layers of the Grok-1-width model (default 4)")
     p.add_argument("--slots", type=int, default=8, help="the server's batch (default 8)")
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default 16)")
-    p.add_argument("--seconds", type=float, default=30.0, help="length of the measured window (default 30)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the window (default 5)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="measured windows, each followed by an engine measurement (default 5); medians are reported")
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each measured window (default 6)")
+    p.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds of load before each window (default 2)")
+    p.add_argument("--stagger", type=float, default=0.5,
+                   help="the clients' first requests of a round start over this many seconds (default 0.5)")
+    p.add_argument("--engine-seconds", type=float, default=1.0,
+                   help="seconds of each of the engine's decode measurements (default 1)")
+    p.add_argument("--contention", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                   help="after the rounds, the engine's decode rate while another process keeps one core "
+                        "busy these fractions of the time, e.g. 0.2,0.4 (CPU: how host work beside the model "
+                        "slows it), interleaved with the rate alone")
+    p.add_argument("--contention-repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request (default 128)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh (default: chosen from the devices present)")
@@ -1909,11 +2154,19 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--slots", type=int, required=True)
     c.add_argument("--engine-json", required=True)
+    c.add_argument("--engine-seconds", type=float, default=1.0)
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--max-tokens", type=int, default=128)
     c.add_argument("--tiny", action="store_true")
     c.add_argument("--layers", type=int, default=4)
     c.add_argument("--mesh", default=None)
     c.add_argument("--tokenizer", default=None)
     c.set_defaults(func=serve_child)
+
+    c = sub.add_parser("_burn", help=argparse.SUPPRESS)
+    c.add_argument("--duty", type=float, required=True)
+    c.add_argument("--seconds", type=float, required=True)
+    c.set_defaults(func=burn_child)
 
     c = sub.add_parser("_loader_child", help=argparse.SUPPRESS)
     c.add_argument("--dir", required=True)

@@ -803,8 +803,9 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
       and writes cache, step (= prompt length) and settings into row `slot`.
       Compiles once per bucket.
     decode(params, memory, state, active [B] bool) -> (memory, state, StepOutput of B rows)
-      feeds every active slot its last token; inactive slots' caches do not advance.
-      Compiles once.
+      feeds every active slot its last token; inactive slots' caches do not advance, nor do
+      those of slots whose request has already ended (their rows of the output are
+      meaningless). Compiles once.
     """
     cfg = config.model
     seq_len = config.sequence_len
@@ -833,15 +834,19 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
         return memory, state, StepOutput(draw, finished(draw.token, jnp.ones((1,), jnp.int32), max_len))
 
     def decode(params, memory, state, active):
-        length = active.astype(jnp.int32)  # 0 leaves a free slot's cache where it is
-        tokens = jnp.where(active, state.token, config.pad_token)[:, None]  # [B, 1]
+        # A row whose request has ended (its last token was end-of-sequence or its max_len-th)
+        # stays where it is even while the host still marks it active: a host that queues
+        # steps ahead learns of the end a few steps late (see _Engine.dispatch).
+        live = active & ~finished(state.token, state.count, state.max_len)
+        length = live.astype(jnp.int32)  # 0 leaves a free or ended slot's cache where it is
+        tokens = jnp.where(live, state.token, config.pad_token)[:, None]  # [B, 1]
         out = lm(params, tokens, memory, length)
         keys = request_keys(state.seed, state.count)
         draw = sample_tokens(out.logits[:, 0, :], state.mask, state.temperature, state.top_p, keys)
         count = state.count + length
-        state = dataclasses.replace(state, token=jnp.where(active, draw.token, state.token), count=count)
+        state = dataclasses.replace(state, token=jnp.where(live, draw.token, state.token), count=count)
         return out.model_state, state, StepOutput(
-            draw, active & finished(draw.token, count, state.max_len))
+            draw, live & finished(draw.token, count, state.max_len))
 
     memory_sharding = grok_model.memory_shardings(config, mesh, batch_size, seq_len)
     replicated = NamedSharding(mesh, P())
@@ -1033,9 +1038,32 @@ class _Slot:
     top_k: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
 
 
+def _prefetch(tree: Any) -> None:
+    """Start copying a dispatched step's outputs to the host, to land as soon as the step
+    ends: on a GPU the copy then overlaps the host's work on earlier steps instead of
+    following it (_to_host finds the values there)."""
+    for a in jax.tree_util.tree_leaves(tree):
+        if a.is_fully_addressable:
+            a.copy_to_host_async()
+
+
 def _to_host(tree: Any) -> Any:
     """numpy copies of replicated outputs (one local copy: also works with several hosts)."""
-    return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
+    return jax.tree_util.tree_map(
+        lambda a: np.asarray(a) if a.is_fully_addressable else np.asarray(a.addressable_data(0)), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepHandle:
+    """A step that was dispatched and whose tokens are not collected yet (_Engine.collect).
+
+    program: ("decode",) or ("prefill", bucket). rows: (row of the step's output, slot, the
+    _Slot that held the slot at dispatch) for every row whose token belongs to a request.
+    """
+
+    program: tuple
+    rows: tuple[tuple[int, int, _Slot], ...]
+    out: StepOutput
 
 
 class _Engine:
@@ -1045,6 +1073,13 @@ class _Engine:
     so that nobody receives another's tokens. `lock` makes each operation (admit, step,
     release, a params swap) atomic: the steps donate the cache and the slot state, so two
     at once would use deleted buffers.
+
+    Steps can be queued: dispatch_admit() and dispatch() start a prefill or a decode step
+    and return at once with a StepHandle; collect(handle) waits for that step's tokens and
+    turns them into events. The device runs the steps in dispatch order (each takes the
+    cache and slot state the one before left), so collecting the handles in that order
+    hands every request its tokens in order, while the host works on step t the device
+    already runs the steps queued after it.
     """
 
     def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any,
@@ -1109,67 +1144,76 @@ class _Engine:
         """Prefill a request into the first free slot (free_slots()[0]); returns the event
         of its first token."""
         with self.lock:
-            return self._admit(prepared, owner)
+            return self.collect(self.dispatch_admit(prepared, owner))[0]
 
-    def _admit(self, prepared: _Prepared, owner: object) -> TokenEvent:
-        if any(s is not None and s.owner is not owner for s in self.slots):
-            raise RunnerBusyError(
-                "Another stream() / run() generator still has requests in flight on this "
-                "InferenceRunner; exhaust or close() it first.")
-        free = self.free_slots()
-        if not free:
-            raise RuntimeError("no free slot")  # callers check free_slots() first
-        slot, req = free[0], prepared.request
-        n = len(prepared.tokens)
-        tokens = np.zeros((1, prepared.bucket), np.int32)  # right-padded with the pad id 0
-        tokens[0, :n] = prepared.tokens
-        tokens[0, n:] = self.config.pad_token
-        with self._deadline(("prefill", prepared.bucket)):
-            self.memory, self.state, out = self.prefill(
-                self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
-                np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
-                np.int32(prepared.max_len), prepared.mask)
-            out = _to_host(out)
-        context = prepared.tokens[-self.text_context:] if self.text_context else ()
-        self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer, context))
-        return self._emit(slot, out, 0)
+    def dispatch_admit(self, prepared: _Prepared, owner: object) -> StepHandle:
+        """Start the prefill of a request into the first free slot (free_slots()[0]) without
+        waiting for it; the slot is taken at once, and decode steps dispatched from now on
+        feed it. collect() the handle for the event of its first token."""
+        with self.lock:
+            if any(s is not None and s.owner is not owner for s in self.slots):
+                raise RunnerBusyError(
+                    "Another stream() / run() generator still has requests in flight on this "
+                    "InferenceRunner; exhaust or close() it first.")
+            free = self.free_slots()
+            if not free:
+                raise RuntimeError("no free slot")  # callers check free_slots() first
+            slot, req = free[0], prepared.request
+            n = len(prepared.tokens)
+            tokens = np.zeros((1, prepared.bucket), np.int32)  # right-padded with the pad id 0
+            tokens[0, :n] = prepared.tokens
+            tokens[0, n:] = self.config.pad_token
+            program = ("prefill", prepared.bucket)
+            with self._deadline(program):
+                self.memory, self.state, out = self.prefill(
+                    self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
+                    np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
+                    np.int32(prepared.max_len), prepared.mask)
+            _prefetch(out)
+            context = prepared.tokens[-self.text_context:] if self.text_context else ()
+            rec = self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer, context))
+            return StepHandle(program, ((0, slot, rec),), out)
 
     def step(self) -> list[TokenEvent]:
         """One decode step of every active slot; returns one event per active slot."""
         with self.lock:
-            return self._step()
+            handle = self.dispatch()
+            return [] if handle is None else self.collect(handle)
 
-    def _step(self) -> list[TokenEvent]:
-        handle = self.dispatch()
-        return [] if handle is None else self.collect(handle)
-
-    def dispatch(self) -> Optional[tuple[list, StepOutput]]:
+    def dispatch(self) -> Optional[StepHandle]:
         """Start one decode step of every active slot without waiting for its tokens, so that
-        the host can handle the previous step's meanwhile (collect() them). A slot that
-        finishes in the step before still runs in this one; collect() drops that row.
-        Returns the handle for collect(), or None when no slot is active."""
+        the host can handle earlier steps' meanwhile (collect() them). A slot whose request
+        ends in an earlier step that is not collected yet still takes part; its cache stays
+        where it is, and collect() drops its row. Returns the handle for collect(), or None
+        when no slot is active."""
         with self.lock:
-            active = np.array([s is not None for s in self.slots])
-            if not active.any():
+            rows = tuple((i, i, s) for i, s in enumerate(self.slots) if s is not None)
+            if not rows:
                 return None
+            active = np.array([s is not None for s in self.slots])
             with self._deadline(("decode",)):  # the first call compiles
                 self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
-            return list(self.slots), out
+            _prefetch(out)
+            return StepHandle(("decode",), rows, out)
 
-    def collect(self, handle: tuple[list, StepOutput]) -> list[TokenEvent]:
+    def collect(self, handle: StepHandle) -> list[TokenEvent]:
         """Wait for a dispatched step; one event per slot that still holds the request it held
-        at dispatch (a slot freed or re-admitted since then gets nothing from that step)."""
-        slots, out = handle
+        at dispatch (a slot freed or re-admitted since then gets nothing from that step).
+        Collect handles in the order they were dispatched."""
         with self.lock:
-            with self._deadline(("decode",)):
-                out = _to_host(out)
-            return [self._emit(i, out, i) for i, s in enumerate(slots) if s is not None and self.slots[i] is s]
+            rows = [(row, slot, rec) for row, slot, rec in handle.rows if self.slots[slot] is rec]
+            if not rows:
+                return []  # nothing to wait for: a later step's collect() waits for this one too
+            with self._deadline(handle.program):
+                out = _to_host(handle.out)
+            # Python scalars for the whole step at once (numpy item access per value is slower).
+            token, done, prob = out.draw.token.tolist(), out.done.tolist(), out.draw.prob.tolist()
+            top_ids, top_probs = out.draw.top_ids.tolist(), out.draw.top_probs.tolist()
+            return [self._emit(slot, rec, token[row], done[row], prob[row], tuple(zip(top_ids[row], top_probs[row])))
+                    for row, slot, rec in rows]
 
-    def _emit(self, slot: int, out: StepOutput, row: int) -> TokenEvent:
-        rec = self.slots[slot]
-        token, done = int(out.draw.token[row]), bool(out.done[row])
-        prob = float(out.draw.prob[row])
-        top = tuple((int(i), float(p)) for i, p in zip(out.draw.top_ids[row], out.draw.top_probs[row]))
+    def _emit(self, slot: int, rec: _Slot, token: int, done: bool, prob: float,
+              top: tuple[tuple[int, float], ...]) -> TokenEvent:
         index = len(rec.stream.tokens)
         is_eos = token == self.config.eos_token
         if is_eos:
@@ -1363,10 +1407,11 @@ class InferenceRunner:
         """The slot engine, for a caller that schedules requests itself (server.py).
 
         engine.admit(prepare(request, id), owner) prefills a request into a free slot and
-        returns its first TokenEvent; engine.step() decodes every active slot by one token,
-        or dispatch() starts that step and collect() waits for its tokens (so the host can
-        work meanwhile); engine.cancel(id, owner) frees one request's slot; free_slots() /
-        num_active() say what is in use. Each operation holds the engine's lock; still, one
+        returns its first TokenEvent; engine.step() decodes every active slot by one token.
+        dispatch_admit() and dispatch() start the same steps without waiting and return a
+        StepHandle; collect(handle), in dispatch order, waits for its tokens (so the host can
+        work on one step while the device runs those queued after it). engine.cancel(id,
+        owner) frees one request's slot; free_slots() / num_active() say what is in use. Each operation holds the engine's lock; still, one
         scheduler should drive it, and nothing else (stream(), generate(), run()) should use
         this runner meanwhile, since requests of another owner make admit() refuse.
         """
@@ -1403,13 +1448,16 @@ class InferenceRunner:
         """The prompt's token ids, as the runner feeds them (no BOS, as in the release)."""
         return list(self._ensure_tokenizer().encode(prompt))
 
-    def prepare(self, request: Union[Request, str], request_id: Any = 0) -> _Prepared:
-        """Check and tokenize a request, fit it to a bucket and the context (warning on cuts)."""
+    def prepare(self, request: Union[Request, str], request_id: Any = 0,
+                tokens: Optional[Sequence[int]] = None) -> _Prepared:
+        """Check and tokenize a request, fit it to a bucket and the context (warning on cuts).
+        tokens: the prompt's tokens when the caller has them already (tokenize(prompt)), so
+        that the prompt is not encoded twice."""
         if isinstance(request, str):
             request = Request(prompt=request)
         config = self.runner.model
         check_request(request, config.vocab_size)
-        tokens = self.tokenize(request.prompt)
+        tokens = self.tokenize(request.prompt) if tokens is None else list(tokens)
         if not tokens:
             raise InvalidRequestError(f"prompt {request.prompt!r} encodes to no tokens.")
         buckets = getattr(self, "buckets", None) or self._check_pad_sizes(config)

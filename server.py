@@ -8,14 +8,16 @@ included), GET /v1/models, GET /health (200 once the model is loaded and compile
 before), GET /metrics (Prometheus text format).
 
 How a request flows: the HTTP handler (asyncio, uvicorn) checks the body
-(CompletionRequest, then the limits of the model), tokenizes each prompt
+(CompletionRequest, then the limits of the model), tokenizes each prompt once
 (InferenceRunner.prepare) and queues one _Sequence per choice (prompts x n). One engine
-thread owns the device (Scheduler): between decode steps it prefills waiting sequences
-into free slots, then decodes every active slot by one token (InferenceRunner.engine()).
-Each token event passes its sequence's stop-string gate on the engine thread, so a
-sequence that stops, finishes or is abandoned by its client frees its slot before the next
-step. The text deltas go to each request's asyncio side in one loop.call_soon_threadsafe
-per step.
+thread owns the device (Scheduler): it dispatches the prefill of waiting sequences into
+free slots and decode steps of every active slot, keeping PIPELINE_DEPTH steps queued on
+the device, and turns the oldest step's tokens into text while the device runs the others
+(InferenceRunner.engine(): dispatch_admit / dispatch / collect). Each token event passes
+its sequence's stop-string gate on the engine thread, so a sequence that stops, finishes or
+is abandoned by its client frees its slot at once (its rows of the steps already queued
+are dropped) and the next waiting sequence is prefilled behind them. The text deltas go to
+each request's asyncio side in one loop.call_soon_threadsafe per step.
 
 Shapes and sizes: B slots (the runner's batch), S the context (sequence_len).
 """
@@ -52,6 +54,15 @@ DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_LOGPROBS = runners.TOP_K  # the engine reports the 8 most likely tokens of every step
 DEFAULT_MAX_QUEUE = 256
+# Steps dispatched and not yet collected when the engine thread collects the oldest: the
+# device runs depth - 1 queued steps while the host turns one step's tokens into text and
+# hands them on. 1 would wait for every step before dispatching the next.
+PIPELINE_DEPTH = 3
+# A stream's tokens go to its client at most this often (seconds), several steps' tokens in
+# one chunk when steps are shorter; a sequence's first token and its end go out at once.
+# Each hand-over costs the event loop a wake-up and every stream a chunk (JSON, HTTP framing,
+# a socket write): per step, that host work grows with the batch.
+STREAM_INTERVAL_S = 0.005
 
 
 # ---------------------------------------------------------------------------------------
@@ -312,9 +323,10 @@ class _Sequence:
     def __init__(self, rid: int, index: int, prepared: runners._Prepared, stops: tuple[str, ...],
                  logprobs: Optional[int], offset: int, sink: Callable[[Delta], None], stream: bool):
         self.rid, self.index, self.prepared, self.logprobs, self.sink = rid, index, prepared, logprobs, sink
-        # Streamed: a delta per token that has news. Otherwise one delta at the end, built here.
+        # Streamed: a delta per flush that has news (None until there is some). Otherwise one
+        # delta at the end, built here.
         self.stream = stream
-        self.pending = Delta(index, logprobs=[] if logprobs is not None else None)
+        self.pending: Optional[Delta] = None if stream else Delta(index, logprobs=[] if logprobs is not None else None)
         self.gate = StopGate(stops)
         self.offset = offset  # text offset of the first generated character (the echoed prompt's length)
         self.created = time.monotonic()
@@ -335,8 +347,11 @@ class Scheduler:
     steps the batch and hands each sequence's deltas to its sink on the event loop."""
 
     def __init__(self, runner: runners.InferenceRunner, metrics: Metrics, loop: asyncio.AbstractEventLoop,
-                 max_queue: int):
+                 max_queue: int, depth: int = PIPELINE_DEPTH, stream_interval: float = STREAM_INTERVAL_S):
+        if depth < 1:
+            raise ValueError(f"depth={depth}: must be >= 1.")
         self.runner, self.metrics, self.loop, self.max_queue = runner, metrics, loop, max_queue
+        self.depth, self.stream_interval = depth, stream_interval
         self.engine = runner.engine()
         self.engine.text_context = 8  # the first piece decodes after the prompt: " word", not "word"
         self.tokenizer = runner.tokenizer
@@ -346,7 +361,10 @@ class Scheduler:
         self._cancelled: list[_Sequence] = []
         self._stopping = False
         self._active: dict[int, _Sequence] = {}  # engine thread only
-        self._posts: list[tuple[Callable[[Delta], None], Delta]] = []
+        self._dirty: list[_Sequence] = []  # sequences with a delta to hand on (seq.pending)
+        self._errors: list[tuple[Callable[[Delta], None], Delta]] = []
+        self._urgent = False  # a first token, an end or an error waits: flush now
+        self._flushed_at = 0.0
         self._token_text: dict[int, str] = {}
         self._ids = itertools.count()
         self.thread: Optional[threading.Thread] = None
@@ -392,13 +410,15 @@ class Scheduler:
         self.thread.start()
 
     def run(self) -> None:
-        """The loop. Decode steps are pipelined: step t+1 is dispatched before step t's tokens
-        are handled, so the device never waits for the host. A sequence that ends at step t
-        (or is cancelled) has its row of step t+1 dropped by engine.collect."""
-        in_flight = None  # the dispatched step whose tokens are not handled yet
+        """The loop. Steps are queued ahead: before it collects step t's tokens, steps up to
+        t + depth - 1 are dispatched (prefills of new sequences included), so the device
+        never waits for the host's work on a step. A sequence that ends at step t (or is
+        cancelled) has its rows of the later steps dropped by engine.collect; the device
+        keeps an ended row where it is."""
+        pending: collections.deque[runners.StepHandle] = collections.deque()  # dispatched, not collected
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._cancelled or self._active or in_flight):
+                while not (self._stopping or self._waiting or self._cancelled or self._active or pending):
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -408,19 +428,26 @@ class Scheduler:
                     self.engine.cancel(seq.rid, self.owner)
                     seq.done = True
             try:
-                self._admit()
-                previous, in_flight = in_flight, self.engine.dispatch()
-                events = self.engine.collect(previous) if previous is not None else []
+                self._admit(pending)
+                while len(pending) < self.depth:
+                    handle = self.engine.dispatch()
+                    if handle is None:
+                        break
+                    pending.append(handle)
+                events = self.engine.collect(pending.popleft()) if pending else []
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 logger.exception("A step failed; ending the %d running sequences.", len(self._active))
                 self._fail_all(e)
-                in_flight, events = None, []
+                pending.clear()
+                events = []
             new_tokens = sum(self._on_event(self._active[e.request_id], e) for e in events)
             self.metrics.generated_tokens.inc(new_tokens)
             self.metrics.slots_busy.set(len(self._active))
-            self._flush()
+            self._flush(idle=not (pending or self._active))
 
-    def _admit(self) -> None:
+    def _admit(self, pending: collections.deque) -> None:
+        """Dispatch the prefill of waiting sequences into the free slots (their first tokens
+        come with the handles, in order)."""
         while True:
             free = self.engine.free_slots()
             if not free:
@@ -431,7 +458,7 @@ class Scheduler:
                 seq = self._waiting.popleft()
                 self.metrics.queue_length.set(len(self._waiting))
             try:
-                event = self.engine.admit(seq.prepared, self.owner)
+                pending.append(self.engine.dispatch_admit(seq.prepared, self.owner))
             except Exception as e:  # noqa: BLE001
                 logger.exception("Prefill failed.")
                 self.engine.cancel(seq.rid, self.owner)
@@ -439,9 +466,7 @@ class Scheduler:
                 continue
             self.metrics.admissions.labels(str(free[0])).inc()
             self._active[seq.rid] = seq
-            self.metrics.generated_tokens.inc(self._on_event(seq, event))
             self.metrics.slots_busy.set(len(self._active))
-            self._flush()  # its first token now, not after the other admissions' prefills
 
     def _on_event(self, seq: _Sequence, event: runners.TokenEvent) -> int:
         """Pass one token event through the sequence's gate; returns 1 if it is a generated
@@ -468,19 +493,33 @@ class Scheduler:
         elif event.finished:
             text += seq.gate.flush()
             finish = "stop" if eos else "length"
-        delta = Delta(seq.index, text, entries, finish) if seq.stream else seq.pending
-        if not seq.stream:
-            delta.text += text
-            if entries:
-                delta.logprobs.extend(entries)
         if finish:
             self._active.pop(seq.rid, None)
             seq.done = True
-            delta.finish_reason, delta.completion_tokens = finish, seq.tokens
             if seq.events > 1:
                 self.metrics.tpot.observe((seq.last_at - seq.first_at) / (seq.events - 1))
-        if finish or (seq.stream and (text or entries)):
-            self._posts.append((seq.sink, delta))
+        # One delta per sequence and flush: a streamed sequence's news since the last flush,
+        # or a whole completion (sent when it ends).
+        if seq.stream:
+            if text or entries or finish:
+                delta = seq.pending
+                if delta is None:
+                    delta = seq.pending = Delta(seq.index, logprobs=[] if seq.logprobs is not None else None)
+                    self._dirty.append(seq)
+                delta.text += text
+                if entries:
+                    delta.logprobs.extend(entries)
+                if finish or seq.events == 1:
+                    self._urgent = True  # the first token and the end go out at once
+        else:
+            seq.pending.text += text
+            if entries:
+                seq.pending.logprobs.extend(entries)
+            if finish:
+                self._dirty.append(seq)
+                self._urgent = True
+        if finish:
+            seq.pending.finish_reason, seq.pending.completion_tokens = finish, seq.tokens
         return 0 if eos else 1
 
     def _logprob_entry(self, seq: _Sequence, event: runners.TokenEvent) -> tuple[str, float, dict, int]:
@@ -509,7 +548,8 @@ class Scheduler:
 
     def _finish_with_error(self, seq: _Sequence, error: Exception) -> None:
         seq.done = True
-        self._posts.append((seq.sink, Delta(seq.index, error=f"{type(error).__name__}: {error}")))
+        self._errors.append((seq.sink, Delta(seq.index, error=f"{type(error).__name__}: {error}")))
+        self._urgent = True
 
     def _fail_all(self, error: Exception) -> None:
         self.engine.release(self.owner)
@@ -517,13 +557,24 @@ class Scheduler:
             self._finish_with_error(seq, error)
         self._active.clear()
 
-    def _flush(self) -> None:
-        if self._posts:
-            posts, self._posts = self._posts, []
-            try:
-                self.loop.call_soon_threadsafe(_deliver, posts)
-            except RuntimeError:  # the loop has closed: shutting down
-                pass
+    def _flush(self, idle: bool = False) -> None:
+        """Hand the sequences' deltas to the event loop: at once for a first token, an end or
+        an error, or when the engine goes idle; else at most every stream_interval seconds
+        (the tokens of the steps between go out together, one chunk per stream)."""
+        if not (self._dirty or self._errors):
+            return
+        now = time.monotonic()
+        if not (idle or self._urgent or now - self._flushed_at >= self.stream_interval):
+            return
+        posts = [(seq.sink, seq.pending) for seq in self._dirty] + self._errors
+        for seq in self._dirty:
+            if seq.stream:
+                seq.pending = None
+        self._dirty, self._errors, self._urgent, self._flushed_at = [], [], False, now
+        try:
+            self.loop.call_soon_threadsafe(_deliver, posts)
+        except RuntimeError:  # the loop has closed: shutting down
+            pass
 
 
 def _deliver(posts: list[tuple[Callable[[Delta], None], Delta]]) -> None:
@@ -588,6 +639,20 @@ def _openai_logprobs(entries: list[tuple[str, float, dict, int]], prompt: Option
 
 def _sse(obj: Any) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def _text_chunk_prefix(head: dict) -> str:
+    """The start of every text chunk of a stream without logprobs: _sse({**head, "choices":
+    [{"text": ...}]}) up to the text, serialized once per request instead of per token."""
+    return "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"choices":[{"text":'
+
+
+def _text_chunk(prefix: str, text: str, index: int, finish_reason: Optional[str]) -> str:
+    """_sse({**head, "choices": [{"text": text, "index": index, "logprobs": None,
+    "finish_reason": finish_reason}]}), built on _text_chunk_prefix(head)."""
+    reason = "null" if finish_reason is None else json.dumps(finish_reason)
+    return (f'{prefix}{json.dumps(text, ensure_ascii=False)},"index":{index},"logprobs":null,'
+            f'"finish_reason":{reason}}}]}}\n\n')
 
 
 async def _wait_disconnect(request: HTTPRequest) -> None:
@@ -663,7 +728,7 @@ def build_app(state: ServerState) -> Starlette:
             request = runners.Request(prompt=prompt, temperature=settings.temperature, nucleus_p=settings.top_p,
                                       rng_seed=0, max_len=settings.max_tokens)
             try:
-                prepared = runner.prepare(request, None)
+                prepared = runner.prepare(request, None, tokens=tokens)
             except runners.InvalidRequestError as e:
                 raise bad_request(str(e)) from None
             prompt_tokens.append(prepared.tokens)
@@ -700,6 +765,7 @@ def build_app(state: ServerState) -> Starlette:
 
     async def stream(settings: Settings, seqs, prompt_tokens, queue: asyncio.Queue, rid: str, created: int):
         head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+        prefix = _text_chunk_prefix(head)
         choices = {seq.index: Choice() for seq in seqs}
         finished = False
         try:
@@ -729,7 +795,10 @@ def build_app(state: ServerState) -> Starlette:
                         left -= 1
                 out = []
                 for m in merged.values():
-                    lp = _openai_logprobs(m.logprobs, None) if settings.logprobs is not None else None
+                    if settings.logprobs is None:
+                        out.append(_text_chunk(prefix, m.text, m.index, m.finish_reason))
+                        continue
+                    lp = _openai_logprobs(m.logprobs, None)
                     out.append(_sse({**head, "choices": [{"text": m.text, "index": m.index, "logprobs": lp,
                                                           "finish_reason": m.finish_reason}]}))
                 yield "".join(out)

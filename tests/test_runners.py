@@ -6,6 +6,7 @@ tokenizer trained from data/tiny_corpus.txt (both made by run.py's demo helpers)
 is checked against float64 numpy written from SPEC section 6.
 """
 
+import collections
 import os
 import warnings
 
@@ -134,6 +135,51 @@ def test_sampled_request_does_not_depend_on_its_neighbours(runner):
     alone = runner.generate([req])[0]
     together = runner.generate([Request(PROMPTS[0], 1.0, 0.9, 1, 10), req, Request(PROMPTS[2], 0.0, 1.0, 2, 5)])
     assert together[1].tokens == alone.tokens
+
+
+def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runner):
+    """dispatch_admit / dispatch queue steps ahead of collect, as server.py does: every
+    request still gets generate()'s tokens, probabilities and text, the rows of requests
+    that ended in a step not yet collected are dropped, and the device leaves an ended
+    request's row where it was (count and cache step) however many steps were queued."""
+    requests = [Request(PROMPTS[0], 0.0, 1.0, 1, 3), Request(PROMPTS[1], 1.0, 0.9, 7, 9),
+                Request(PROMPTS[2], 0.8, 1.0, 3, 6), Request(PROMPTS[0], 1.0, 1.0, 5, 2)]
+    expected = runner.generate(requests)
+    engine, owner, depth = runner.engine(), object(), 4
+    waiting = [runner.prepare(r, i) for i, r in enumerate(requests)]
+    pending, events, slot_of = collections.deque(), collections.defaultdict(list), {}
+    dropped = 0
+    while waiting or pending:
+        while waiting and engine.free_slots():
+            handle = engine.dispatch_admit(waiting.pop(0), owner)
+            slot_of[handle.rows[0][2].prepared.request_id] = handle.rows[0][1]
+            pending.append(handle)
+        while len(pending) < depth:
+            handle = engine.dispatch()
+            if handle is None:
+                break
+            pending.append(handle)
+        handle = pending.popleft()
+        got = engine.collect(handle)
+        dropped += len(handle.rows) - len(got)
+        for event in got:
+            events[event.request_id].append(event)
+    assert dropped > 0  # steps ran for requests that had ended before they were collected
+    for i, want in enumerate(expected):
+        got = events[i]
+        assert [e.index for e in got] == list(range(len(got)))
+        assert got[-1].finished and all(not e.finished for e in got[:-1])
+        c = got[-1].completion
+        assert c.tokens == want.tokens and c.text == want.text and c.probs == want.probs
+        assert c.top_k == want.top_k and c.finish_reason == want.finish_reason
+        assert "".join(e.text for e in got) == want.text
+    # The last request of each slot: its count and cache step stayed where it ended.
+    state, memory = jax.device_get((engine.state, engine.memory))
+    for i in (2, 3):
+        slot, c = slot_of[i], expected[i]
+        generated = len(c.tokens) + (c.finish_reason == "eos")
+        assert state.count[slot] == generated
+        assert all(layer.step[slot] == len(c.prompt_tokens) + generated - 1 for layer in memory.layers)
 
 
 def test_same_seed_same_sample_and_other_seeds_differ(runner):
@@ -282,6 +328,14 @@ def test_bad_request_in_a_list_fails_before_anything_runs(runner):
     with pytest.raises(InvalidRequestError, match="max_len=-1"):
         runner.generate([Request(PROMPTS[0], 0.0, 1.0, 0, 4), Request(PROMPTS[1], 0.0, 1.0, 0, -1)])
     assert (runner._engine.decode._cache_size(), runner._engine.num_active()) == calls
+
+
+def test_prepare_takes_tokens_the_caller_has_already(runner):
+    tokens = runner.tokenize(PROMPTS[1])
+    assert len(tokens) > 16
+    prepared = runner.prepare(Request(PROMPTS[1], max_len=5), 0, tokens=tokens[:3])
+    assert prepared.tokens == tokens[:3] and prepared.bucket == PAD_SIZES[0]
+    assert runner.prepare(Request(PROMPTS[1], max_len=5), 0).tokens == tokens
 
 
 def test_long_prompt_is_left_truncated_with_a_warning(runner):

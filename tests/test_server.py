@@ -134,6 +134,80 @@ def token_id(sp, text: str) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def test_text_chunks_are_the_json_of_the_whole_chunk():
+    """The stream's text chunks are built from a prefix serialized once per request; they
+    must be exactly the JSON of the whole chunk object."""
+    import server as server_module
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": 'gr"ok \u00e9'}
+    prefix = server_module._text_chunk_prefix(head)
+    for text in ["", " a b", 'caf\u00e9\n"\\ \u2028\x01', "\u65e5\u672c"]:
+        for reason in (None, "stop", "length"):
+            whole = {**head, "choices": [{"text": text, "index": 3, "logprobs": None, "finish_reason": reason}]}
+            assert server_module._text_chunk(prefix, text, 3, reason) == server_module._sse(whole)
+            assert json.loads(server_module._text_chunk(prefix, text, 3, reason)[6:]) == whole
+
+
+class _RecordingLoop:
+    """Stands in for the event loop: records what the engine thread hands over."""
+
+    def __init__(self):
+        self.handed = []
+
+    def call_soon_threadsafe(self, fn, posts):
+        self.handed.append([(delta.index, delta.text, delta.finish_reason, delta.completion_tokens)
+                            for _, delta in posts])
+
+
+def _scheduler(stream_interval: float):
+    import types
+
+    import server as server_module
+
+    engine = types.SimpleNamespace(text_context=0, cancel=lambda *args: True)
+    runner = types.SimpleNamespace(engine=lambda: engine, tokenizer=None)
+    loop = _RecordingLoop()
+    scheduler = server_module.Scheduler(runner, server_module.Metrics(2), loop, 10, stream_interval=stream_interval)
+    return scheduler, loop
+
+
+def _events(scheduler, seq, pieces):
+    """Feed token events with these texts (the last one ends the request), flushing after each
+    as the engine loop does after every step."""
+    import runners
+
+    for i, text in enumerate(pieces):
+        if seq.done:  # a stop string ended it; the engine sends no more of its tokens
+            break
+        last = i == len(pieces) - 1
+        scheduler._active[seq.rid] = seq
+        scheduler._on_event(seq, runners.TokenEvent(seq.rid, i, 100 + i, text, 0.5, (), last,
+                                                    "max_len" if last else None))
+        scheduler._flush(idle=not scheduler._active)
+
+
+def test_streamed_tokens_go_out_together_within_the_stream_interval():
+    import server as server_module
+
+    pieces = [" The", " river", " runs", " far"]
+    scheduler, loop = _scheduler(stream_interval=3600.0)
+    seq = server_module._Sequence(0, 1, None, (), None, 0, None, True)
+    _events(scheduler, seq, pieces)
+    # The first token at once; the next two wait and go out with the end.
+    assert loop.handed == [[(1, " The", None, 0)], [(1, " river runs far", "length", 4)]]
+
+    scheduler, loop = _scheduler(stream_interval=0.0)  # every step's tokens at once
+    seq = server_module._Sequence(0, 1, None, (), None, 0, None, True)
+    _events(scheduler, seq, pieces)
+    assert loop.handed == [[(1, " The", None, 0)], [(1, " river", None, 0)], [(1, " runs", None, 0)],
+                           [(1, " far", "length", 4)]]
+
+    scheduler, loop = _scheduler(stream_interval=3600.0)  # a plain completion: one delta at its end
+    seq = server_module._Sequence(0, 2, None, (" runs",), None, 0, None, False)
+    _events(scheduler, seq, pieces)
+    assert loop.handed == [[(2, " The river", "stop", 3)]]  # 3 tokens generated, the stop's included
+
+
 def test_health_is_503_while_loading_then_200(server):
     # Loading and compiling take seconds, so the first answers were "loading".
     assert server.statuses[0] == 503 and server.statuses[-1] == 200
