@@ -401,3 +401,13 @@ def test_errors_name_the_problem():
         kernels.grouped_matmul(xs, we, se, plan, backend="pallas")
     with pytest.raises(ValueError, match="M_pad"):
         kernels.grouped_matmul(xs[:-1], we, se, plan, backend="xla")
+    with pytest.raises(ValueError, match=r"weight 1 .*\(K\)"):  # the fused q/k/v must share K
+        kernels.int8_matmuls(bf16(np.ones((1, D))), [(w, s), (w[:32], s)], backend="xla")
+    q, cache = jnp.zeros((1, 2, 3, 16)), jnp.zeros((1, 64, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="cap=50.0"):
+        kernels.decode_attention(q, cache, cache, jnp.ones((1,), jnp.int32), scale=1.0, cap=50.0, backend="interpret")
+    with pytest.raises(ValueError, match=r"lengths \(2,\)"):
+        kernels.decode_attention(q, cache, cache, jnp.ones((2,), jnp.int32), scale=1.0, cap=30.0, backend="interpret")
+    with pytest.raises(ValueError, match="auto_backend"):
+        with kernels.auto_backend("auto"):
+            pass

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 import kernels
 import model
@@ -285,6 +286,28 @@ def test_prepared_params_give_the_same_logits():
 
 
 # --- building blocks -----------------------------------------------------------------------
+
+
+def test_linears_fuse_only_what_matches():
+    """model.linears: q, k, v with one setting run together and equal the Linears run one by
+    one; projections that differ (here the output dtype) are refused by name."""
+    rng = np.random.RandomState(13)
+    x = jnp.asarray(rng.randn(2, 3, 64), jnp.float32)
+
+    def fn(x, dtypes):
+        mods = [model.Linear(n, "fast", None, P(None, None), name=f"p{i}", out_dtype=dt)
+                for i, (n, dt) in enumerate(zip((32, 16), dtypes))]
+        return model.linears(x, mods), [m(x) for m in mods]
+
+    f = hk.without_apply_rng(hk.transform(fn))
+    params = {f"p{i}": {"w": model.QuantizedWeight8bit(jnp.asarray(rng.randint(-127, 128, (64, n)), jnp.int8),
+                                                       jnp.asarray(rng.rand(1, n) / 127 + 1e-3, jnp.bfloat16))}
+              for i, n in enumerate((32, 16))}
+    together, alone = f.apply(params, x, (jnp.float32, jnp.float32))
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\['p0', 'p1'\] differ"):
+        f.apply(params, x, (jnp.float32, jnp.bfloat16))
 
 
 @pytest.mark.parametrize("nb", [1, 2, 8])
