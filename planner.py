@@ -382,7 +382,9 @@ def workspace_terms(config: Any, data: int, model: int, batch: int, tokens: int,
     the model keeps them so on an accelerator (model.activation_dtype: N rows, or N*k in
     the MoE, up to kernels.SPLIT_MAX_ROWS: decode sizes), else 2 (bf16):
 
-    - residual:   RESIDUAL_COPIES x [B, T, D] bf16 / (d on B, m on D)
+    - residual:   RESIDUAL_COPIES x [B, T, D] float32 / (d on B; m on D only in the
+                  reference mode with shard_activations: the fast mode keeps the residual
+                  stream whole on each model shard, model.activation_spec)
     - qkv:        q, k, v and the attention output, [B, T, (2H + 2G) K] a / (d, m on heads)
     - attention:  logits [B, H, T, S]: ATTN_F32_COPIES x float32 + bf16 probabilities,
                   / (d on B, m on heads); with float32 activations the probabilities are
@@ -432,7 +434,8 @@ def workspace_terms(config: Any, data: int, model: int, batch: int, tokens: int,
     a_dense = 4 if n <= SPLIT_MAX_ROWS else 2  # activations' bytes (model.activation_dtype)
     a_moe = 4 if n * top <= SPLIT_MAX_ROWS else 2
     out: dict[str, int] = {}
-    out["residual"] = RESIDUAL_COPIES * b * t * d_ * 2 // (bd * dm)
+    residual_dm = dm if moe_impl == "reference" and cfg.shard_activations else 1
+    out["residual"] = RESIDUAL_COPIES * b * t * d_ * 4 // (bd * residual_dm)
     out["qkv"] = b * t * (2 * h_ + 2 * g_) * k_ * a_dense // (bd * hm)
     attn_bytes = 4 * ATTN_F32_COPIES + (2 if a_dense == 2 else 16)
     out["attention"] = (b * h_ * t * s * attn_bytes // (bd * hm)) + b * t * s // bd
