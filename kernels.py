@@ -65,6 +65,13 @@ _TritonParams = (getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "Trito
 _WHOLE_ARRAY = getattr(pl, "no_block_spec", None) or pl.BlockSpec()  # kernel indexes the whole array
 
 
+def _compiler_params(num_warps: int, num_stages: int, interpret: bool) -> dict:
+    """pallas_call's Triton settings, where this build has them and the kernel runs on a GPU."""
+    if _TritonParams is None or interpret:
+        return {}
+    return dict(compiler_params=_TritonParams(num_warps=num_warps, num_stages=num_stages))
+
+
 BACKENDS = ("auto", "pallas", "interpret", "xla")
 DEQUANT_MODES = ("cast", "bits", "asm")
 
@@ -205,7 +212,7 @@ def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
     num_tiles = jnp.sum(tiles).astype(jnp.int32)
     tile_expert = jnp.sum((tile_end[None, :] <= t[:, None]).astype(jnp.int32), axis=1)  # [T]
     tile_expert = jnp.where(t < num_tiles, tile_expert, -1).astype(jnp.int32)
-    return MoEPlan(row_pos, row_token.astype(jnp.int32), tile_expert, num_tiles)
+    return MoEPlan(row_pos, row_token, tile_expert, num_tiles)
 
 
 def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
@@ -374,11 +381,7 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
         def chunk(c, part, seg_start):
             k0 = pl.multiple_of(seg_start + c * bk, bk)
             x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16 (float32 with hi_lo)
-            if hi_lo:
-                x_hi = x.astype(jnp.bfloat16)
-                xs = (x_hi, (x - x_hi.astype(jnp.float32)).astype(jnp.bfloat16))
-            else:
-                xs = (x,)
+            xs = split_bf16(x) if hi_lo else (x,)
             out = []
             for (w_ref, _), p in zip(mats, part):
                 if transposed:
@@ -532,9 +535,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     else:
         out_shape = jax.ShapeDtypeStruct((split, m_pad, n_dim), jnp.float32)
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    params = {}
-    if _TritonParams is not None and not interpret:
-        params = dict(compiler_params=_TritonParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    params = _compiler_params(cfg.num_warps, cfg.num_stages, interpret)
     flat = [a for pair in mats for a in pair]
     out = pl.pallas_call(
         kernel,
@@ -822,9 +823,9 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: 
     q [B, G, Hg, K] (query heads grouped by their KV head; float32 or bf16), keys/values
     [B, S, G, K] (the bf16 cache), lengths int32 [B] -> [B, G, Hg, K] float32.
     Logits = cap * tanh(scale * q.k / cap) (0 < cap <= 40), a float32 softmax over the
-    visible keys, the weighted sum in float32 (q and the probabilities enter the MMAs as bf16 hi/lo pairs, so
-    only the cache is bf16). Reads only the used keys: the cost follows the tokens in the
-    cache, not its capacity. A row with no visible key gives zeros.
+    visible keys, the weighted sum in float32 (q and the probabilities enter the MMAs as
+    bf16 hi/lo pairs, so only the cache is bf16). Reads only the used keys: the cost follows
+    the tokens in the cache, not its capacity. A row with no visible key gives zeros.
 
     Pallas only ("pallas", "interpret", or "auto" where it resolves to one of them): the
     model uses its own XLA attention elsewhere.
@@ -861,9 +862,7 @@ def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, 
     """The pallas_call and the sum of its splits: [B, G, R, K] float32."""
     bsz, groups, rows, k_dim = q.shape
     kernel = functools.partial(_decode_attention_kernel, bs=bs, splits=splits, scale=scale, cap=cap)
-    params = {}
-    if _TritonParams is not None and not interpret:
-        params = dict(compiler_params=_TritonParams(num_warps=4, num_stages=2))
+    params = _compiler_params(4, 2, interpret)
     acc, l = pl.pallas_call(
         kernel,
         grid=(bsz, groups, splits),

@@ -474,7 +474,7 @@ def linears(x: jax.Array, projections: Sequence[Linear]) -> list[jax.Array]:
              and len({is_transposed(w) for w in ws}) == 1)
     if fused and first.mesh is not None and first.mesh.size > 1:
         return sharded_matmul(x, ws, first.mesh, first.spec, first.out_dtype)
-    if fused and len(ws) > 1 and len({w.scales.shape[-2] for w in ws}) == 1:
+    if fused:  # int8_matmuls runs them one by one where they cannot share a launch
         return kernels.int8_matmuls(x, [(w.weight, w.scales) for w in ws], out_dtype=first.out_dtype or x.dtype,
                                     transposed=is_transposed(ws[0]))
     return [matmul(x, w, first.impl, "auto", first.out_dtype) for w in ws]
