@@ -77,6 +77,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -983,10 +984,32 @@ def _spread(values: list) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _child(cmd: list[str], log: str) -> int:
-    """Run one measurement in a fresh process (its own memory peak and caches); log its output."""
+CHILD_TIMED_OUT = "timeout"  # a depth run's code when its child overran --child-timeout
+
+
+def _child(cmd: list[str], log: str, timeout_s: float | None = None) -> int | str:
+    """Run one measurement in a fresh process (its own memory peak and caches); log its output.
+
+    Returns the exit status, or CHILD_TIMED_OUT when the child ran past timeout_s: it then
+    gets SIGABRT, which Python's faulthandler (turned on for the child) answers by writing
+    every thread's stack to the log, so a hang shows where it hangs and costs one point of a
+    depth run, not the whole run.
+    """
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
     with open(log, "w") as f:
-        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints the stacks, then the process ends
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    with open(log, "a") as f:
+        f.write(f"\n[bench.py depth: killed after {timeout_s:g} s (--child-timeout)]\n")
+    return CHILD_TIMED_OUT
 
 
 def depth_bench(args: argparse.Namespace) -> dict:
@@ -1011,7 +1034,7 @@ def depth_bench(args: argparse.Namespace) -> dict:
                        "--mesh", args.mesh, "--max-len", str(args.steps), "--temperature", "0",
                        "--compile-cache", cache, "--timings-json", path] + (["--tiny"] if args.tiny else [])
                 start = time.perf_counter()
-                code = _child(cmd, path[:-5] + ".log")
+                code = _child(cmd, path[:-5] + ".log", args.child_timeout)
                 rec = dict(kind="startup", phase=phase, layers=n, rep=rep, code=code,
                            process_s=time.perf_counter() - start)
                 if code == 0:
@@ -1028,7 +1051,7 @@ def depth_bench(args: argparse.Namespace) -> dict:
                        str(args.context), "--iters", str(args.iters), "--compile-layers", "0", "--mesh", args.mesh,
                        *(["--tiny"] if args.tiny else []),
                        "--compile-cache", os.path.join(args.cache_root, f"model-L{n}"), "--json", path]
-                code = _child(cmd, path[:-5] + ".log")
+                code = _child(cmd, path[:-5] + ".log", args.child_timeout)
                 rec = dict(kind="model", layers=n, rep=rep, code=code)
                 if code == 0:
                     with open(path) as f:
@@ -2065,6 +2088,9 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--cache-root", default=os.path.join(tempfile.gettempdir(), "grok1-depth-cache"),
                    help="compilation caches of the runs (emptied for each cold start)")
     p.add_argument("--tiny", action="store_true", help="the tiny config: a smoke test on any machine")
+    p.add_argument("--child-timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="end a run that takes longer (its log then holds every thread's stack) and go on "
+                        "with the next (default 900)")
     p.add_argument("--out", default="bench_depth", help="directory of each run's JSON and log")
     p.add_argument("--json", default="bench_depth.json", help="all runs and the summary")
     p.set_defaults(func=depth_bench)

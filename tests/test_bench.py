@@ -1,5 +1,8 @@
 """bench.py: the roofline arithmetic against SPEC-derived byte counts, and a tiny smoke run."""
 
+import sys
+import time
+
 import numpy as np
 
 import bench
@@ -176,3 +179,20 @@ def test_depth_summary_medians_per_layer_cost_and_slope():
     assert s[48]["decode_b1_ms_per_layer"]["median"] == 25.0 / 48
     assert s[48]["decode_b1_ms_slope_per_layer"] == (25.0 - 4.4) / 40
     assert "0.521 ms/layer [0.500-0.625]" in bench.format_depth(s)
+
+
+def test_depth_child_that_hangs_is_ended_with_its_stacks_in_the_log(tmp_path):
+    """A hung run (session 4: the runner's first decode step on 2 GPUs) costs one point of
+    `bench.py depth`, and its log says where it hung."""
+    log = str(tmp_path / "child.log")
+    hang = [sys.executable, "-c", "import time\ndef wait_forever():\n    time.sleep(600)\nwait_forever()"]
+    start = time.perf_counter()
+    assert bench._child(hang, log, timeout_s=2.0) == bench.CHILD_TIMED_OUT
+    assert time.perf_counter() - start < 30
+    text = open(log).read()
+    assert "wait_forever" in text  # faulthandler's stack of the main thread
+    assert "killed after 2 s" in text
+
+    done = [sys.executable, "-c", "print('ok'); raise SystemExit(3)"]
+    assert bench._child(done, log, timeout_s=30.0) == 3
+    assert open(log).read().strip() == "ok"
