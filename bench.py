@@ -1044,6 +1044,8 @@ def depth_bench(args: argparse.Namespace) -> dict:
                 print(f"L={n} rep {rep} {phase} start: exit {code}, first token "
                       f"{rec.get('first_token_s') or float('nan'):.1f} s, process {rec['process_s']:.1f} s",
                       flush=True)
+                if code != 0:
+                    break  # a warm start needs the cold one's programs; a hang would only repeat
             if "decode" in args.parts:
                 path = os.path.join(args.out, f"model-L{n}-r{rep}.json")
                 cmd = [sys.executable, os.path.abspath(__file__), "model", "--layers", str(n), "--batches",

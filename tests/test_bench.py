@@ -1,5 +1,7 @@
 """bench.py: the roofline arithmetic against SPEC-derived byte counts, and a tiny smoke run."""
 
+import argparse
+import os
 import sys
 import time
 
@@ -196,3 +198,22 @@ def test_depth_child_that_hangs_is_ended_with_its_stacks_in_the_log(tmp_path):
     done = [sys.executable, "-c", "print('ok'); raise SystemExit(3)"]
     assert bench._child(done, log, timeout_s=30.0) == 3
     assert open(log).read().strip() == "ok"
+
+
+def test_depth_skips_the_warm_start_after_a_failed_cold_one(tmp_path, monkeypatch):
+    """A cold start that hangs or fails is not followed by a warm one (it has no programs
+    to reuse, and a hang would cost a second timeout); the other depths still run."""
+    calls = []
+
+    def fake_child(cmd, log, timeout_s=None):
+        layers = cmd[cmd.index("--layers") + 1]
+        calls.append((layers, os.path.basename(log)))
+        return bench.CHILD_TIMED_OUT if layers == "48" else 1
+
+    monkeypatch.setattr(bench, "_child", fake_child)
+    args = argparse.Namespace(layers="8,48", repeats=1, mesh="1x1", parts="startup", warm=True, steps=4,
+                              batches="1", context=16, prefill=0, iters=1, cache_root=str(tmp_path / "cache"),
+                              tiny=True, child_timeout=5.0, out=str(tmp_path / "out"), json=None)
+    report = bench.depth_bench(args)
+    assert calls == [("8", "startup-L8-r0-cold.log"), ("48", "startup-L48-r0-cold.log")]
+    assert [r["code"] for r in report["runs"]] == [1, bench.CHILD_TIMED_OUT]
