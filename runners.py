@@ -1038,17 +1038,13 @@ class _Slot:
     top_k: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
 
 
-def _prefetch(tree: Any) -> None:
-    """Start copying a dispatched step's outputs to the host, to land as soon as the step
-    ends: on a GPU the copy then overlaps the host's work on earlier steps instead of
-    following it (_to_host finds the values there)."""
-    for a in jax.tree_util.tree_leaves(tree):
-        if a.is_fully_addressable:
-            a.copy_to_host_async()
-
-
 def _to_host(tree: Any) -> Any:
-    """numpy copies of replicated outputs (one local copy: also works with several hosts)."""
+    """numpy copies of replicated outputs (one local copy: also works with several hosts).
+
+    The copy starts here, once the caller waits for the step, and never earlier: a
+    copy_to_host_async() started right after dispatching a step over 2 GPUs made the
+    process hang in that step at 24+ layers of Grok-1 width (found by bisection on 2 x H200;
+    see BENCHMARKS.md, "The runner's hang"). The outputs are a few hundred bytes."""
     return jax.tree_util.tree_map(
         lambda a: np.asarray(a) if a.is_fully_addressable else np.asarray(a.addressable_data(0)), tree)
 
@@ -1169,7 +1165,6 @@ class _Engine:
                     self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
                     np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
                     np.int32(prepared.max_len), prepared.mask)
-            _prefetch(out)
             context = prepared.tokens[-self.text_context:] if self.text_context else ()
             rec = self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer, context))
             return StepHandle(program, ((0, slot, rec),), out)
@@ -1193,7 +1188,6 @@ class _Engine:
             active = np.array([s is not None for s in self.slots])
             with self._deadline(("decode",)):  # the first call compiles
                 self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
-            _prefetch(out)
             return StepHandle(("decode",), rows, out)
 
     def collect(self, handle: StepHandle) -> list[TokenEvent]:
