@@ -1550,8 +1550,8 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
     and synchronous engine.step() calls (each waits for its tokens and turns them into
     text). Rates are totals over the time (as the server's are), not medians. Then the
     serving loop without HTTP ("loop"): the server's engine-thread schedule (server.py's
-    Scheduler: prefills into free slots, PIPELINE_DEPTH steps queued, tokens turned into
-    text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
+    Scheduler: prefills into free slots, grouped by bucket, PIPELINE_DEPTH steps queued,
+    tokens turned into text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
     end-of-sequence token allowed), for `seconds`.
 
     The slots hold different requests, as under load: the prompts of the load, sampled at
@@ -1622,11 +1622,14 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
         tokens, i = 0, 0
         start = time.perf_counter()
         while time.perf_counter() - start < budget:
-            while engine.free_slots():
+            waiting = []
+            for _ in engine.free_slots():  # the server's admission: grouped by bucket
                 request = runners.Request(prompt=SERVE_PROMPTS[i % len(SERVE_PROMPTS)], temperature=temperature,
                                           rng_seed=i, max_len=max_tokens)
-                pending.append(engine.dispatch_admit(runner.prepare(request, i), owner))
+                waiting.append(runner.prepare(request, i))
                 i += 1
+            for group in engine.prefill_groups(waiting):
+                pending.append(engine.dispatch_admit_many([waiting[k] for k in group], owner))
             while len(pending) < server.PIPELINE_DEPTH:
                 handle = engine.dispatch()
                 if handle is None:
