@@ -932,12 +932,16 @@ def timed_compile(fn: Any, *args: Any) -> dict[str, float]:
 
 
 def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: Any, config: LanguageModelConfig,
-                  batch_size: int, buckets: Sequence[int]) -> dict[str, dict[str, float]]:
+                  batch_size: int, buckets: Sequence[int], grouped: bool = False) -> dict[str, dict[str, float]]:
     """Lower and compile the jitted steps of make_step_functions ahead of time, timing each
     part; see InferenceRunner.compile. params / memory / state: arrays (the jit's own
-    cache then serves later calls with them) or abstract_step_inputs' shapes."""
+    cache then serves later calls with them) or abstract_step_inputs' shapes. grouped:
+    also the prefills of several requests (2, 4, ... rows up to prefill_rows_limit)."""
     out = {}
     calls = [(f"prefill {b}", prefill, step_arguments(config, batch_size, b)) for b in buckets]
+    if grouped:
+        calls += [(f"prefill {b} x{r}", prefill, step_arguments(config, batch_size, b, r)) for b in buckets
+                  for r in (2 ** k for k in range(1, prefill_rows_limit(config, batch_size, b).bit_length()))]
     for name, fn, args in calls + [("decode", decode, step_arguments(config, batch_size))]:
         out[name] = timed_compile(fn, params, memory, state, *args)
         logger.debug("%s: lowered in %.2f s, compiled in %.2f s.", name, out[name]["lower_s"],
@@ -1422,9 +1426,12 @@ class InferenceRunner:
         logger.info("%s: %d slot(s), buckets %s, mesh %s.", self.name, self.batch_size, self.buckets,
                     dict(self.mesh.shape))
 
-    def compile(self) -> dict[str, dict[str, float]]:
+    def compile(self, grouped: bool = False) -> dict[str, dict[str, float]]:
         """Compile the prefill step of every pad bucket and the decode step now, ahead of time,
-        instead of at their first use; later steps reuse the programs.
+        instead of at their first use; later steps reuse the programs. grouped: also the
+        prefills of several requests in one call (engine.dispatch_admit_many: "prefill
+        <bucket> x<rows>", rows 2, 4, ... up to prefill_rows_limit), which otherwise compile
+        at their first use, stalling the running requests meanwhile.
 
         Returns {"prefill <bucket>": {"lower_s": .., "compile_s": ..}, ..., "decode": {..}}:
         the seconds of tracing and lowering to StableHLO (jit(...).lower) and of XLA's
@@ -1432,7 +1439,7 @@ class InferenceRunner:
         """
         engine = self._require_initialized()
         return compile_steps(engine.prefill, engine.decode, engine.params, engine.memory, engine.state,
-                             self.runner.model, self.batch_size, self.buckets)
+                             self.runner.model, self.batch_size, self.buckets, grouped)
 
     def _watchdog(self) -> Optional[Watchdog]:
         seconds = self.step_timeout

@@ -653,8 +653,8 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
         assert (a.shape, a.dtype) == (x.shape, x.dtype)
         assert a.sharding.is_equivalent_to(x.sharding, x.ndim), (a.sharding, x.sharding)
 
-    times = r.compile()
-    assert set(times) == {"prefill 16", "decode"}
+    times = r.compile(grouped=True)  # the 2 slots also take a prefill of 2 requests
+    assert set(times) == {"prefill 16", "prefill 16 x2", "decode"}
     assert all(t["lower_s"] > 0 and t["compile_s"] > 0 for t in times.values())
     compiles = []
 
@@ -665,11 +665,16 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         done = r.generate([PROMPTS[0], "Bread and water"], max_len=6, temperature=0.0)
+        owner = object()
+        both = [r.prepare(Request(p, 0.0, 1.0, 0, 2), i) for i, p in enumerate([PROMPTS[0], "Bread and water"])]
+        first = engine.collect(engine.dispatch_admit_many(both, owner))
+        engine.release(owner)
     finally:
         unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
         if unregister is not None:
             unregister(listener)
     assert compiles == []  # prefill and decode ran the programs compile() built
+    assert [e.token_id for e in first] == [c.tokens[0] for c in done]
 
     # Every greedy token is the argmax of the float64 reference's logits (bf16 near-ties aside).
     def logical(x):  # the runner's transposed int8 back in the checkpoint's layout
