@@ -1575,8 +1575,8 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
     and synchronous engine.step() calls (each waits for its tokens and turns them into
     text). Rates are totals over the time (as the server's are), not medians. Then the
     serving loop without HTTP ("loop"): the server's engine-thread schedule (server.py's
-    Scheduler: prefills into free slots, PIPELINE_DEPTH steps queued, tokens turned into
-    text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
+    Scheduler: prefills into free slots, grouped by bucket, PIPELINE_DEPTH steps queued,
+    tokens turned into text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
     end-of-sequence token allowed), for `seconds`.
 
     The slots hold different requests, as under load: the prompts of the load, sampled at
@@ -1647,11 +1647,14 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
         tokens, i = 0, 0
         start = time.perf_counter()
         while time.perf_counter() - start < budget:
-            while engine.free_slots():
+            waiting = []
+            for _ in engine.free_slots():  # the server's admission: grouped by bucket
                 request = runners.Request(prompt=SERVE_PROMPTS[i % len(SERVE_PROMPTS)], temperature=temperature,
                                           rng_seed=i, max_len=max_tokens)
-                pending.append(engine.dispatch_admit(runner.prepare(request, i), owner))
+                waiting.append(runner.prepare(request, i))
                 i += 1
+            for group in engine.prefill_groups(waiting):
+                pending.append(engine.dispatch_admit_many([waiting[k] for k in group], owner))
             while len(pending) < server.PIPELINE_DEPTH:
                 handle = engine.dispatch()
                 if handle is None:
@@ -1774,6 +1777,23 @@ def _server_counter(port: int, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     raise KeyError(name)
+
+
+def _prefill_counts(port: int) -> tuple[float, float] | None:
+    """(prefill calls, sequences given their first token) so far, or None from a server
+    without the prefill-call metric."""
+    try:
+        return (_server_counter(port, "grok1_prefill_calls_total"),
+                _server_counter(port, "grok1_time_to_first_token_seconds_count"))
+    except KeyError:
+        return None
+
+
+def _per_call(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Sequences admitted per prefill call between two _prefill_counts (None if unknown)."""
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
 
 
 def burn_child(args: argparse.Namespace) -> None:
@@ -1899,9 +1919,11 @@ def serve_bench(args: argparse.Namespace) -> dict:
             running.set()
             time.sleep(args.warmup)  # the batch fills up
             t0, tokens0 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+            prefills0 = _prefill_counts(port)
             cpu0, server0 = os.times(), _cpu_seconds(child.pid)
             time.sleep(args.seconds)
             t1, tokens1 = time.perf_counter(), _server_counter(port, "grok1_generated_tokens_total")
+            prefills1 = _prefill_counts(port)
             cpu1, server1 = os.times(), _cpu_seconds(child.pid)
             running.clear()
             idle_by = time.monotonic() + 600
@@ -1926,7 +1948,8 @@ def serve_bench(args: argparse.Namespace) -> dict:
                 "server_vs_engine_step": rate / step,
                 "clients_cpu_cores": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
                 "server_cpu_cores": (server1 - server0) / (t1 - t0),
-                "load_average": os.getloadavg()[0], "engine_after": after})
+                "load_average": os.getloadavg()[0], "engine_after": after,
+                "sequences_per_prefill_call": _per_call(prefills0, prefills1)})
             print(f"round {k + 1}: {rate:.0f} output tok/s = {100 * rate / decode:.0f}% of back-to-back decode "
                   f"({decode:.0f} tok/s, mean of before and after), {100 * rate / loop:.0f}% of the serving loop "
                   f"without HTTP ({loop:.0f} tok/s = {100 * loop / decode:.0f}% of decode); CPU cores: server "
@@ -1985,6 +2008,9 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "requests": len(window),
         "errors": len(errors), "round_results": rounds,
     }
+    per_call = [r["sequences_per_prefill_call"] for r in rounds if r["sequences_per_prefill_call"] is not None]
+    if per_call:
+        results["sequences_per_prefill_call"] = statistics.median(per_call)
     if contention:
         base = contention[0.0]
         results["contention"] = [
@@ -2005,7 +2031,9 @@ def serve_bench(args: argparse.Namespace) -> dict:
           f"{results['ttft_p50_ms']:.1f}/{results['ttft_p99_ms']:.1f} ms, TPOT p50/p99 "
           f"{results['tpot_p50_ms']:.2f}/{results['tpot_p99_ms']:.2f} ms; CPU cores: server "
           f"{results['server_cpu_cores']:.2f}, clients {results['clients_cpu_cores']:.2f}; {len(errors)} errors"
-          + (f" (first: {errors[0]})" if errors else ""))
+          + (f" (first: {errors[0]})" if errors else "")
+          + (f"; {results['sequences_per_prefill_call']:.2f} sequences per prefill call"
+             if "sequences_per_prefill_call" in results else ""))
     for row in results.get("contention", []):
         print(f"engine decode beside a process busy {100 * row['busy_core_fraction']:.0f}% of one core: "
               f"{row['decode_tokens_per_s']:.0f} tok/s = {100 * row['vs_alone']:.0f}% of its rate alone "

@@ -59,6 +59,10 @@ MAX_TEMPERATURE = 1e6
 # float32 and logits / t cannot overflow for any finite float32 logit of sane size.
 SAMPLING_MIN_TEMPERATURE = 1e-20
 SAMPLING_MAX_TEMPERATURE = 1e30
+# The most requests one prefill call takes (a power of two; see prefill_rows_limit). Each
+# (bucket, rows) pair is a program of its own, compiled at its first use or ahead by
+# InferenceRunner.compile(grouped=True) (the server does that).
+MAX_PREFILL_ROWS = 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -780,28 +784,43 @@ def _empty_state(batch: int, vocab: int) -> SlotState:
 
 
 def _insert_cache(big: grok_model.Memory, small: grok_model.Memory, slot: jax.Array) -> grok_model.Memory:
-    """Put a one-sequence cache [1, bucket, G, K] into row `slot` of [B, S, G, K], zero-padded."""
+    """Put R one-sequence caches [R, bucket, G, K] into rows `slot` [R] of [B, S, G, K],
+    zero-padded to S. A row after the first whose slot is out of range (>= B: padding)
+    writes nothing."""
     layers = []
     for b, s in zip(big.layers, small.layers):
         pad = ((0, 0), (0, b.k.shape[1] - s.k.shape[1]), (0, 0), (0, 0))
-        k = jnp.pad(s.k.astype(b.k.dtype), pad)
+        k = jnp.pad(s.k.astype(b.k.dtype), pad)  # [R, S, G, K]
         v = jnp.pad(s.v.astype(b.v.dtype), pad)
-        layers.append(grok_model.KVMemory(
-            k=jax.lax.dynamic_update_slice_in_dim(b.k, k, slot, axis=0),
-            v=jax.lax.dynamic_update_slice_in_dim(b.v, v, slot, axis=0),
-            step=jax.lax.dynamic_update_slice_in_dim(b.step, s.step.astype(b.step.dtype), slot, axis=0),
-        ))
+        layers.append(grok_model.KVMemory(k=_set_rows(b.k, slot, k), v=_set_rows(b.v, slot, v),
+                                          step=_set_rows(b.step, slot, s.step.astype(b.step.dtype))))
     return grok_model.Memory(layers=layers)
+
+
+def _set_rows(a: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+    """a.at[slot].set(value) for slot [R], in place. Row 0 is a request (its slot in range);
+    a later row whose slot is out of range is padding and is dropped. The engine gives each
+    padding row its own index >= B, so the indices are unique."""
+    value = value.astype(a.dtype)
+    if slot.shape[0] == 1:
+        # A dynamic_update_slice, in place: XLA turns a one-row scatter into a read of the
+        # row, a select and a copy of the whole donated buffer (4x the time on the CPU).
+        return jax.lax.dynamic_update_slice_in_dim(a, value, slot[0], axis=0)
+    return a.at[slot].set(value, mode="drop", unique_indices=True)
 
 
 def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int):
     """The jitted (prefill, decode) pair. Both donate the cache and the slot state.
 
-    prefill(params, memory, state, tokens [1, bucket], length [1], slot, temperature, top_p,
-            seed, max_len, mask [V]) -> (memory, state, StepOutput of one row)
-      runs the prompt through a fresh cache of its bucket's size, samples the first token,
-      and writes cache, step (= prompt length) and settings into row `slot`.
-      Compiles once per bucket.
+    prefill(params, memory, state, tokens [R, bucket], length [R], slot [R], temperature [R],
+            top_p [R], seed [R], max_len [R], mask [R, V]) -> (memory, state, StepOutput of R rows)
+      runs R prompts (right-padded with the pad id to their common bucket) through a fresh
+      cache of the bucket's size, samples each one's first token, and writes its cache,
+      step (= prompt length) and settings into row slot[r] of the batch. Row 0 is a
+      request; a later row whose slot is out of range (>= batch_size) is padding: it is
+      computed and writes nothing.
+      Compiles once per (bucket, R); the engine uses R = 1 and powers of two up to
+      prefill_rows_limit.
     decode(params, memory, state, active [B] bool) -> (memory, state, StepOutput of B rows)
       feeds every active slot its last token; inactive slots' caches do not advance, nor do
       those of slots whose request has already ended (their rows of the output are
@@ -816,22 +835,22 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
         return (token == config.eos_token) | (count >= max_len)
 
     def prefill(params, memory, state, tokens, length, slot, temperature, top_p, seed, max_len, mask):
-        bucket = tokens.shape[1]
-        small = grok_model.init_layer_memories(1, bucket, cfg.num_kv_heads, cfg.key_size, cfg.num_layers,
+        rows, bucket = tokens.shape
+        small = grok_model.init_layer_memories(rows, bucket, cfg.num_kv_heads, cfg.key_size, cfg.num_layers,
                                                config.fprop_dtype)
         out = lm(params, tokens, small, length)
-        logits = out.logits[:, 0, :]  # [1, V]
-        keys = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
-        draw = sample_tokens(logits, mask[None], temperature[None], top_p[None], keys)
+        logits = out.logits[:, 0, :]  # [R, V]: each row's last real position
+        first = jnp.zeros((rows,), jnp.int32)  # the first token of each request: key counter 0
+        draw = sample_tokens(logits, mask, temperature, top_p, request_keys(seed, first))
         memory = _insert_cache(memory, out.model_state, slot)
-        set_row = lambda a, v: a.at[slot].set(v)  # noqa: E731
         state = SlotState(
-            token=set_row(state.token, draw.token[0]), count=set_row(state.count, 1),
-            max_len=set_row(state.max_len, max_len), temperature=set_row(state.temperature, temperature),
-            top_p=set_row(state.top_p, top_p), seed=set_row(state.seed, seed),
-            mask=set_row(state.mask, mask),
+            token=_set_rows(state.token, slot, draw.token), count=_set_rows(state.count, slot, first + 1),
+            max_len=_set_rows(state.max_len, slot, max_len),
+            temperature=_set_rows(state.temperature, slot, temperature),
+            top_p=_set_rows(state.top_p, slot, top_p), seed=_set_rows(state.seed, slot, seed),
+            mask=_set_rows(state.mask, slot, mask),
         )
-        return memory, state, StepOutput(draw, finished(draw.token, jnp.ones((1,), jnp.int32), max_len))
+        return memory, state, StepOutput(draw, finished(draw.token, first + 1, max_len))
 
     def decode(params, memory, state, active):
         # A row whose request has ended (its last token was end-of-sequence or its max_len-th)
@@ -855,14 +874,35 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
     return prefill_jit, decode_jit
 
 
-def step_arguments(config: LanguageModelConfig, batch_size: int, bucket: Optional[int] = None) -> tuple:
+def step_arguments(config: LanguageModelConfig, batch_size: int, bucket: Optional[int] = None,
+                   rows: int = 1) -> tuple:
     """Host arguments of a step after (params, memory, state), of the types _Engine passes:
-    prefill's (tokens [1, bucket], length [1], slot, temperature, top_p, seed, max_len,
-    mask [V]) when `bucket` is given, else decode's (active [B],). Values are placeholders."""
+    prefill's (tokens [rows, bucket], length, slot, temperature, top_p, seed, max_len [rows],
+    mask [rows, V]) when `bucket` is given, else decode's (active [B],). Values are
+    placeholders (row r writes slot r, or nothing when r >= batch_size)."""
     if bucket is None:
         return (np.ones((batch_size,), bool),)
-    return (np.zeros((1, bucket), np.int32), np.array([bucket], np.int32), np.int32(0), np.float32(1.0),
-            np.float32(1.0), np.uint32(0), np.int32(1), np.ones((config.vocab_size,), bool))
+    r = rows
+    return (np.zeros((r, bucket), np.int32), np.full((r,), bucket, np.int32), np.arange(r, dtype=np.int32),
+            np.ones((r,), np.float32), np.ones((r,), np.float32), np.zeros((r,), np.uint32),
+            np.ones((r,), np.int32), np.ones((r, config.vocab_size), bool))
+
+
+def prefill_rows_limit(config: LanguageModelConfig, batch_size: int, bucket: int) -> int:
+    """The most requests one prefill call of `bucket` takes: the largest power of two
+    <= MAX_PREFILL_ROWS, the batch and sequence_len // bucket. The last bound keeps R x
+    bucket tokens within the one prefill of sequence_len tokens the memory planner sizes
+    (planner.plan's default), so grouping never needs more memory than was planned."""
+    cap = min(MAX_PREFILL_ROWS, batch_size, max(1, config.sequence_len // bucket))
+    return 1 << (cap.bit_length() - 1)
+
+
+def prefill_rows(count: int) -> int:
+    """Rows of the prefill call for `count` requests: the next power of two (1, 2, 4, 8,
+    ...), so that few programs per bucket exist; the extra rows are padding."""
+    if count < 1:
+        raise ValueError(f"count={count}: a prefill call takes at least one request.")
+    return 1 << (count - 1).bit_length()
 
 
 def abstract_step_inputs(config: LanguageModelConfig, mesh: Mesh, batch_size: int) -> tuple:
@@ -893,12 +933,16 @@ def timed_compile(fn: Any, *args: Any) -> dict[str, float]:
 
 
 def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: Any, config: LanguageModelConfig,
-                  batch_size: int, buckets: Sequence[int]) -> dict[str, dict[str, float]]:
+                  batch_size: int, buckets: Sequence[int], grouped: bool = False) -> dict[str, dict[str, float]]:
     """Lower and compile the jitted steps of make_step_functions ahead of time, timing each
     part; see InferenceRunner.compile. params / memory / state: arrays (the jit's own
-    cache then serves later calls with them) or abstract_step_inputs' shapes."""
+    cache then serves later calls with them) or abstract_step_inputs' shapes. grouped:
+    also the prefills of several requests (2, 4, ... rows up to prefill_rows_limit)."""
     out = {}
     calls = [(f"prefill {b}", prefill, step_arguments(config, batch_size, b)) for b in buckets]
+    if grouped:
+        calls += [(f"prefill {b} x{r}", prefill, step_arguments(config, batch_size, b, r)) for b in buckets
+                  for r in (2 ** k for k in range(1, prefill_rows_limit(config, batch_size, b).bit_length()))]
     for name, fn, args in calls + [("decode", decode, step_arguments(config, batch_size))]:
         out[name] = timed_compile(fn, params, memory, state, *args)
         logger.debug("%s: lowered in %.2f s, compiled in %.2f s.", name, out[name]["lower_s"],
@@ -1053,8 +1097,9 @@ def _to_host(tree: Any) -> Any:
 class StepHandle:
     """A step that was dispatched and whose tokens are not collected yet (_Engine.collect).
 
-    program: ("decode",) or ("prefill", bucket). rows: (row of the step's output, slot, the
-    _Slot that held the slot at dispatch) for every row whose token belongs to a request.
+    program: ("decode",) or ("prefill", bucket, rows of the call). rows: (row of the step's
+    output, slot, the _Slot that held the slot at dispatch) for every row whose token belongs
+    to a request (a prefill's padding rows have none).
     """
 
     program: tuple
@@ -1070,12 +1115,13 @@ class _Engine:
     release, a params swap) atomic: the steps donate the cache and the slot state, so two
     at once would use deleted buffers.
 
-    Steps can be queued: dispatch_admit() and dispatch() start a prefill or a decode step
-    and return at once with a StepHandle; collect(handle) waits for that step's tokens and
-    turns them into events. The device runs the steps in dispatch order (each takes the
-    cache and slot state the one before left), so collecting the handles in that order
-    hands every request its tokens in order, while the host works on step t the device
-    already runs the steps queued after it.
+    Steps can be queued: dispatch_admit() (one request), dispatch_admit_many() (several of
+    one bucket in one prefill call; prefill_groups() splits a list into such calls) and
+    dispatch() start a prefill or a decode step and return at once with a StepHandle;
+    collect(handle) waits for that step's tokens and turns them into events. The device
+    runs the steps in dispatch order (each takes the cache and slot state the one before
+    left), so collecting the handles in that order hands every request its tokens in order,
+    while the host works on step t the device already runs the steps queued after it.
     """
 
     def __init__(self, config: LanguageModelConfig, mesh: Mesh, params: Any, batch_size: int, tokenizer: Any,
@@ -1108,7 +1154,7 @@ class _Engine:
             return
         warm = program in self._warm
         seconds = self.watchdog.timeout_s * (1 if warm else FIRST_STEP_TIMEOUT_FACTOR)
-        name = f"{program[0]} step" + (f" (bucket {program[1]})" if len(program) > 1 else "")
+        name = f"{program[0]} step" + (f" (bucket {program[1]}, {program[2]} rows)" if len(program) > 1 else "")
         with self.watchdog.guard(name + ("" if warm else ", compilation included"), seconds):
             yield
         self._warm.add(program)
@@ -1146,28 +1192,68 @@ class _Engine:
         """Start the prefill of a request into the first free slot (free_slots()[0]) without
         waiting for it; the slot is taken at once, and decode steps dispatched from now on
         feed it. collect() the handle for the event of its first token."""
+        return self.dispatch_admit_many([prepared], owner)
+
+    def prefill_groups(self, prepared: Sequence[_Prepared]) -> list[list[int]]:
+        """Split requests into prefill calls for dispatch_admit_many: indices into `prepared`,
+        grouped by bucket (buckets in order of first appearance, requests in input order),
+        at most prefill_rows_limit(bucket) per call."""
+        by_bucket: dict[int, list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_bucket.setdefault(p.bucket, []).append(i)
+        batch = len(self.slots)
+        groups = []
+        for bucket, items in by_bucket.items():
+            cap = prefill_rows_limit(self.config, batch, bucket)
+            groups += [items[k:k + cap] for k in range(0, len(items), cap)]
+        return groups
+
+    def dispatch_admit_many(self, prepared: Sequence[_Prepared], owner: object) -> StepHandle:
+        """Start one prefill call for requests of one bucket (at most prefill_rows_limit of
+        it), into the first free slots in order, without waiting; like dispatch_admit, the
+        slots are taken at once. The call has prefill_rows(len(prepared)) rows; the extra
+        rows are padding (they repeat the first request and write no slot). collect() the
+        handle for the events of the first tokens, in the order of `prepared`."""
         with self.lock:
             if any(s is not None and s.owner is not owner for s in self.slots):
                 raise RunnerBusyError(
                     "Another stream() / run() generator still has requests in flight on this "
                     "InferenceRunner; exhaust or close() it first.")
+            if not prepared:
+                raise ValueError("dispatch_admit_many: no requests given.")
+            bucket, batch, n = prepared[0].bucket, len(self.slots), len(prepared)
+            if any(p.bucket != bucket for p in prepared):
+                raise ValueError(f"dispatch_admit_many: buckets {sorted({p.bucket for p in prepared})} differ; "
+                                 "one call takes one bucket (split them with prefill_groups()).")
+            if n > prefill_rows_limit(self.config, batch, bucket):
+                raise ValueError(f"dispatch_admit_many: {n} requests of bucket {bucket}, more than one call "
+                                 f"takes ({prefill_rows_limit(self.config, batch, bucket)}); use prefill_groups().")
             free = self.free_slots()
-            if not free:
-                raise RuntimeError("no free slot")  # callers check free_slots() first
-            slot, req = free[0], prepared.request
-            n = len(prepared.tokens)
-            tokens = np.zeros((1, prepared.bucket), np.int32)  # right-padded with the pad id 0
-            tokens[0, :n] = prepared.tokens
-            tokens[0, n:] = self.config.pad_token
-            program = ("prefill", prepared.bucket)
+            if len(free) < n:
+                raise RuntimeError(f"{n} requests but {len(free)} free slot(s)")  # callers check free_slots()
+            rows = prefill_rows(n)
+            group = list(prepared) + [prepared[0]] * (rows - n)  # padding rows repeat a real prompt
+            tokens = np.full((rows, bucket), self.config.pad_token, np.int32)  # right-padded
+            for r, p in enumerate(group):
+                tokens[r, :len(p.tokens)] = p.tokens
+            # Padding rows write nothing: each its own slot index >= batch (see _set_rows).
+            slots = np.array(free[:n] + list(range(batch, batch + rows - n)), np.int32)
+            settings = [(p.request.temperature, p.request.nucleus_p, int(p.request.rng_seed) % 2**32, p.max_len)
+                        for p in group]
+            temperature, top_p, seed, max_len = zip(*settings)
+            program = ("prefill", bucket, rows)
             with self._deadline(program):
                 self.memory, self.state, out = self.prefill(
-                    self.params, self.memory, self.state, tokens, np.array([n], np.int32), np.int32(slot),
-                    np.float32(req.temperature), np.float32(req.nucleus_p), np.uint32(int(req.rng_seed) % 2**32),
-                    np.int32(prepared.max_len), prepared.mask)
-            context = prepared.tokens[-self.text_context:] if self.text_context else ()
-            rec = self.slots[slot] = _Slot(prepared, owner, _TextStream(self.tokenizer, context))
-            return StepHandle(program, ((0, slot, rec),), out)
+                    self.params, self.memory, self.state, tokens,
+                    np.array([len(p.tokens) for p in group], np.int32), slots,
+                    np.array(temperature, np.float32), np.array(top_p, np.float32), np.array(seed, np.uint32),
+                    np.array(max_len, np.int32), np.stack([p.mask for p in group]))
+            handle_rows = []
+            for r, p in enumerate(prepared):
+                context = p.tokens[-self.text_context:] if self.text_context else ()
+                rec = self.slots[free[r]] = _Slot(p, owner, _TextStream(self.tokenizer, context))
+                handle_rows.append((r, free[r], rec))
+            return StepHandle(program, tuple(handle_rows), out)
 
     def step(self) -> list[TokenEvent]:
         """One decode step of every active slot; returns one event per active slot."""
@@ -1335,9 +1421,12 @@ class InferenceRunner:
         logger.info("%s: %d slot(s), buckets %s, mesh %s.", self.name, self.batch_size, self.buckets,
                     dict(self.mesh.shape))
 
-    def compile(self) -> dict[str, dict[str, float]]:
+    def compile(self, grouped: bool = False) -> dict[str, dict[str, float]]:
         """Compile the prefill step of every pad bucket and the decode step now, ahead of time,
-        instead of at their first use; later steps reuse the programs.
+        instead of at their first use; later steps reuse the programs. grouped: also the
+        prefills of several requests in one call (engine.dispatch_admit_many: "prefill
+        <bucket> x<rows>", rows 2, 4, ... up to prefill_rows_limit), which otherwise compile
+        at their first use, stalling the running requests meanwhile.
 
         Returns {"prefill <bucket>": {"lower_s": .., "compile_s": ..}, ..., "decode": {..}}:
         the seconds of tracing and lowering to StableHLO (jit(...).lower) and of XLA's
@@ -1345,7 +1434,7 @@ class InferenceRunner:
         """
         engine = self._require_initialized()
         return compile_steps(engine.prefill, engine.decode, engine.params, engine.memory, engine.state,
-                             self.runner.model, self.batch_size, self.buckets)
+                             self.runner.model, self.batch_size, self.buckets, grouped)
 
     def _watchdog(self) -> Optional[Watchdog]:
         seconds = self.step_timeout
@@ -1404,10 +1493,13 @@ class InferenceRunner:
         returns its first TokenEvent; engine.step() decodes every active slot by one token.
         dispatch_admit() and dispatch() start the same steps without waiting and return a
         StepHandle; collect(handle), in dispatch order, waits for its tokens (so the host can
-        work on one step while the device runs those queued after it). engine.cancel(id,
-        owner) frees one request's slot; free_slots() / num_active() say what is in use. Each operation holds the engine's lock; still, one
-        scheduler should drive it, and nothing else (stream(), generate(), run()) should use
-        this runner meanwhile, since requests of another owner make admit() refuse.
+        work on one step while the device runs those queued after it). Several requests are
+        prefilled in one call by dispatch_admit_many(), in the groups prefill_groups()
+        makes (one bucket each). engine.cancel(id, owner) frees one request's slot;
+        free_slots() / num_active() say what is in use. Each operation holds the engine's
+        lock; still, one scheduler should drive it, and nothing else (stream(), generate(),
+        run()) should use this runner meanwhile, since requests of another owner make
+        admit() refuse.
         """
         return self._require_initialized()
 

@@ -11,12 +11,13 @@ How a request flows: the HTTP handler (asyncio, uvicorn) checks the body
 (CompletionRequest, then the limits of the model), tokenizes each prompt once
 (InferenceRunner.prepare) and queues one _Sequence per choice (prompts x n). One engine
 thread owns the device (Scheduler): it dispatches the prefill of waiting sequences into
-free slots and decode steps of every active slot, keeping PIPELINE_DEPTH steps queued on
-the device, and turns the oldest step's tokens into text while the device runs the others
-(InferenceRunner.engine(): dispatch_admit / dispatch / collect). Each token event passes
-its sequence's stop-string gate on the engine thread, so a sequence that stops, finishes or
-is abandoned by its client frees its slot at once (its rows of the steps already queued
-are dropped) and the next waiting sequence is prefilled behind them. The text deltas go to
+free slots (those of one pad bucket together, several in one call) and decode steps of
+every active slot, keeping PIPELINE_DEPTH steps queued on the device, and turns the oldest
+step's tokens into text while the device runs the others (InferenceRunner.engine():
+dispatch_admit_many / dispatch / collect). Each token event passes its sequence's
+stop-string gate on the engine thread, so a sequence that stops, finishes or is abandoned
+by its client frees its slot at once (its rows of the steps already queued are dropped)
+and the next waiting sequence is prefilled behind them. The text deltas go to
 each request's asyncio side in one loop.call_soon_threadsafe per step.
 
 Shapes and sizes: B slots (the runner's batch), S the context (sequence_len).
@@ -250,6 +251,9 @@ class Metrics:
         self.slots.set(slots)
         self.admissions = prometheus_client.Counter(
             "grok1_slot_admissions", "Sequences prefilled into each slot.", ["slot"], registry=r)
+        self.prefills = prometheus_client.Counter(
+            "grok1_prefill_calls", "Prefill calls; one call admits the waiting sequences of one prompt "
+            "bucket together, up to runners.MAX_PREFILL_ROWS.", registry=r)
         self.ttft = prometheus_client.Histogram(
             "grok1_time_to_first_token_seconds", "From a sequence's arrival to its first token.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
@@ -446,27 +450,33 @@ class Scheduler:
             self._flush(idle=not (pending or self._active))
 
     def _admit(self, pending: collections.deque) -> None:
-        """Dispatch the prefill of waiting sequences into the free slots (their first tokens
-        come with the handles, in order)."""
-        while True:
-            free = self.engine.free_slots()
-            if not free:
-                return
-            with self._cond:
-                if not self._waiting:
-                    return
-                seq = self._waiting.popleft()
-                self.metrics.queue_length.set(len(self._waiting))
+        """Dispatch the prefill of the waiting sequences that fit the free slots, those of one
+        bucket together in as few calls as the engine allows (engine.prefill_groups), in
+        arrival order within a bucket (their first tokens come with the handles)."""
+        free = len(self.engine.free_slots())
+        if not free:
+            return
+        with self._cond:
+            seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self.metrics.queue_length.set(len(self._waiting))
+        if not seqs:
+            return
+        for group in self.engine.prefill_groups([seq.prepared for seq in seqs]):
+            batch = [seqs[i] for i in group]
             try:
-                pending.append(self.engine.dispatch_admit(seq.prepared, self.owner))
+                handle = self.engine.dispatch_admit_many([seq.prepared for seq in batch], self.owner)
             except Exception as e:  # noqa: BLE001
                 logger.exception("Prefill failed.")
-                self.engine.cancel(seq.rid, self.owner)
-                self._finish_with_error(seq, e)
+                for seq in batch:
+                    self.engine.cancel(seq.rid, self.owner)
+                    self._finish_with_error(seq, e)
                 continue
-            self.metrics.admissions.labels(str(free[0])).inc()
-            self._active[seq.rid] = seq
-            self.metrics.slots_busy.set(len(self._active))
+            pending.append(handle)
+            self.metrics.prefills.inc()
+            for (_, slot, _), seq in zip(handle.rows, batch):
+                self.metrics.admissions.labels(str(slot)).inc()
+                self._active[seq.rid] = seq
+        self.metrics.slots_busy.set(len(self._active))
 
     def _on_event(self, seq: _Sequence, event: runners.TokenEvent) -> int:
         """Pass one token event through the sequence's gate; returns 1 if it is a generated
@@ -623,9 +633,11 @@ class ServerState:
 
 
 def warm_up(runner: runners.InferenceRunner) -> None:
-    """Compile every prefill bucket and the decode step before the first request, so that
-    no client waits for a compilation (and time to first token measures serving)."""
-    runner.compile()
+    """Compile every program the scheduler can call before the first request: the decode
+    step and each bucket's prefills of 1, 2, 4, ... requests (the scheduler groups waiting
+    requests; a group size met for the first time would otherwise compile while every
+    running request waits). With the persistent compilation cache a restart reads them."""
+    runner.compile(grouped=True)
 
 
 def _openai_logprobs(entries: list[tuple[str, float, dict, int]], prompt: Optional[list[tuple[str, int]]]) -> dict:

@@ -7,6 +7,7 @@ is checked against float64 numpy written from SPEC section 6.
 """
 
 import collections
+import contextlib
 import os
 import warnings
 
@@ -180,6 +181,91 @@ def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runne
         generated = len(c.tokens) + (c.finish_reason == "eos")
         assert state.count[slot] == generated
         assert all(layer.step[slot] == len(c.prompt_tokens) + generated - 1 for layer in memory.layers)
+
+
+# Grouped admission: 3 requests of bucket 16 (one call of R = 4, a padding row) and 2 of
+# bucket 32 (R = 2), greedy and sampled, in 8 slots; slots 5-7 are never admitted.
+GROUPED = [Request("The river", 0.0, 1.0, 1, 6), Request(PROMPTS[1], 0.0, 1.0, 2, 6),
+           Request("Once upon a time", 1.0, 0.9, 7, 6), Request(PROMPTS[2], 0.8, 1.0, 3, 6),
+           Request("She walked along the shore", 1.3, 0.95, 11, 6)]
+
+
+class _GuardLog:
+    """Stands in for the engine's Watchdog: records (what, seconds) of every guard."""
+
+    timeout_s = 1.0
+
+    def __init__(self):
+        self.guards = []
+
+    def guard(self, what, seconds):
+        self.guards.append((what, seconds))
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("mesh", [(1, 1), (4, 2)])  # (4, 2): rows over data; the model has 2 kv heads
+def test_grouped_prefill_gives_each_request_what_one_at_a_time_gives(assets, mesh):
+    """dispatch_admit_many prefills several requests of one bucket in one call: each gets
+    the tokens (greedy and seeded samples) and probabilities of generate(), which admits one
+    request per call; the padding row and the call write no slot but their own (bit for
+    bit); the watchdog's program key includes the rows, so a call's first run of a new R
+    gets the compilation limit."""
+    r = make_runner(assets, bs_per_device=8 // (mesh[0] * mesh[1]), mesh=mesh)
+    assert r.batch_size == 8
+    fillers = [Request(p, 0.9, 1.0, 20 + i, 3) for i, p in enumerate(PROMPTS)]  # every slot holds data now
+    expected = r.generate(GROUPED + fillers)[:len(GROUPED)]
+    engine, owner = r.engine(), object()
+    prepared = [r.prepare(q, i) for i, q in enumerate(GROUPED)]
+    before = jax.device_get((engine.state, engine.memory))
+    groups = engine.prefill_groups(prepared)
+    assert groups == [[0, 2, 4], [1, 3]]
+    log = engine.watchdog = _GuardLog()
+    try:
+        handles = [engine.dispatch_admit_many([prepared[k] for k in g], owner) for g in groups]
+        assert [h.program for h in handles] == [("prefill", 16, 4), ("prefill", 32, 2)]
+        assert [[(row, slot) for row, slot, _ in h.rows] for h in handles] == [[(0, 0), (1, 1), (2, 2)],
+                                                                                [(0, 3), (1, 4)]]
+        after = jax.device_get((engine.state, engine.memory))
+        for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+            np.testing.assert_array_equal(a[5:], b[5:])  # unadmitted slots: untouched
+        assert list(after[0].count[:5]) == [1] * 5
+        events = collections.defaultdict(list)
+        for h in handles:
+            for e in engine.collect(h):
+                events[e.request_id].append(e)
+        while engine.num_active(owner):
+            for e in engine.step():
+                events[e.request_id].append(e)
+    finally:
+        engine.release(owner)
+        engine.watchdog = None
+    for i, want in enumerate(expected):
+        c = events[i][-1].completion
+        assert c.tokens == want.tokens and c.text == want.text and c.finish_reason == want.finish_reason
+        # Matmuls of R x bucket rows may round the last float32 bits differently (seen: 4e-5).
+        np.testing.assert_allclose(c.probs, want.probs, rtol=1e-3)
+    assert len({tuple(c.tokens) for c in expected}) == len(GROUPED)
+    # Each new (bucket, rows) program: its dispatch compiles it (10 x the limit), its collect waits.
+    factor = runners.FIRST_STEP_TIMEOUT_FACTOR
+    assert [g for g in log.guards if g[0].startswith("prefill")] == [
+        ("prefill step (bucket 16, 4 rows), compilation included", factor),
+        ("prefill step (bucket 32, 2 rows), compilation included", factor),
+        ("prefill step (bucket 16, 4 rows)", 1.0), ("prefill step (bucket 32, 2 rows)", 1.0)]
+    with pytest.raises(ValueError, match="buckets \\[16, 32\\] differ"):
+        engine.dispatch_admit_many(prepared[:2], owner)
+    with pytest.raises(ValueError, match="5 requests of bucket 16, more than one call takes \\(4\\)"):
+        engine.dispatch_admit_many([prepared[0]] * 5, owner)
+    assert engine.num_active() == 0
+
+
+def test_prefill_rows_are_powers_of_two_within_the_planned_prefill():
+    assert [runners.prefill_rows(n) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    with pytest.raises(ValueError, match="at least one"):
+        runners.prefill_rows(0)
+    config = tiny_config()  # 64 positions
+    limit = runners.prefill_rows_limit
+    assert [limit(config, 8, b) for b in (8, 16, 32, 64)] == [8, 4, 2, 1]  # rows x bucket <= 64
+    assert [limit(config, b, 4) for b in (1, 2, 3, 6, 32)] == [1, 2, 2, 4, 8]  # the batch; 8 at most
 
 
 def test_same_seed_same_sample_and_other_seeds_differ(runner):
@@ -567,8 +653,8 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
         assert (a.shape, a.dtype) == (x.shape, x.dtype)
         assert a.sharding.is_equivalent_to(x.sharding, x.ndim), (a.sharding, x.sharding)
 
-    times = r.compile()
-    assert set(times) == {"prefill 16", "decode"}
+    times = r.compile(grouped=True)  # the 2 slots also take a prefill of 2 requests
+    assert set(times) == {"prefill 16", "prefill 16 x2", "decode"}
     assert all(t["lower_s"] > 0 and t["compile_s"] > 0 for t in times.values())
     compiles = []
 
@@ -579,11 +665,16 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         done = r.generate([PROMPTS[0], "Bread and water"], max_len=6, temperature=0.0)
+        owner = object()
+        both = [r.prepare(Request(p, 0.0, 1.0, 0, 2), i) for i, p in enumerate([PROMPTS[0], "Bread and water"])]
+        first = engine.collect(engine.dispatch_admit_many(both, owner))
+        engine.release(owner)
     finally:
         unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
         if unregister is not None:
             unregister(listener)
     assert compiles == []  # prefill and decode ran the programs compile() built
+    assert [e.token_id for e in first] == [c.tokens[0] for c in done]
 
     # Every greedy token is the argmax of the float64 reference's logits (bf16 near-ties aside).
     def logical(x):  # the runner's transposed int8 back in the checkpoint's layout

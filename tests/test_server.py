@@ -335,6 +335,23 @@ def test_echo_n_seed_and_prompt_lists(server):
     assert a == b and len(set(a)) == 3
 
 
+def test_sequences_waiting_together_share_one_prefill_call(server):
+    """One request of 3 prompts queues 3 sequences at once: the idle engine prefills them in
+    one call (4 rows, one of them padding), and each choice, greedy or seeded, equals its
+    prompt sent alone (choice i samples with seed + i)."""
+    client = server.client()
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[6]]
+    for temperature in (0.0, 1.0):
+        kwargs = dict(model="grok-1-tiny", max_tokens=8, temperature=temperature, top_p=0.9)
+        before = server.metrics()
+        together = [c.text for c in client.completions.create(prompt=prompts, seed=5, **kwargs).choices]
+        calls = server.metrics()["grok1_prefill_calls_total"] - before["grok1_prefill_calls_total"]
+        assert calls == 1
+        alone = [client.completions.create(prompt=p, seed=5 + i, **kwargs).choices[0].text
+                 for i, p in enumerate(prompts)]
+        assert together == alone and len(set(together)) == 3
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------
