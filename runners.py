@@ -822,9 +822,8 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
       Compiles once per (bucket, R); the engine uses R = 1 and powers of two up to
       prefill_rows_limit.
     decode(params, memory, state, active [B] bool) -> (memory, state, StepOutput of B rows)
-      feeds every active slot its last token; inactive slots' caches do not advance, nor do
-      those of slots whose request has already ended (their rows of the output are
-      meaningless). Compiles once.
+      feeds every active slot its last token; inactive slots' caches do not advance (their
+      rows of the output are meaningless). Compiles once.
     """
     cfg = config.model
     seq_len = config.sequence_len
@@ -853,19 +852,15 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
         return memory, state, StepOutput(draw, finished(draw.token, first + 1, max_len))
 
     def decode(params, memory, state, active):
-        # A row whose request has ended (its last token was end-of-sequence or its max_len-th)
-        # stays where it is even while the host still marks it active: a host that queues
-        # steps ahead learns of the end a few steps late (see _Engine.dispatch).
-        live = active & ~finished(state.token, state.count, state.max_len)
-        length = live.astype(jnp.int32)  # 0 leaves a free or ended slot's cache where it is
-        tokens = jnp.where(live, state.token, config.pad_token)[:, None]  # [B, 1]
+        length = active.astype(jnp.int32)  # 0 leaves a free slot's cache where it is
+        tokens = jnp.where(active, state.token, config.pad_token)[:, None]  # [B, 1]
         out = lm(params, tokens, memory, length)
         keys = request_keys(state.seed, state.count)
         draw = sample_tokens(out.logits[:, 0, :], state.mask, state.temperature, state.top_p, keys)
         count = state.count + length
-        state = dataclasses.replace(state, token=jnp.where(live, draw.token, state.token), count=count)
+        state = dataclasses.replace(state, token=jnp.where(active, draw.token, state.token), count=count)
         return out.model_state, state, StepOutput(
-            draw, live & finished(draw.token, count, state.max_len))
+            draw, active & finished(draw.token, count, state.max_len))
 
     memory_sharding = grok_model.memory_shardings(config, mesh, batch_size, seq_len)
     replicated = NamedSharding(mesh, P())
@@ -1080,6 +1075,9 @@ class _Slot:
     stream: _TextStream
     probs: list[float] = dataclasses.field(default_factory=list)
     top_k: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
+    # Tokens the steps dispatched so far will have drawn for this request (the prefill's
+    # first one included), collected or not: a slot reaching max_len takes no more steps.
+    dispatched: int = 1
 
 
 def _to_host(tree: Any) -> Any:
@@ -1263,15 +1261,25 @@ class _Engine:
 
     def dispatch(self) -> Optional[StepHandle]:
         """Start one decode step of every active slot without waiting for its tokens, so that
-        the host can handle earlier steps' meanwhile (collect() them). A slot whose request
-        ends in an earlier step that is not collected yet still takes part; its cache stays
-        where it is, and collect() drops its row. Returns the handle for collect(), or None
-        when no slot is active."""
+        the host can handle earlier steps' meanwhile (collect() them). Returns the handle for
+        collect(), or None when no slot takes part.
+
+        A slot whose dispatched steps already reach its max_len takes no part (its row stays
+        where it is). One whose request drew end-of-sequence in a step not collected yet
+        still takes part (the host cannot know yet); its cache row advances, never past the
+        request's max_len, and collect() drops its row. The decode program takes this
+        choice as its `active` input: deciding it on the device from the slot state (ff418a1)
+        hung the runner in its first decode step at 24+ layers on 2 x H200 (BENCHMARKS.md,
+        "The runner's hang")."""
         with self.lock:
-            rows = tuple((i, i, s) for i, s in enumerate(self.slots) if s is not None)
+            rows = tuple((i, i, s) for i, s in enumerate(self.slots)
+                         if s is not None and s.dispatched < s.prepared.max_len)
             if not rows:
                 return None
-            active = np.array([s is not None for s in self.slots])
+            active = np.zeros((len(self.slots),), bool)
+            for _, slot, rec in rows:
+                active[slot] = True
+                rec.dispatched += 1
             with self._deadline(("decode",)):  # the first call compiles
                 self.memory, self.state, out = self.decode(self.params, self.memory, self.state, active)
             return StepHandle(("decode",), rows, out)

@@ -140,32 +140,40 @@ def test_sampled_request_does_not_depend_on_its_neighbours(runner):
 
 def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runner):
     """dispatch_admit / dispatch queue steps ahead of collect, as server.py does: every
-    request still gets generate()'s tokens, probabilities and text, the rows of requests
-    that ended in a step not yet collected are dropped, and the device leaves an ended
-    request's row where it was (count and cache step) however many steps were queued."""
+    request still gets generate()'s tokens, probabilities and text. A request is never
+    stepped past its max_len, however many steps were queued: one that ends there gets
+    exactly max_len - 1 decode rows; one that draws end-of-sequence may take a few more
+    rows (the host learns of the end late; collect drops them), never past max_len. The
+    slot state and the cache step of a slot's last request agree with its rows."""
+    config = runner.runner.model
+    # Requests that may only draw end-of-sequence or one other token: about half of their
+    # steps end them, so some end while steps after theirs are queued.
+    eos_or_5 = np.zeros((config.vocab_size,), bool)
+    eos_or_5[[config.eos_token, 5]] = True
     requests = [Request(PROMPTS[0], 0.0, 1.0, 1, 3), Request(PROMPTS[1], 1.0, 0.9, 7, 9),
                 Request(PROMPTS[2], 0.8, 1.0, 3, 6), Request(PROMPTS[0], 1.0, 1.0, 5, 2)]
+    requests += [Request(PROMPTS[1], 1.0, 1.0, seed, 12, eos_or_5) for seed in (1, 2, 3)]
     expected = runner.generate(requests)
     engine, owner, depth = runner.engine(), object(), 4
     waiting = [runner.prepare(r, i) for i, r in enumerate(requests)]
-    pending, events, slot_of = collections.deque(), collections.defaultdict(list), {}
-    dropped = 0
+    pending, events, last_in_slot = collections.deque(), collections.defaultdict(list), {}
+    decode_rows = collections.Counter()  # request id -> rows of decode steps dispatched for it
     while waiting or pending:
         while waiting and engine.free_slots():
             handle = engine.dispatch_admit(waiting.pop(0), owner)
-            slot_of[handle.rows[0][2].prepared.request_id] = handle.rows[0][1]
+            (_, slot, rec), = handle.rows
+            last_in_slot[slot] = rec.prepared.request_id
             pending.append(handle)
         while len(pending) < depth:
             handle = engine.dispatch()
             if handle is None:
                 break
+            decode_rows.update(rec.prepared.request_id for _, _, rec in handle.rows)
             pending.append(handle)
         handle = pending.popleft()
-        got = engine.collect(handle)
-        dropped += len(handle.rows) - len(got)
-        for event in got:
+        for event in engine.collect(handle):
             events[event.request_id].append(event)
-    assert dropped > 0  # steps ran for requests that had ended before they were collected
+    late = 0  # rows dispatched after a request's end-of-sequence
     for i, want in enumerate(expected):
         got = events[i]
         assert [e.index for e in got] == list(range(len(got)))
@@ -174,13 +182,18 @@ def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runne
         assert c.tokens == want.tokens and c.text == want.text and c.probs == want.probs
         assert c.top_k == want.top_k and c.finish_reason == want.finish_reason
         assert "".join(e.text for e in got) == want.text
-    # The last request of each slot: its count and cache step stayed where it ended.
+        drawn = len(c.tokens) + (c.finish_reason == "eos")  # the end-of-sequence token included
+        if c.finish_reason == "max_len":
+            assert decode_rows[i] == requests[i].max_len - 1
+        else:
+            assert drawn - 1 <= decode_rows[i] <= requests[i].max_len - 1
+            late += decode_rows[i] - (drawn - 1)
+    assert late > 0  # the case of a row that ended in a step not yet collected was met
     state, memory = jax.device_get((engine.state, engine.memory))
-    for i in (2, 3):
-        slot, c = slot_of[i], expected[i]
-        generated = len(c.tokens) + (c.finish_reason == "eos")
-        assert state.count[slot] == generated
-        assert all(layer.step[slot] == len(c.prompt_tokens) + generated - 1 for layer in memory.layers)
+    for slot, i in last_in_slot.items():
+        prompt = len(expected[i].prompt_tokens)
+        assert state.count[slot] == 1 + decode_rows[i]
+        assert all(layer.step[slot] == prompt + decode_rows[i] for layer in memory.layers)
 
 
 # Grouped admission: 3 requests of bucket 16 (one call of R = 4, a padding row) and 2 of
