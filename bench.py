@@ -1683,6 +1683,16 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
             "loop_tokens_per_s": loop}
 
 
+def serve_pad_sizes(args: argparse.Namespace) -> tuple[int, ...]:
+    """The prompt buckets of the benchmarked server: --pad-sizes, else those `run.py serve`
+    uses for the model (the demo's for --tiny)."""
+    import run
+
+    if args.pad_sizes:
+        return tuple(args.pad_sizes)
+    return run.TINY_PAD_SIZES if args.tiny else run.SERVE_PAD_SIZES
+
+
 def serve_child(args: argparse.Namespace) -> None:
     """The server process of `serve`: build the runner, measure its engine, then serve. Each
     line read from stdin names a file: the engine is measured again (the parent sends it
@@ -1702,12 +1712,11 @@ def serve_child(args: argparse.Namespace) -> None:
             config = run.tiny_demo_config()
             ckpt, tokenizer = run.build_tiny_demo(directory, config)
             model_runner = runners.ModelRunner(model=config, checkpoint_path=ckpt)
-            pad_sizes = run.TINY_PAD_SIZES
         else:
             config = model.grok_1_config(num_layers=args.layers)
             tokenizer = args.tokenizer or run.train_tiny_tokenizer(directory)
             model_runner = runners.ModelRunner(model=config, random_weights=True)
-            pad_sizes = (128,)
+        pad_sizes = serve_pad_sizes(args)
         mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
         devices = math.prod(mesh) if mesh else jax.local_device_count()
         model_runner.bs_per_device = args.slots / devices
@@ -1837,6 +1846,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     cmd += ["--tiny"] if args.tiny else ["--layers", str(args.layers)]
     cmd += ["--mesh", args.mesh] if args.mesh else []
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    cmd += ["--pad-sizes", ",".join(map(str, args.pad_sizes))] if args.pad_sizes else []
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
 
     def wait_for(path: str, what: str) -> dict:
@@ -1993,6 +2003,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     results = {
         "model": "tiny" if args.tiny else f"grok-1 width, {args.layers} layers", "slots": args.slots,
         "clients": args.clients, "rounds": args.rounds, "seconds": args.seconds, "max_tokens": args.max_tokens,
+        "pad_sizes": list(serve_pad_sizes(args)),
         "temperature": args.temperature, "requests_per_s": med("requests_per_s"),
         "output_tokens_per_s": med("output_tokens_per_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
         "engine_step_tokens_per_s": med("engine_step_tokens_per_s"),
@@ -2047,6 +2058,17 @@ def serve_bench(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    """argparse type of "32,128": positive integers."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 32,128") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one integer, all >= 1")
+    return values
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -2202,6 +2224,8 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh (default: chosen from the devices present)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer of the Grok-1-width model (default: the demo's, trained on the fly)")
+    p.add_argument("--pad-sizes", type=_int_list, default=None,
+                   help="the server's prompt buckets, e.g. 32,128 (default: run.py serve's for the model)")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to wait for the server to load")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=serve_bench)
@@ -2217,6 +2241,7 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--layers", type=int, default=4)
     c.add_argument("--mesh", default=None)
     c.add_argument("--tokenizer", default=None)
+    c.add_argument("--pad-sizes", type=_int_list, default=None)
     c.set_defaults(func=serve_child)
 
     c = sub.add_parser("_burn", help=argparse.SUPPRESS)

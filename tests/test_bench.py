@@ -217,3 +217,18 @@ def test_depth_skips_the_warm_start_after_a_failed_cold_one(tmp_path, monkeypatc
     report = bench.depth_bench(args)
     assert calls == [("8", "startup-L8-r0-cold.log"), ("48", "startup-L48-r0-cold.log")]
     assert [r["code"] for r in report["runs"]] == [1, bench.CHILD_TIMED_OUT]
+
+
+def test_serve_prompt_buckets_are_the_servers_unless_given():
+    import run
+
+    def ns(**kw):
+        return argparse.Namespace(**{"tiny": False, "pad_sizes": None, **kw})
+
+    assert bench.serve_pad_sizes(ns()) == run.SERVE_PAD_SIZES
+    assert bench.serve_pad_sizes(ns(tiny=True)) == run.TINY_PAD_SIZES
+    assert bench.serve_pad_sizes(ns(pad_sizes=[32, 128])) == (32, 128)
+    assert bench._int_list("32, 128") == [32, 128]
+    for bad in ("0", "", "a,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._int_list(bad)
