@@ -2060,15 +2060,12 @@ def serve_bench(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    """argparse type of "32,128": positive integers."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 32,128") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give at least one integer, all >= 1")
-    return values
+def _pad_sizes(text: str) -> list[int]:
+    """argparse type of --pad-sizes: run.parse_pad_sizes (imported here: bench.py loads run.py
+    only where it is needed)."""
+    import run
+
+    return list(run.parse_pad_sizes(text))
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -2224,7 +2221,7 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh (default: chosen from the devices present)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer of the Grok-1-width model (default: the demo's, trained on the fly)")
-    p.add_argument("--pad-sizes", type=_int_list, default=None,
+    p.add_argument("--pad-sizes", type=_pad_sizes, default=None,
                    help="the server's prompt buckets, e.g. 32,128 (default: run.py serve's for the model)")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to wait for the server to load")
     p.add_argument("--json", default=None, help="write the results here")
@@ -2241,7 +2238,7 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--layers", type=int, default=4)
     c.add_argument("--mesh", default=None)
     c.add_argument("--tokenizer", default=None)
-    c.add_argument("--pad-sizes", type=_int_list, default=None)
+    c.add_argument("--pad-sizes", type=_pad_sizes, default=None)
     c.set_defaults(func=serve_child)
 
     c = sub.add_parser("_burn", help=argparse.SUPPRESS)

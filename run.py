@@ -128,6 +128,17 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return data, model
 
 
+def parse_pad_sizes(text: str) -> tuple[int, ...]:
+    """'32,128,1024' -> (32, 128, 1024): prompt buckets, each a positive integer."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected prompt buckets as positive integers, e.g. 32,128,1024")
+    return sizes
+
+
 def add_compile_cache_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help=f"JAX's persistent compilation cache: compiled programs are kept in DIR and "
@@ -781,6 +792,10 @@ def build_serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
                    help=f"sequences decoded together (the batch); a request's n may not exceed it "
                         f"(default {DEFAULT_SLOTS}).")
+    p.add_argument("--pad-sizes", type=parse_pad_sizes, default=None,
+                   help=f"prompt buckets: a prompt is padded to the smallest that holds it, and each compiles "
+                        f"its prefills (default {','.join(map(str, SERVE_PAD_SIZES))}; with --tiny "
+                        f"{','.join(map(str, TINY_PAD_SIZES))}). A small bucket makes short prompts cheap.")
     p.add_argument("--max-queue", type=int, default=server.DEFAULT_MAX_QUEUE,
                    help=f"most sequences (one per prompt and choice) waiting for a slot; past it requests "
                         f"get 429 (default {server.DEFAULT_MAX_QUEUE}).")
@@ -840,10 +855,11 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
                 config = tiny_demo_config(args.moe_impl)
                 directory = args.tiny_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="grok1-tiny-"))
                 checkpoint_path, tokenizer_path = build_tiny_demo(directory, config)
-                pad_sizes = TINY_PAD_SIZES
+                pad_sizes = args.pad_sizes or TINY_PAD_SIZES
             else:
                 config = model.grok_1_config(moe_impl=args.moe_impl)
-                checkpoint_path, tokenizer_path, pad_sizes = args.checkpoint, args.tokenizer, SERVE_PAD_SIZES
+                checkpoint_path, tokenizer_path = args.checkpoint, args.tokenizer
+                pad_sizes = args.pad_sizes or SERVE_PAD_SIZES
             mesh = args.mesh or runners.auto_mesh_config(config, jax.local_device_count())
             runner = runners.InferenceRunner(
                 pad_sizes=pad_sizes,

@@ -228,7 +228,7 @@ def test_serve_prompt_buckets_are_the_servers_unless_given():
     assert bench.serve_pad_sizes(ns()) == run.SERVE_PAD_SIZES
     assert bench.serve_pad_sizes(ns(tiny=True)) == run.TINY_PAD_SIZES
     assert bench.serve_pad_sizes(ns(pad_sizes=[32, 128])) == (32, 128)
-    assert bench._int_list("32, 128") == [32, 128]
-    for bad in ("0", "", "a,2"):
+    assert bench._pad_sizes("32, 128") == [32, 128]
+    for bad in ("0", "", "a,2", "32,-1"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench._int_list(bad)
+            bench._pad_sizes(bad)

@@ -33,7 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOTS = 8
 MAX_QUEUE = 40
 CONTEXT = run.TINY_SEQUENCE_LEN
-PROMPT_LIMIT = max(run.TINY_PAD_SIZES)  # the largest prompt bucket (< the context)
+PAD_SIZES = (32, 96)  # --pad-sizes: not the demo's default (32, 128), so the flag must take effect
+PROMPT_LIMIT = max(PAD_SIZES)  # the largest prompt bucket (< the context)
 PROMPTS = [
     "The river", "Once upon a time", "On a clear night far from the lights of a town the sky is crowded",
     "The answer to life the universe and everything is of course", "A cat", "In the morning the baker",
@@ -95,6 +96,7 @@ def server(tmp_path_factory):
             [sys.executable, os.path.join(REPO, "run.py"), "serve", "--tiny",
              "--tiny-dir", os.path.join(directory, "demo"),
              "--port", str(port), "--slots", str(SLOTS), "--mesh", "1x1", "--max-queue", str(MAX_QUEUE),
+             "--pad-sizes", ",".join(map(str, PAD_SIZES)),
              "--log-level", "warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     statuses: list[int] = []
     deadline = time.monotonic() + 300
