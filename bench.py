@@ -1637,14 +1637,16 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
             room[0] -= chunk
         return elapsed / steps
 
-    def serving_loop(budget: float) -> float:
-        """Generated tokens/s of the server's schedule without HTTP (see server.Scheduler.run)."""
+    def serving_loop(budget: float) -> tuple[float, float]:
+        """Generated tokens/s of the server's schedule without HTTP (see server.Scheduler.run),
+        and the slots its decode steps fed, on average, over the batch (the schedule's own
+        loss, whatever the device: a slot stands empty between requests)."""
         import collections
 
         import server
 
         pending: collections.deque = collections.deque()
-        tokens, i = 0, 0
+        tokens, i, steps, rows = 0, 0, 0, 0
         start = time.perf_counter()
         while time.perf_counter() - start < budget:
             waiting = []
@@ -1659,13 +1661,14 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
                 handle = engine.dispatch()
                 if handle is None:
                     break
+                steps, rows = steps + 1, rows + len(handle.rows)
                 pending.append(handle)
             for event in engine.collect(pending.popleft()):
                 tokens += not (event.finished and event.finish_reason == "eos")
         elapsed = time.perf_counter() - start
         while pending:
             engine.collect(pending.popleft())
-        return tokens / elapsed
+        return tokens / elapsed, rows / max(steps, 1) / batch
 
     try:
         raw = rate(raw_chunk, seconds)
@@ -1674,13 +1677,13 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
         engine.release(owner)
         serving_loop(0.1)  # warm-up
         engine.release(owner)
-        loop = serving_loop(seconds)
+        loop, occupancy = serving_loop(seconds)
     finally:
         engine.release(owner)
     return {"batch": batch, "decode_ms": raw * 1e3, "decode_tokens_per_s": batch / raw,
             "decode_same_rows_tokens_per_s": batch / same,
             "engine_step_ms": synchronous * 1e3, "engine_step_tokens_per_s": batch / synchronous,
-            "loop_tokens_per_s": loop}
+            "loop_tokens_per_s": loop, "loop_slot_occupancy": occupancy}
 
 
 def serve_pad_sizes(args: argparse.Namespace) -> tuple[int, ...]:
@@ -1948,13 +1951,14 @@ def serve_bench(args: argparse.Namespace) -> dict:
             step = (engine["engine_step_tokens_per_s"] + after["engine_step_tokens_per_s"]) / 2
             same = (engine["decode_same_rows_tokens_per_s"] + after["decode_same_rows_tokens_per_s"]) / 2
             loop = (engine["loop_tokens_per_s"] + after["loop_tokens_per_s"]) / 2
+            occupancy = (engine["loop_slot_occupancy"] + after["loop_slot_occupancy"]) / 2
             window = [r for r in done if t0 <= r["end"] <= t1]
             rounds.append({
                 "t0": t0, "t1": t1, "seconds": t1 - t0, "output_tokens_per_s": rate,
                 "requests_per_s": len(window) / (t1 - t0), "decode_tokens_per_s": decode,
                 "engine_step_tokens_per_s": step, "decode_same_rows_tokens_per_s": same,
                 "loop_tokens_per_s": loop, "loop_vs_decode": loop / decode, "server_vs_loop": rate / loop,
-                "server_vs_decode": rate / decode, "server_vs_decode_same_rows": rate / same,
+                "loop_slot_occupancy": occupancy, "server_vs_decode": rate / decode, "server_vs_decode_same_rows": rate / same,
                 "server_vs_engine_step": rate / step,
                 "clients_cpu_cores": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
                 "server_cpu_cores": (server1 - server0) / (t1 - t0),
@@ -2011,7 +2015,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "server_vs_decode": med("server_vs_decode"), "server_vs_engine_step": med("server_vs_engine_step"),
         "server_vs_decode_same_rows": med("server_vs_decode_same_rows"),
         "loop_tokens_per_s": med("loop_tokens_per_s"), "loop_vs_decode": med("loop_vs_decode"),
-        "server_vs_loop": med("server_vs_loop"),
+        "server_vs_loop": med("server_vs_loop"), "loop_slot_occupancy": med("loop_slot_occupancy"),
         "server_vs_decode_range": [min(r["server_vs_decode"] for r in rounds),
                                    max(r["server_vs_decode"] for r in rounds)],
         "server_cpu_cores": med("server_cpu_cores"), "clients_cpu_cores": med("clients_cpu_cores"),
@@ -2036,7 +2040,8 @@ def serve_bench(args: argparse.Namespace) -> dict:
           f"({results['decode_tokens_per_s']:.0f} tok/s; {100 * results['server_vs_decode_same_rows']:.0f}% of "
           f"same-rows decode, {results['decode_same_rows_tokens_per_s']:.0f} tok/s), "
           f"{100 * results['server_vs_loop']:.0f}% of the serving loop without HTTP "
-          f"({results['loop_tokens_per_s']:.0f} tok/s = {100 * results['loop_vs_decode']:.0f}% of decode), "
+          f"({results['loop_tokens_per_s']:.0f} tok/s = {100 * results['loop_vs_decode']:.0f}% of decode, "
+          f"slots fed {100 * results['loop_slot_occupancy']:.0f}%), "
           f"{100 * results['server_vs_engine_step']:.0f}% of "
           f"synchronous engine steps ({results['engine_step_tokens_per_s']:.0f} tok/s); TTFT p50/p99 "
           f"{results['ttft_p50_ms']:.1f}/{results['ttft_p99_ms']:.1f} ms, TPOT p50/p99 "

@@ -938,10 +938,11 @@ def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: An
     if grouped:
         calls += [(f"prefill {b} x{r}", prefill, step_arguments(config, batch_size, b, r)) for b in buckets
                   for r in (2 ** k for k in range(1, prefill_rows_limit(config, batch_size, b).bit_length()))]
-    for name, fn, args in calls + [("decode", decode, step_arguments(config, batch_size))]:
+    calls.append(("decode", decode, step_arguments(config, batch_size)))
+    for i, (name, fn, args) in enumerate(calls, 1):  # a deep model takes tens of seconds each: say so
         out[name] = timed_compile(fn, params, memory, state, *args)
-        logger.debug("%s: lowered in %.2f s, compiled in %.2f s.", name, out[name]["lower_s"],
-                    out[name]["compile_s"])
+        logger.info("Compiled %s (%d of %d programs): lowered in %.2f s, compiled in %.2f s.", name, i, len(calls),
+                    out[name]["lower_s"], out[name]["compile_s"])
     return out
 
 
@@ -1135,6 +1136,9 @@ class _Engine:
         self.state = jax.device_put(_empty_state(batch_size, config.vocab_size), NamedSharding(mesh, P()))
         self.prefill, self.decode = make_step_functions(config, mesh, batch_size)
         self.slots: list[Optional[_Slot]] = [None] * batch_size
+        # Requests whose last step is dispatched (they reach max_len there) and whose slot
+        # already holds a newer request: their tokens still to be collected are theirs.
+        self._retiring: list[_Slot] = []
         self.watchdog = watchdog
         # Prompt tokens that TokenEvent texts are decoded after. 0: the generated tokens alone,
         # whose pieces add up to Completion.text; > 0 (server.py): the first piece keeps the
@@ -1158,25 +1162,47 @@ class _Engine:
         self._warm.add(program)
 
     def free_slots(self) -> list[int]:
-        return [i for i, s in enumerate(self.slots) if s is None]
+        """Slots a request may be admitted into: empty ones, and those whose request has had
+        its last step dispatched (the one that reaches its max_len). A prefill into such a
+        slot runs on the device right after that step, not after the host has collected
+        it, so the slot does not stand empty while queued steps drain; the old request keeps
+        the tokens still to be collected."""
+        return [i for i, s in enumerate(self.slots) if s is None or s.dispatched >= s.prepared.max_len]
+
+    def num_busy_slots(self) -> int:
+        """Slots holding a request (one being retired in a slot admitted again counts once)."""
+        return sum(s is not None for s in self.slots)
+
+    def _requests(self) -> Iterator[_Slot]:
+        """Every request in flight: those in the slots and those being retired."""
+        yield from (s for s in self.slots if s is not None)
+        yield from self._retiring
 
     def num_active(self, owner: object = None) -> int:
-        return sum(s is not None and (owner is None or s.owner is owner) for s in self.slots)
+        """Requests in flight (of `owner`, if given), whose tokens are not all collected."""
+        return sum(owner is None or s.owner is owner for s in self._requests())
+
+    def _drop(self, rec: _Slot) -> None:
+        """Forget a request: free its slot, or take it from the retiring ones."""
+        for i, s in enumerate(self.slots):
+            if s is rec:
+                self.slots[i] = None
+                return
+        self._retiring.remove(rec)
 
     def release(self, owner: object) -> None:
         """Free every slot `owner` holds (its requests are dropped)."""
         with self.lock:
-            for i, s in enumerate(self.slots):
-                if s is not None and s.owner is owner:
-                    self.slots[i] = None
+            for rec in [s for s in self._requests() if s.owner is owner]:
+                self._drop(rec)
 
     def cancel(self, request_id: Any, owner: object) -> bool:
         """Free the slot of `owner`'s request `request_id` at once (the request is dropped).
         False if no slot holds it (it finished already)."""
         with self.lock:
-            for i, s in enumerate(self.slots):
-                if s is not None and s.owner is owner and s.prepared.request_id == request_id:
-                    self.slots[i] = None
+            for rec in self._requests():
+                if rec.owner is owner and rec.prepared.request_id == request_id:
+                    self._drop(rec)
                     return True
             return False
 
@@ -1213,7 +1239,7 @@ class _Engine:
         rows are padding (they repeat the first request and write no slot). collect() the
         handle for the events of the first tokens, in the order of `prepared`."""
         with self.lock:
-            if any(s is not None and s.owner is not owner for s in self.slots):
+            if any(s.owner is not owner for s in self._requests()):
                 raise RunnerBusyError(
                     "Another stream() / run() generator still has requests in flight on this "
                     "InferenceRunner; exhaust or close() it first.")
@@ -1249,6 +1275,8 @@ class _Engine:
             handle_rows = []
             for r, p in enumerate(prepared):
                 context = p.tokens[-self.text_context:] if self.text_context else ()
+                if self.slots[free[r]] is not None:  # its request's last step is dispatched
+                    self._retiring.append(self.slots[free[r]])
                 rec = self.slots[free[r]] = _Slot(p, owner, _TextStream(self.tokenizer, context))
                 handle_rows.append((r, free[r], rec))
             return StepHandle(program, tuple(handle_rows), out)
@@ -1285,11 +1313,12 @@ class _Engine:
             return StepHandle(("decode",), rows, out)
 
     def collect(self, handle: StepHandle) -> list[TokenEvent]:
-        """Wait for a dispatched step; one event per slot that still holds the request it held
-        at dispatch (a slot freed or re-admitted since then gets nothing from that step).
+        """Wait for a dispatched step; one event per row whose request is still in flight (one
+        that has finished, or was cancelled or released since, gets nothing from that step).
         Collect handles in the order they were dispatched."""
         with self.lock:
-            rows = [(row, slot, rec) for row, slot, rec in handle.rows if self.slots[slot] is rec]
+            rows = [(row, slot, rec) for row, slot, rec in handle.rows
+                    if self.slots[slot] is rec or any(r is rec for r in self._retiring)]
             if not rows:
                 return []  # nothing to wait for: a later step's collect() waits for this one too
             with self._deadline(handle.program):
@@ -1297,10 +1326,10 @@ class _Engine:
             # Python scalars for the whole step at once (numpy item access per value is slower).
             token, done, prob = out.draw.token.tolist(), out.done.tolist(), out.draw.prob.tolist()
             top_ids, top_probs = out.draw.top_ids.tolist(), out.draw.top_probs.tolist()
-            return [self._emit(slot, rec, token[row], done[row], prob[row], tuple(zip(top_ids[row], top_probs[row])))
-                    for row, slot, rec in rows]
+            return [self._emit(rec, token[row], done[row], prob[row], tuple(zip(top_ids[row], top_probs[row])))
+                    for row, _, rec in rows]
 
-    def _emit(self, slot: int, rec: _Slot, token: int, done: bool, prob: float,
+    def _emit(self, rec: _Slot, token: int, done: bool, prob: float,
               top: tuple[tuple[int, float], ...]) -> TokenEvent:
         index = len(rec.stream.tokens)
         is_eos = token == self.config.eos_token
@@ -1312,7 +1341,7 @@ class _Engine:
             piece = rec.stream.push(token) + (rec.stream.finish() if done else "")
         if not done:
             return TokenEvent(rec.prepared.request_id, index, token, piece, prob, top, False)
-        self.slots[slot] = None
+        self._drop(rec)
         reason = "eos" if is_eos else "max_len"
         p = rec.prepared
         completion = Completion(p.request_id, p.request, list(p.tokens), list(rec.stream.tokens),

@@ -416,9 +416,11 @@ class Scheduler:
     def run(self) -> None:
         """The loop. Steps are queued ahead: before it collects step t's tokens, steps up to
         t + depth - 1 are dispatched (prefills of new sequences included), so the device
-        never waits for the host's work on a step. A sequence that ends at step t (or is
-        cancelled) has its rows of the later steps dropped by engine.collect; the device
-        keeps an ended row where it is."""
+        never waits for the host's work on a step. A sequence is not stepped past its
+        max_tokens, and its slot takes the next waiting sequence as soon as its last step
+        is dispatched (engine.free_slots). One that ends otherwise at step t (end of
+        sequence, a stop string, a cancel) has its rows of the later steps dropped by
+        engine.collect."""
         pending: collections.deque[runners.StepHandle] = collections.deque()  # dispatched, not collected
         while True:
             with self._cond:
@@ -446,7 +448,7 @@ class Scheduler:
                 events = []
             new_tokens = sum(self._on_event(self._active[e.request_id], e) for e in events)
             self.metrics.generated_tokens.inc(new_tokens)
-            self.metrics.slots_busy.set(len(self._active))
+            self.metrics.slots_busy.set(self.engine.num_busy_slots())
             self._flush(idle=not (pending or self._active))
 
     def _admit(self, pending: collections.deque) -> None:
@@ -476,7 +478,7 @@ class Scheduler:
             for (_, slot, _), seq in zip(handle.rows, batch):
                 self.metrics.admissions.labels(str(slot)).inc()
                 self._active[seq.rid] = seq
-        self.metrics.slots_busy.set(len(self._active))
+        self.metrics.slots_busy.set(self.engine.num_busy_slots())
 
     def _on_event(self, seq: _Sequence, event: runners.TokenEvent) -> int:
         """Pass one token event through the sequence's gate; returns 1 if it is a generated

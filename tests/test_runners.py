@@ -143,8 +143,10 @@ def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runne
     request still gets generate()'s tokens, probabilities and text. A request is never
     stepped past its max_len, however many steps were queued: one that ends there gets
     exactly max_len - 1 decode rows; one that draws end-of-sequence may take a few more
-    rows (the host learns of the end late; collect drops them), never past max_len. The
-    slot state and the cache step of a slot's last request agree with its rows."""
+    rows (the host learns of the end late; collect drops them), never past max_len. A slot
+    takes the next request as soon as its request's last step is dispatched, before that
+    step is collected. The slot state and the cache step of a slot's last request agree
+    with its rows."""
     config = runner.runner.model
     # Requests that may only draw end-of-sequence or one other token: about half of their
     # steps end them, so some end while steps after theirs are queued.
@@ -158,8 +160,10 @@ def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runne
     waiting = [runner.prepare(r, i) for i, r in enumerate(requests)]
     pending, events, last_in_slot = collections.deque(), collections.defaultdict(list), {}
     decode_rows = collections.Counter()  # request id -> rows of decode steps dispatched for it
+    early = 0  # admissions into a slot whose request still had tokens to collect
     while waiting or pending:
         while waiting and engine.free_slots():
+            early += engine.slots[engine.free_slots()[0]] is not None
             handle = engine.dispatch_admit(waiting.pop(0), owner)
             (_, slot, rec), = handle.rows
             last_in_slot[slot] = rec.prepared.request_id
@@ -189,11 +193,44 @@ def test_queued_steps_give_every_request_what_the_synchronous_engine_gives(runne
             assert drawn - 1 <= decode_rows[i] <= requests[i].max_len - 1
             late += decode_rows[i] - (drawn - 1)
     assert late > 0  # the case of a row that ended in a step not yet collected was met
+    assert early > 0  # and that of a slot admitted again before its last step was collected
+    assert engine.num_active() == 0 and engine.free_slots() == list(range(len(engine.slots)))
     state, memory = jax.device_get((engine.state, engine.memory))
     for slot, i in last_in_slot.items():
         prompt = len(expected[i].prompt_tokens)
         assert state.count[slot] == 1 + decode_rows[i]
         assert all(layer.step[slot] == prompt + decode_rows[i] for layer in memory.layers)
+
+
+
+def test_a_request_being_retired_can_be_cancelled_and_released(runner):
+    """A request whose last step is dispatched leaves its slot to the next one at once; it
+    can still be cancelled (its last token is dropped, the new request is untouched) and
+    released, and another owner still finds the engine busy while it is in flight."""
+    engine, owner = runner.engine(), object()
+    first, second = Request(PROMPTS[0], 0.0, 1.0, 1, 2), Request(PROMPTS[1], 0.0, 1.0, 2, 4)
+    alone = runner.generate([second])[0]
+    a = engine.dispatch_admit(runner.prepare(first, "a"), owner)
+    (_, slot, _), = a.rows
+    step = engine.dispatch()  # the first request's second and last token
+    assert slot in engine.free_slots() and engine.num_active(owner) == 1
+    b = engine.dispatch_admit(runner.prepare(second, "b"), owner)
+    assert b.rows[0][1] == slot and engine.num_active(owner) == 2 and engine.num_busy_slots() == 1
+    with pytest.raises(runners.RunnerBusyError):
+        engine.dispatch_admit(runner.prepare(second, "x"), object())
+    assert engine.cancel("a", owner) and not engine.cancel("a", owner)
+    events = engine.collect(a) + engine.collect(step) + engine.collect(b)
+    while engine.num_active(owner):
+        events += engine.step()
+    assert all(e.request_id == "b" for e in events)
+    assert events[-1].finished and events[-1].completion.tokens == alone.tokens
+    # Released while being retired: nothing of the owner's stays in flight.
+    a = engine.dispatch_admit(runner.prepare(first, "a"), owner)
+    step = engine.dispatch()
+    b = engine.dispatch_admit(runner.prepare(second, "b"), owner)
+    engine.release(owner)
+    assert engine.num_active() == 0 and engine.collect(a) == engine.collect(step) == engine.collect(b) == []
+    assert engine.free_slots() == list(range(len(engine.slots)))
 
 
 # Grouped admission: 3 requests of bucket 16 (one call of R = 4, a padding row) and 2 of
