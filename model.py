@@ -875,12 +875,18 @@ class MoELayer(hk.Module):
         self.router = router
         self.mesh = mesh
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, D] (float32: the router sees it unrounded) -> [B, T, D] float32."""
+    def __call__(self, x: jax.Array, input_mask: Optional[jax.Array] = None) -> jax.Array:
+        """x [B, T, D] (float32: the router sees it unrounded), input_mask [B, T] (False: a pad
+        position) -> [B, T, D] float32. Pad positions go to no expert and get zeros: nothing
+        reads them (attention masks their keys), and the fast path then spends no work on
+        them (a prompt padded to its bucket, an empty slot in a decode step)."""
         cfg = self.config
         b, t, d = x.shape
         e, f = cfg.num_experts, cfg.ffn_size
         gates, experts = self.router(x)  # [B, T, k]
+        if input_mask is not None:
+            experts = jnp.where(input_mask[..., None], experts, e)  # e: no expert
+            gates = jnp.where(input_mask[..., None], gates, 0.0)
         x = x.astype(activation_dtype(cfg, b * t * cfg.num_selected_experts))  # the experts' matmul input
         w_in = ExpertWeight([e, d, f], name="linear")()
         w_v = ExpertWeight([e, d, f], name="linear_v")()
@@ -958,7 +964,7 @@ class DecoderLayer(hk.Module):
         attn, new_memory = MultiHeadAttention(cfg, mesh)(x, input_mask, memory)
         h = h + RMSNorm(name="rms_norm_1", dtype=f32)(attn)
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
-        moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2", dtype=f32)(h))  # cast inside, after the router
+        moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2", dtype=f32)(h), input_mask)
         h = h + RMSNorm(name="rms_norm_3", dtype=f32)(moe)
         return constrain(h, mesh, activation_spec(cfg)), new_memory
 

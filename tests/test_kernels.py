@@ -131,6 +131,43 @@ def test_make_plan_groups_rows_by_expert(m, k, block_m, case, path, monkeypatch)
     assert (np.diff(tile_expert[:used]) >= 0).all()
 
 
+@pytest.mark.parametrize("path", ["comparing", "counting"])
+def test_rows_of_no_expert_get_no_place_and_combine_to_zero(path, monkeypatch):
+    """Rows routed to expert E (pad tokens: "no expert") take no tile and no padded row;
+    the other rows are placed as without them; combine gives a pad token zeros."""
+    monkeypatch.setattr(kernels, "_COMPARING_PLAN_MAX_ROWS", 256 if path == "comparing" else 0)
+    rng = np.random.default_rng(5)
+    m, k, block_m = 11, 2, 4
+    idx, gates = routing(rng, m, k, "uneven")
+    pads = np.array([1, 4, 5, 10])  # tokens that go to no expert
+    idx = np.asarray(idx).copy()
+    idx[pads] = E
+    gates = np.asarray(gates).copy()
+    gates[pads] = 0.0
+    plan = kernels.make_plan(jnp.asarray(idx), E, block_m)
+    row_pos, row_token = np.asarray(plan.row_pos), np.asarray(plan.row_token)
+    tile_expert, num_tiles = np.asarray(plan.tile_expert), int(plan.num_tiles)
+    flat = idx.reshape(-1)
+    real = flat < E
+    counts = np.bincount(flat[real], minlength=E)
+    assert num_tiles == sum(-(-c // block_m) for c in counts)
+    assert (row_pos[~real] >= len(row_token)).all()  # no place
+    assert len(set(row_pos[real].tolist())) == real.sum() and (row_pos[real] < len(row_token)).all()
+    np.testing.assert_array_equal(row_token[row_pos[real]], np.arange(m * k)[real] // k)
+    np.testing.assert_array_equal(tile_expert[row_pos[real] // block_m], flat[real])
+    assert not np.isin(row_token, pads).any()  # no tile row reads a pad token
+    ys = bf16(rng.standard_normal((len(row_token), D)))
+    out = np.asarray(kernels.combine(ys, jnp.asarray(gates), plan), np.float64)
+    ys64 = f64(ys)
+    ref = np.zeros((m, D))
+    for t in range(m):
+        for j in range(k):
+            if idx[t, j] < E:
+                ref[t] += gates[t, j] * ys64[row_pos[t * k + j]]
+    assert (out[pads] == 0).all() and not np.isnan(out).any()
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_dispatch_and_combine_use_raw_gates():
     rng = np.random.default_rng(1)
     m, k = 9, 2
