@@ -171,12 +171,12 @@ def default_block_m(num_rows: int) -> int:
 _COMPARING_PLAN_MAX_ROWS = 256
 
 
-def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
+def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int, pads: bool = False) -> MoEPlan:
     """Group the rows of `expert_idx` int32 [M, k] by expert, padded per expert to block_m.
 
-    Values of expert_idx must lie in [0, num_experts]; num_experts means "no expert" (a pad
-    token's rows: they get no place in any tile, and combine() gives them zeros). Rows of
-    one expert keep token order.
+    Values of expert_idx must lie in [0, num_experts). Rows of one expert keep token order.
+    pads=True also takes num_experts, "no expert" (a pad token's rows): such a row gets no
+    place in any tile, and combine(..., pads=True) gives it zeros.
     """
     if expert_idx.ndim != 2:
         raise ValueError(
@@ -204,12 +204,13 @@ def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int) -> MoEPlan:
         tile_begin = jnp.cumsum(tiles) - tiles
     tile_end = tile_begin + tiles  # [E]
     row_pos = (jnp.sum(jnp.where(onehot, tile_begin[None, :], 0), axis=1) * block_m + rank).astype(jnp.int32)  # [R]
-    row_pos = jnp.where(flat < num_experts, row_pos, n_tiles * block_m)  # no expert: past every tile
+    if pads:
+        row_pos = jnp.where(flat < num_experts, row_pos, n_tiles * block_m)  # no expert: past every tile
     if small:  # the inverse permutation by comparison: no scatter
         hit = row_pos[None, :] == p[:, None]  # [M_pad, R]
         row_token = m + jnp.sum(jnp.where(hit, r[None, :] // k - m, 0), axis=1, dtype=jnp.int32)
     else:
-        row_token = jnp.full((n_tiles * block_m,), m, jnp.int32).at[row_pos].set(r // k, mode="drop")
+        row_token = jnp.full((n_tiles * block_m,), m, jnp.int32).at[row_pos].set(r // k, mode="drop" if pads else None)
 
     t = jnp.arange(n_tiles, dtype=jnp.int32)
     num_tiles = jnp.sum(tiles).astype(jnp.int32)
@@ -225,20 +226,20 @@ def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
     return jnp.take(x, plan.row_token, axis=0, mode="fill", fill_value=0)
 
 
-def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan, out_dtype=None) -> jax.Array:
+def combine(ys: jax.Array, gates: jax.Array, plan: MoEPlan, out_dtype=None, pads: bool = False) -> jax.Array:
     """out[t] = sum_j gates[t, j] * ys[row of (t, j)]: [M_pad, D], [M, k] -> [M, D].
 
     Gates are used as given (Grok-1 does not renormalise the top-k probabilities); the sum
     is taken in float32. The result has out_dtype; None: bf16, or float32 when ys is float32.
+    pads: the plan was made with pads=True; a row without an expert reads zeros.
     """
     m, k = gates.shape
     if m * k != plan.row_pos.shape[0]:
         raise ValueError(
             f"combine: gates {tuple(gates.shape)} do not match the plan's {plan.row_pos.shape[0]} rows."
         )
-    # A row without an expert (row_pos past the tiles) reads zeros.
-    rows = jnp.take(ys, plan.row_pos, axis=0, mode="fill", fill_value=0).reshape(m, k, ys.shape[-1])
-    rows = rows.astype(jnp.float32)
+    fill = dict(mode="fill", fill_value=0) if pads else {}  # a row past the tiles reads zeros
+    rows = jnp.take(ys, plan.row_pos, axis=0, **fill).reshape(m, k, ys.shape[-1]).astype(jnp.float32)
     if out_dtype is None:
         out_dtype = jnp.float32 if ys.dtype == jnp.float32 else jnp.bfloat16
     return jnp.sum(gates.astype(jnp.float32)[..., None] * rows, axis=1).astype(out_dtype)

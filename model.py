@@ -836,15 +836,17 @@ def _layouts_agree(*ws: Any) -> bool:
 
 
 def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str = "auto",
-             data_axis: Any = None, model_axis: Any = None) -> jax.Array:
+             data_axis: Any = None, model_axis: Any = None, pads: bool = False) -> jax.Array:
     """Only the selected experts, int8 weights dequantized inside the matmuls.
 
     x [N, D] (D may be this device's shard), gates/experts [N, k] -> [N, D] float32 (the
     gated sum in float32, unrounded; the expert rows themselves are x.dtype). Inside a
     shard_map the expert weights are local shards: the input projections' partial sums are
-    reduced over `data_axis`, the output projection's over `model_axis`.
+    reduced over `data_axis`, the output projection's over `model_axis`. pads: `experts`
+    may hold num_experts, "no expert" (kernels.make_plan); those rows cost nothing and
+    give zeros.
     """
-    plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size))
+    plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size), pads)
     xs = kernels.dispatch(x, plan)  # [M_pad, D]
     (wi, si), (wv, sv), (wo, so) = _unpack(w_in), _unpack(w_v), _unpack(w_out)
     transposed = _layouts_agree(w_in, w_v, w_out)
@@ -859,11 +861,11 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
         h = (jax.nn.gelu(a.astype(x.dtype)) * b.astype(x.dtype))
     if model_axis is None:
         y = grouped(h, wo, so, out_dtype=x.dtype)  # [M_pad, D]
-        return kernels.combine(y, gates, plan, out_dtype=jnp.float32)
+        return kernels.combine(y, gates, plan, out_dtype=jnp.float32, pads=pads)
     # Combine the float32 partial sums first, then add them over the model axis: the
     # all-reduce carries [N, D], not the padded [M_pad, D] (16x fewer bytes at batch 1).
     y = grouped(h, wo, so, out_dtype=jnp.float32)
-    return jax.lax.psum(kernels.combine(y, gates, plan, out_dtype=jnp.float32), model_axis)
+    return jax.lax.psum(kernels.combine(y, gates, plan, out_dtype=jnp.float32, pads=pads), model_axis)
 
 
 class MoELayer(hk.Module):
@@ -877,14 +879,16 @@ class MoELayer(hk.Module):
 
     def __call__(self, x: jax.Array, input_mask: Optional[jax.Array] = None) -> jax.Array:
         """x [B, T, D] (float32: the router sees it unrounded), input_mask [B, T] (False: a pad
-        position) -> [B, T, D] float32. Pad positions go to no expert and get zeros: nothing
-        reads them (attention masks their keys), and the fast path then spends no work on
-        them (a prompt padded to its bucket, an empty slot in a decode step)."""
+        position) -> [B, T, D] float32. In a prefill (T > 1) pad positions go to no expert
+        and get zeros: nothing reads them (attention masks their keys), and the fast path
+        then spends no work on a prompt's padding to its bucket. A decode step (T = 1) keeps
+        its program as measured on several GPUs (an empty slot's row is computed and unused)."""
         cfg = self.config
         b, t, d = x.shape
         e, f = cfg.num_experts, cfg.ffn_size
         gates, experts = self.router(x)  # [B, T, k]
-        if input_mask is not None:
+        pads = input_mask is not None and t > 1
+        if pads:
             experts = jnp.where(input_mask[..., None], experts, e)  # e: no expert
             gates = jnp.where(input_mask[..., None], gates, 0.0)
         x = x.astype(activation_dtype(cfg, b * t * cfg.num_selected_experts))  # the experts' matmul input
@@ -896,12 +900,12 @@ class MoELayer(hk.Module):
         if cfg.moe_impl == "reference":
             out = moe_reference(xf, gates, experts, w_in, w_v, w_out, e)
         elif self.mesh is None or self.mesh.size == 1:
-            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e)
+            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e, pads=pads)
         else:
-            out = self._sharded_fast(xf, gates, experts, w_in, w_v, w_out)
+            out = self._sharded_fast(xf, gates, experts, w_in, w_v, w_out, pads)
         return out.reshape(b, t, d)
 
-    def _sharded_fast(self, x, gates, experts, w_in, w_v, w_out) -> jax.Array:
+    def _sharded_fast(self, x, gates, experts, w_in, w_v, w_out, pads: bool) -> jax.Array:
         """The fast path per device: tokens replicated, experts' D over data and F over model."""
         cfg, mesh = self.config, self.mesh
         d, m = cfg.data_axis, cfg.model_axis
@@ -914,7 +918,7 @@ class MoELayer(hk.Module):
         def body(x, gates, experts, w_in, w_v, w_out):
             return moe_fast(x, gates, experts, w_in, w_v, w_out, cfg.num_experts, backend="auto",
                             data_axis=d if _axis_size(mesh, d) > 1 else None,
-                            model_axis=m if _axis_size(mesh, m) > 1 else None)
+                            model_axis=m if _axis_size(mesh, m) > 1 else None, pads=pads)
 
         return jax.shard_map(
             body, mesh=mesh,

@@ -144,7 +144,7 @@ def test_rows_of_no_expert_get_no_place_and_combine_to_zero(path, monkeypatch):
     idx[pads] = E
     gates = np.asarray(gates).copy()
     gates[pads] = 0.0
-    plan = kernels.make_plan(jnp.asarray(idx), E, block_m)
+    plan = kernels.make_plan(jnp.asarray(idx), E, block_m, pads=True)
     row_pos, row_token = np.asarray(plan.row_pos), np.asarray(plan.row_token)
     tile_expert, num_tiles = np.asarray(plan.tile_expert), int(plan.num_tiles)
     flat = idx.reshape(-1)
@@ -157,7 +157,7 @@ def test_rows_of_no_expert_get_no_place_and_combine_to_zero(path, monkeypatch):
     np.testing.assert_array_equal(tile_expert[row_pos[real] // block_m], flat[real])
     assert not np.isin(row_token, pads).any()  # no tile row reads a pad token
     ys = bf16(rng.standard_normal((len(row_token), D)))
-    out = np.asarray(kernels.combine(ys, jnp.asarray(gates), plan), np.float64)
+    out = np.asarray(kernels.combine(ys, jnp.asarray(gates), plan, pads=True), np.float64)
     ys64 = f64(ys)
     ref = np.zeros((m, D))
     for t in range(m):
