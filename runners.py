@@ -1083,11 +1083,9 @@ class _Slot:
 
 def _to_host(tree: Any) -> Any:
     """numpy copies of replicated outputs (one local copy: also works with several hosts).
-
-    The copy starts here, once the caller waits for the step, and never earlier: a
-    copy_to_host_async() started right after dispatching a step over 2 GPUs made the
-    process hang in that step at 24+ layers of Grok-1 width (found by bisection on 2 x H200;
-    see BENCHMARKS.md, "The runner's hang"). The outputs are a few hundred bytes."""
+    The copy starts when the caller waits for the step: the outputs are a few hundred bytes
+    (copying them ahead with copy_to_host_async was tried, never shown to help, and removed
+    while the hang on 2 GPUs was looked for; see BENCHMARKS.md, "Session 5")."""
     return jax.tree_util.tree_map(
         lambda a: np.asarray(a) if a.is_fully_addressable else np.asarray(a.addressable_data(0)), tree)
 
