@@ -1234,8 +1234,9 @@ class _Engine:
         """Start one prefill call for requests of one bucket (at most prefill_rows_limit of
         it), into the first free slots in order, without waiting; like dispatch_admit, the
         slots are taken at once. The call has prefill_rows(len(prepared)) rows; the extra
-        rows are padding (they repeat the first request and write no slot). collect() the
-        handle for the events of the first tokens, in the order of `prepared`."""
+        rows are padding: all pad tokens (no expert computes them), the first request's
+        settings, and no slot to write. collect() the handle for the events of the first
+        tokens, in the order of `prepared`."""
         with self.lock:
             if any(s.owner is not owner for s in self._requests()):
                 raise RunnerBusyError(
@@ -1254,10 +1255,12 @@ class _Engine:
             if len(free) < n:
                 raise RuntimeError(f"{n} requests but {len(free)} free slot(s)")  # callers check free_slots()
             rows = prefill_rows(n)
-            group = list(prepared) + [prepared[0]] * (rows - n)  # padding rows repeat a real prompt
+            group = list(prepared) + [prepared[0]] * (rows - n)  # padding rows take the first's settings
             tokens = np.full((rows, bucket), self.config.pad_token, np.int32)  # right-padded
-            for r, p in enumerate(group):
+            lengths = np.zeros((rows,), np.int32)  # a padding row: no token at all
+            for r, p in enumerate(prepared):
                 tokens[r, :len(p.tokens)] = p.tokens
+                lengths[r] = len(p.tokens)
             # Padding rows write nothing: each its own slot index >= batch (see _set_rows).
             slots = np.array(free[:n] + list(range(batch, batch + rows - n)), np.int32)
             settings = [(p.request.temperature, p.request.nucleus_p, int(p.request.rng_seed) % 2**32, p.max_len)
@@ -1266,8 +1269,7 @@ class _Engine:
             program = ("prefill", bucket, rows)
             with self._deadline(program):
                 self.memory, self.state, out = self.prefill(
-                    self.params, self.memory, self.state, tokens,
-                    np.array([len(p.tokens) for p in group], np.int32), slots,
+                    self.params, self.memory, self.state, tokens, lengths, slots,
                     np.array(temperature, np.float32), np.array(top_p, np.float32), np.array(seed, np.uint32),
                     np.array(max_len, np.int32), np.stack([p.mask for p in group]))
             handle_rows = []
