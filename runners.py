@@ -1533,7 +1533,9 @@ class InferenceRunner:
         work on one step while the device runs those queued after it). Several requests are
         prefilled in one call by dispatch_admit_many(), in the groups prefill_groups()
         makes (one bucket each). engine.cancel(id, owner) frees one request's slot;
-        free_slots() / num_active() say what is in use. Each operation holds the engine's
+        free_slots() (empty slots, and those whose request's last step is dispatched),
+        num_busy_slots() and num_active() (requests whose tokens are not all collected) say
+        what is in use. Each operation holds the engine's
         lock; still, one scheduler should drive it, and nothing else (stream(), generate(),
         run()) should use this runner meanwhile, since requests of another owner make
         admit() refuse.
