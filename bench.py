@@ -1741,6 +1741,9 @@ def serve_child(args: argparse.Namespace) -> None:
                 measure(runner, line.strip())
 
     def on_ready(runner: Any) -> None:
+        # The server compiles its grouped prefills while it serves; compile them now, so that
+        # the rounds measure serving with every group size, not the first minutes after start.
+        runner.compile(grouped=True)
         measure(runner, args.engine_json)
         threading.Thread(target=control, args=(runner,), name="bench-control", daemon=True).start()
 

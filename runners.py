@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Iterable, Iterator, NoReturn, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, NoReturn, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -892,6 +892,14 @@ def prefill_rows_limit(config: LanguageModelConfig, batch_size: int, bucket: int
     return 1 << (cap.bit_length() - 1)
 
 
+def grouped_prefills(config: LanguageModelConfig, batch_size: int, buckets: Sequence[int]) -> list[tuple[int, int]]:
+    """(bucket, rows) of every prefill of several requests the engine may call: rows 2, 4,
+    ... up to prefill_rows_limit per bucket, the smaller groups first."""
+    limits = {b: prefill_rows_limit(config, batch_size, b) for b in buckets}
+    rows = sorted({2 ** k for b in buckets for k in range(1, limits[b].bit_length())})
+    return [(b, r) for r in rows for b in buckets if r <= limits[b]]
+
+
 def prefill_rows(count: int) -> int:
     """Rows of the prefill call for `count` requests: the next power of two (1, 2, 4, 8,
     ...), so that few programs per bucket exist; the extra rows are padding."""
@@ -936,8 +944,8 @@ def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: An
     out = {}
     calls = [(f"prefill {b}", prefill, step_arguments(config, batch_size, b)) for b in buckets]
     if grouped:
-        calls += [(f"prefill {b} x{r}", prefill, step_arguments(config, batch_size, b, r)) for b in buckets
-                  for r in (2 ** k for k in range(1, prefill_rows_limit(config, batch_size, b).bit_length()))]
+        calls += [(f"prefill {b} x{r}", prefill, step_arguments(config, batch_size, b, r))
+                  for b, r in grouped_prefills(config, batch_size, buckets)]
     calls.append(("decode", decode, step_arguments(config, batch_size)))
     for i, (name, fn, args) in enumerate(calls, 1):  # a deep model takes tens of seconds each: say so
         out[name] = timed_compile(fn, params, memory, state, *args)
@@ -1216,10 +1224,12 @@ class _Engine:
         feed it. collect() the handle for the event of its first token."""
         return self.dispatch_admit_many([prepared], owner)
 
-    def prefill_groups(self, prepared: Sequence[_Prepared]) -> list[list[int]]:
+    def prefill_groups(self, prepared: Sequence[_Prepared],
+                       limits: Optional[Mapping[int, int]] = None) -> list[list[int]]:
         """Split requests into prefill calls for dispatch_admit_many: indices into `prepared`,
         grouped by bucket (buckets in order of first appearance, requests in input order),
-        at most prefill_rows_limit(bucket) per call."""
+        at most prefill_rows_limit(bucket) per call, and at most limits.get(bucket, 1) when
+        `limits` is given (the group sizes whose programs are compiled, say)."""
         by_bucket: dict[int, list[int]] = {}
         for i, p in enumerate(prepared):
             by_bucket.setdefault(p.bucket, []).append(i)
@@ -1227,6 +1237,8 @@ class _Engine:
         groups = []
         for bucket, items in by_bucket.items():
             cap = prefill_rows_limit(self.config, batch, bucket)
+            if limits is not None:
+                cap = max(1, min(cap, limits.get(bucket, 1)))
             groups += [items[k:k + cap] for k in range(0, len(items), cap)]
         return groups
 
@@ -1472,6 +1484,15 @@ class InferenceRunner:
         engine = self._require_initialized()
         return compile_steps(engine.prefill, engine.decode, engine.params, engine.memory, engine.state,
                              self.runner.model, self.batch_size, self.buckets, grouped)
+
+    def compile_prefill(self, bucket: int, rows: int) -> dict[str, float]:
+        """Compile the prefill of `rows` requests of `bucket` (see grouped_prefills) ahead,
+        from the shapes alone: safe beside a thread that runs steps (server.py compiles the
+        grouped prefills so while it already serves). Returns its lower_s and compile_s."""
+        engine = self._require_initialized()
+        config = self.runner.model
+        abstract = abstract_step_inputs(config, self.mesh, self.batch_size)
+        return timed_compile(engine.prefill, *abstract, *step_arguments(config, self.batch_size, bucket, rows))
 
     def _watchdog(self) -> Optional[Watchdog]:
         seconds = self.step_timeout

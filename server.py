@@ -254,6 +254,9 @@ class Metrics:
         self.prefills = prometheus_client.Counter(
             "grok1_prefill_calls", "Prefill calls; one call admits the waiting sequences of one prompt "
             "bucket together, up to runners.MAX_PREFILL_ROWS.", registry=r)
+        self.group_limit = prometheus_client.Gauge(
+            "grok1_prefill_group_limit", "Most sequences one prefill call of each prompt bucket takes now: "
+            "it grows as the grouped prefills compile after start-up.", ["bucket"], registry=r)
         self.ttft = prometheus_client.Histogram(
             "grok1_time_to_first_token_seconds", "From a sequence's arrival to its first token.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=r)
@@ -372,6 +375,9 @@ class Scheduler:
         self._token_text: dict[int, str] = {}
         self._ids = itertools.count()
         self.thread: Optional[threading.Thread] = None
+        # bucket -> the most sequences one prefill call may take: the grouped prefills whose
+        # programs are compiled (compile_groups); a bucket not here takes one at a time.
+        self.group_rows: dict[int, int] = {}
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -412,6 +418,32 @@ class Scheduler:
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="grok1-engine", daemon=True)
         self.thread.start()
+        threading.Thread(target=self.compile_groups, name="grok1-compile", daemon=True).start()
+
+    def compile_groups(self) -> None:
+        """Compile the prefills of several sequences at once (2, 4, ... per call) while
+        serving, smaller groups first; each bucket's admissions group up to the largest
+        size compiled so far. So the server is ready once the one-sequence programs are,
+        and never stalls the running sequences to compile a group size at its first use."""
+        config, start = self.runner.runner.model, time.perf_counter()
+        programs = runners.grouped_prefills(config, self.runner.batch_size, self.runner.buckets)
+        for bucket in self.runner.buckets:
+            self.metrics.group_limit.labels(str(bucket)).set(1)
+        for bucket, rows in programs:
+            with self._cond:
+                if self._stopping:
+                    return
+            try:
+                self.runner.compile_prefill(bucket, rows)
+            except Exception:  # noqa: BLE001 - serving goes on with the groups compiled so far
+                logger.exception("Compiling the prefill of %d sequences of bucket %d failed; "
+                                 "admissions stay in smaller groups.", rows, bucket)
+                return
+            self.group_rows[bucket] = rows
+            self.metrics.group_limit.labels(str(bucket)).set(rows)
+        if programs:
+            logger.info("Grouped prefills compiled (%s) in %.1f s.", ", ".join(
+                f"bucket {b}: up to {r}" for b, r in sorted(self.group_rows.items())), time.perf_counter() - start)
 
     def run(self) -> None:
         """The loop. Steps are queued ahead: before it collects step t's tokens, steps up to
@@ -463,7 +495,7 @@ class Scheduler:
             self.metrics.queue_length.set(len(self._waiting))
         if not seqs:
             return
-        for group in self.engine.prefill_groups([seq.prepared for seq in seqs]):
+        for group in self.engine.prefill_groups([seq.prepared for seq in seqs], self.group_rows):
             batch = [seqs[i] for i in group]
             try:
                 handle = self.engine.dispatch_admit_many([seq.prepared for seq in batch], self.owner)
@@ -635,11 +667,11 @@ class ServerState:
 
 
 def warm_up(runner: runners.InferenceRunner) -> None:
-    """Compile every program the scheduler can call before the first request: the decode
-    step and each bucket's prefills of 1, 2, 4, ... requests (the scheduler groups waiting
-    requests; a group size met for the first time would otherwise compile while every
-    running request waits). With the persistent compilation cache a restart reads them."""
-    runner.compile(grouped=True)
+    """Compile the decode step and each bucket's one-sequence prefill before the first
+    request, so that no client waits for a compilation (and time to first token measures
+    serving); the grouped prefills follow while serving (Scheduler.compile_groups). With the
+    persistent compilation cache a restart reads them."""
+    runner.compile()
 
 
 def _openai_logprobs(entries: list[tuple[str, float, dict, int]], prompt: Optional[list[tuple[str, int]]]) -> dict:

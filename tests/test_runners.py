@@ -240,6 +240,40 @@ GROUPED = [Request("The river", 0.0, 1.0, 1, 6), Request(PROMPTS[1], 0.0, 1.0, 2
            Request("She walked along the shore", 1.3, 0.95, 11, 6)]
 
 
+
+def test_grouped_prefills_compile_ahead_from_shapes_and_groups_follow_the_limits(assets):
+    """grouped_prefills lists the group sizes each bucket allows (at most the batch, 8 and
+    sequence_len // bucket), smaller first; compile_prefill builds one from the shapes alone
+    (what the server does while serving), after which its first call compiles nothing;
+    prefill_groups keeps to the limits it is given (a bucket not in them: one at a time)."""
+    r = make_runner(assets, bs_per_device=8)
+    config = r.runner.model  # sequence_len 64: bucket 16 takes up to 4, bucket 32 up to 2
+    assert runners.grouped_prefills(config, 8, PAD_SIZES) == [(16, 2), (32, 2), (16, 4)]
+    assert runners.grouped_prefills(config, 2, PAD_SIZES) == [(16, 2), (32, 2)]
+    assert runners.grouped_prefills(config, 1, PAD_SIZES) == []
+    engine, owner = r.engine(), object()
+    three = [r.prepare(Request(PROMPTS[0], 0.0, 1.0, i, 3), i) for i in range(3)]  # bucket 16
+    assert engine.prefill_groups(three) == [[0, 1, 2]]
+    assert engine.prefill_groups(three, {16: 2}) == [[0, 1], [2]]
+    assert engine.prefill_groups(three, {}) == [[0], [1], [2]]
+    times = r.compile_prefill(16, 2)
+    assert times["lower_s"] > 0 and times["compile_s"] > 0
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        events = engine.collect(engine.dispatch_admit_many(three[:2], owner))
+    finally:
+        engine.release(owner)
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            unregister(listener)
+    assert compiles == [] and [e.request_id for e in events] == [0, 1]
+
 class _GuardLog:
     """Stands in for the engine's Watchdog: records (what, seconds) of every guard."""
 

@@ -343,6 +343,12 @@ def test_sequences_waiting_together_share_one_prefill_call(server):
     prompt sent alone (choice i samples with seed + i)."""
     client = server.client()
     prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[6]]
+    bucket = min(PAD_SIZES)  # short prompts: the smallest bucket holds them
+    # The grouped prefills compile after start-up, while the server serves.
+    deadline = time.monotonic() + 120
+    while (limit := server.metrics().get(f'grok1_prefill_group_limit{{bucket="{bucket}"}}', 0)) < 4:
+        assert time.monotonic() < deadline, f"bucket {bucket}: groups of {limit} after 120 s"
+        time.sleep(0.1)
     for temperature in (0.0, 1.0):
         kwargs = dict(model="grok-1-tiny", max_tokens=8, temperature=temperature, top_p=0.9)
         before = server.metrics()
