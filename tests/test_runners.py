@@ -54,6 +54,25 @@ def make_runner(assets, bs_per_device=2, mesh=(1, 1), config=None, pad_sizes=PAD
     return r
 
 
+@contextlib.contextmanager
+def backend_compiles():
+    """A list that collects jax's backend compilations while the block runs."""
+    compiles, listening = [], [True]
+
+    def listener(event, duration, **kwargs):
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        listening[0] = False  # jax < 0.7.1 cannot unregister it
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            unregister(listener)
+
+
 @pytest.fixture(scope="module")
 def runner(assets):
     """Two slots on one device: three requests must reuse a slot."""
@@ -258,20 +277,9 @@ def test_grouped_prefills_compile_ahead_from_shapes_and_groups_follow_the_limits
     assert engine.prefill_groups(three, {}) == [[0], [1], [2]]
     times = r.compile_prefill(16, 2)
     assert times["lower_s"] > 0 and times["compile_s"] > 0
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         events = engine.collect(engine.dispatch_admit_many(three[:2], owner))
-    finally:
-        engine.release(owner)
-        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
-        if unregister is not None:
-            unregister(listener)
+    engine.release(owner)
     assert compiles == [] and [e.request_id for e in events] == [0, 1]
 
 class _GuardLog:
@@ -537,25 +545,13 @@ def test_no_warning_for_requests_that_fit(runner):
 
 
 def test_each_bucket_and_the_decode_step_compile_once(runner):
-    compiles, listening = [], [True]
-
-    def listener(event, duration, **kwargs):
-        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
     runner.generate(PROMPTS, max_len=3)  # both buckets and the decode step are warm now
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         runner.generate(PROMPTS, max_len=5, temperature=0.7)
         runner.generate([Request(PROMPTS[0], 0.0, 0.5, 9, 4), Request("Bread and water", 1.3, 1.0, 1, 7)])
         list(runner.stream([Request(p, 0.5, 0.9, 4, 3) for p in PROMPTS[::-1]]))
         runners.sample_from_model(runner.run(), PROMPTS[1], 4, 0.01)
         jax.jit(lambda x: x * 3 + 1)(np.arange(3))  # a probe: the listener does see compiles
-    finally:
-        listening[0] = False
-        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
-        if unregister is not None:  # jax >= 0.7.1
-            unregister(listener)
     assert len(compiles) == 1  # the probe's, none of the runner's
     assert runner._engine.prefill._cache_size() == len(PAD_SIZES)
     assert runner._engine.decode._cache_size() == 1
@@ -740,23 +736,12 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
     times = r.compile(grouped=True)  # the 2 slots also take a prefill of 2 requests
     assert set(times) == {"prefill 16", "prefill 16 x2", "decode"}
     assert all(t["lower_s"] > 0 and t["compile_s"] > 0 for t in times.values())
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         done = r.generate([PROMPTS[0], "Bread and water"], max_len=6, temperature=0.0)
         owner = object()
         both = [r.prepare(Request(p, 0.0, 1.0, 0, 2), i) for i, p in enumerate([PROMPTS[0], "Bread and water"])]
         first = engine.collect(engine.dispatch_admit_many(both, owner))
         engine.release(owner)
-    finally:
-        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
-        if unregister is not None:
-            unregister(listener)
     assert compiles == []  # prefill and decode ran the programs compile() built
     assert [e.token_id for e in first] == [c.tokens[0] for c in done]
 
