@@ -434,7 +434,9 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
-                self.runner.compile_prefill(bucket, rows)
+                times = self.runner.compile_prefill(bucket, rows)
+                logger.info("Compiled prefill %d x%d while serving (%.1f s).", bucket, rows,
+                            times["lower_s"] + times["compile_s"])
             except Exception:  # noqa: BLE001 - serving goes on with the groups compiled so far
                 logger.exception("Compiling the prefill of %d sequences of bucket %d failed; "
                                  "admissions stay in smaller groups.", rows, bucket)
