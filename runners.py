@@ -60,8 +60,9 @@ MAX_TEMPERATURE = 1e6
 SAMPLING_MIN_TEMPERATURE = 1e-20
 SAMPLING_MAX_TEMPERATURE = 1e30
 # The most requests one prefill call takes (a power of two; see prefill_rows_limit). Each
-# (bucket, rows) pair is a program of its own, compiled at its first use or ahead by
-# InferenceRunner.compile(grouped=True) (the server does that).
+# (bucket, rows) pair is a program of its own, compiled at its first use or ahead
+# (InferenceRunner.compile(grouped=True), or compile_prefill, which the server calls
+# while it serves).
 MAX_PREFILL_ROWS = 8
 
 
@@ -1088,6 +1089,12 @@ class _Slot:
     # first one included), collected or not: a slot reaching max_len takes no more steps.
     dispatched: int = 1
 
+    @property
+    def last_step_dispatched(self) -> bool:
+        """The step that draws the request's max_len-th token is dispatched: it takes no
+        more steps, and its slot may take the next request (_Engine.free_slots)."""
+        return self.dispatched >= self.prepared.max_len
+
 
 def _to_host(tree: Any) -> Any:
     """numpy copies of replicated outputs (one local copy: also works with several hosts).
@@ -1173,7 +1180,7 @@ class _Engine:
         slot runs on the device right after that step, not after the host has collected
         it, so the slot does not stand empty while queued steps drain; the old request keeps
         the tokens still to be collected."""
-        return [i for i, s in enumerate(self.slots) if s is None or s.dispatched >= s.prepared.max_len]
+        return [i for i, s in enumerate(self.slots) if s is None or s.last_step_dispatched]
 
     def num_busy_slots(self) -> int:
         """Slots holding a request (one being retired in a slot admitted again counts once)."""
@@ -1260,9 +1267,10 @@ class _Engine:
             if any(p.bucket != bucket for p in prepared):
                 raise ValueError(f"dispatch_admit_many: buckets {sorted({p.bucket for p in prepared})} differ; "
                                  "one call takes one bucket (split them with prefill_groups()).")
-            if n > prefill_rows_limit(self.config, batch, bucket):
+            limit = prefill_rows_limit(self.config, batch, bucket)
+            if n > limit:
                 raise ValueError(f"dispatch_admit_many: {n} requests of bucket {bucket}, more than one call "
-                                 f"takes ({prefill_rows_limit(self.config, batch, bucket)}); use prefill_groups().")
+                                 f"takes ({limit}); use prefill_groups().")
             free = self.free_slots()
             if len(free) < n:
                 raise RuntimeError(f"{n} requests but {len(free)} free slot(s)")  # callers check free_slots()
@@ -1313,7 +1321,7 @@ class _Engine:
         "The runner's hang")."""
         with self.lock:
             rows = tuple((i, i, s) for i, s in enumerate(self.slots)
-                         if s is not None and s.dispatched < s.prepared.max_len)
+                         if s is not None and not s.last_step_dispatched)
             if not rows:
                 return None
             active = np.zeros((len(self.slots),), bool)
@@ -1439,6 +1447,8 @@ class InferenceRunner:
     step_timeout: Optional[float] = None
     # The consumer holding the runner: (what, thread id), or None; guarded by _busy.
     _holder: Optional[tuple[str, int]] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    # abstract_step_inputs of the engine, made once for compile_prefill.
+    _abstract_inputs: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _busy: threading.Condition = dataclasses.field(
         default_factory=threading.Condition, init=False, repr=False, compare=False)
 
@@ -1491,8 +1501,10 @@ class InferenceRunner:
         grouped prefills so while it already serves). Returns its lower_s and compile_s."""
         engine = self._require_initialized()
         config = self.runner.model
-        abstract = abstract_step_inputs(config, self.mesh, self.batch_size)
-        return timed_compile(engine.prefill, *abstract, *step_arguments(config, self.batch_size, bucket, rows))
+        if self._abstract_inputs is None:  # the engine's shapes: the same for every program
+            self._abstract_inputs = abstract_step_inputs(config, self.mesh, self.batch_size)
+        return timed_compile(engine.prefill, *self._abstract_inputs,
+                             *step_arguments(config, self.batch_size, bucket, rows))
 
     def _watchdog(self) -> Optional[Watchdog]:
         seconds = self.step_timeout
