@@ -232,3 +232,19 @@ def test_serve_prompt_buckets_are_the_servers_unless_given():
     for bad in ("0", "", "a,2", "32,-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench._pad_sizes(bad)
+
+
+def test_loader_bench_runs_the_chosen_methods_and_the_yardstick(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    directory = tmp_path / "ckpt"
+    report = bench.main(["loader", "--dir", str(directory), "--size-gb", "0.01", "--repeats", "1",
+                         "--methods", "loader_host,loader_devices"])
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["raw_read", "loader_host", "loader_devices"]
+    assert rows["loader_host"]["vs_release_host"] is None  # the release's method did not run
+    assert list(report["onto_devices"]) == ["loader_devices"]
+    assert report["best_host_method"] == "loader_host"
+    # The checkpoint written for the run is gone afterwards (no --keep).
+    assert report["checkpoint"]["bytes"] > 0 and not directory.exists()
+    with pytest.raises(SystemExit, match="unknown --methods nope"):
+        bench.main(["loader", "--dir", str(directory), "--methods", "nope"])
