@@ -1542,35 +1542,24 @@ def _is_ready(value: Any) -> bool:
 class _PlacementPipeline:
     """Overlaps file reads with host->device transfers (restore onto devices).
 
-    Each reader thread queues the transfers of the leaf it has read and checked (`put`),
-    without waiting for them, and hands the placed leaf over; the loading thread (`run`)
-    gives a leaf's host bytes back to the byte budget once its transfers are done. So the
-    readers keep the disk busy while earlier leaves are copied, queueing (which stages the
-    host bytes, about a third of a GPU load when one thread did it all) runs on all the
-    readers at once, and host memory stays within the budget. Everything is waited for at
-    the end.
+    Reader threads hand over checked host leaves (`put`); the loading thread (`run`)
+    queues each leaf's transfers as it arrives, without waiting for them, and gives its
+    host bytes back to the byte budget once its transfers are done: so the readers keep
+    the disk busy while earlier leaves are copied, and host memory stays within the
+    budget. Everything is waited for at the end.
     """
 
     def __init__(self, n: int, place: Callable[[int, Any], Any], budget: _ByteBudget,
                  control: _LoadControl):
         self._n, self._place, self._budget, self._control = n, place, budget, control
         self._ready: "queue.SimpleQueue[tuple[int, Any, int]]" = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        # Seconds the readers spent queueing transfers (summed over them), and seconds the
-        # loading thread spent waiting for transfers to finish (the budget was needed
-        # back, or the end) and waiting for the readers.
+        # Seconds the loading thread spent queueing transfers, waiting for transfers to
+        # finish (the budget was needed back, or the end), and waiting for the readers.
         self.stats = {"queue_s": 0.0, "wait_transfers_s": 0.0, "wait_reads_s": 0.0}
 
     def put(self, k: int, value: Any, host_bytes: int) -> None:
-        """From a reader: leaf k is read and checked. Queues its transfers on this thread and
-        hands the placed leaf over; `host_bytes` of the budget go with it (released once
-        the transfers are done). Raises what placing raises; then nothing is handed over."""
-        start = time.perf_counter()
-        placed = self._place(k, value)
-        del value  # jax holds the host buffer until its transfer is done
-        with self._lock:
-            self.stats["queue_s"] += time.perf_counter() - start
-        self._ready.put((k, placed, host_bytes))
+        """From a reader: leaf k is read and checked; `host_bytes` of the budget go with it."""
+        self._ready.put((k, value, host_bytes))
 
     def _retire(self, pending: "collections.deque[tuple[Any, int]]", wait_for_oldest: bool) -> None:
         """Release the budget of finished transfers, oldest first; optionally wait for one."""
@@ -1587,9 +1576,9 @@ class _PlacementPipeline:
             self._budget.release(nbytes)
 
     def run(self) -> list[Any]:
-        """Collects all n placed leaves as they arrive; returns them in leaf order once all
-        are on their devices. Raises _Cancelled as soon as a reader has failed (placing
-        included; the caller raises the reader's error)."""
+        """Place all n leaves as they arrive; returns them in leaf order once all are on
+        their devices. Raises _Cancelled as soon as a reader has failed (the caller raises
+        the reader's error), or the placing error itself."""
         results: list[Any] = [None] * self._n
         pending: collections.deque = collections.deque()  # (placed value, host bytes), in order
         placed = 0
@@ -1606,8 +1595,11 @@ class _PlacementPipeline:
                 self._retire(pending, wait_for_oldest=True)
                 continue
             self.stats["wait_reads_s"] += time.perf_counter() - start
-            results[k] = value
-            pending.append((value, nbytes))
+            start = time.perf_counter()
+            results[k] = self._place(k, value)
+            del value  # jax holds the host buffer until its transfer is done
+            self.stats["queue_s"] += time.perf_counter() - start
+            pending.append((results[k], nbytes))
             placed += 1
             self._retire(pending, wait_for_oldest=False)
         start = time.perf_counter()
@@ -1671,8 +1663,8 @@ def load_tensors(
 
     Memory: host buffers and RAM-disk copies in flight stay under `max_inflight_bytes`
     (default 10% of the total, at least one file), each freed as soon as its leaf is placed.
-    With shardings, reads and host->device transfers overlap (_PlacementPipeline): each
-    worker queues the transfers of the leaf it read without waiting for them; a host
+    With shardings, reads and host->device transfers overlap (_PlacementPipeline): the
+    workers only read, and this thread queues each leaf's transfers as it arrives; a host
     buffer counts against the budget until its transfer is done.
     On any error all workers stop, nothing is returned, and the first error is raised.
     mesh_config is accepted for compatibility with the release and not needed.
@@ -1735,7 +1727,7 @@ def load_tensors(
                 f"with {shardings[k]} failed: {e}"
             ) from e
 
-    # Onto devices, reads and transfers overlap: the workers read, check and queue.
+    # Onto devices, reads and transfers overlap: the workers only read and check.
     pipeline = None if shardings is None else _PlacementPipeline(n, place, budget, control)
 
     def work(k: int) -> None:
@@ -1758,9 +1750,8 @@ def load_tensors(
                 if pipeline is None:
                     results[k] = value
                 else:  # the RAM-disk copy is gone; the host buffer lives until transferred
-                    pipeline.put(k, value, min(cost, sizes[k]))
-                    del value
                     handed_over = min(cost, sizes[k])
+                    pipeline.put(k, value, handed_over)
             finally:
                 budget.release(cost - handed_over)
         except _Cancelled:
@@ -1790,7 +1781,10 @@ def load_tensors(
             try:
                 results = pipeline.run()
             except _Cancelled:
-                pass  # a reader failed (reading, checking or placing): raised below
+                pass  # a reader failed: its error is raised below
+            except CheckpointError as e:  # placing failed
+                control.fail(e)
+                raise
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -1808,8 +1802,7 @@ def load_tensors(
         raise control.first_error
     seconds = time.perf_counter() - start
     placing = "" if pipeline is None else (
-        "; placing: %.2f s queueing transfers (summed over the readers), %.2f s waiting "
-        "for them, %.2f s for reads" % (
+        "; placing: %.2f s queueing transfers, %.2f s waiting for them, %.2f s for reads" % (
             pipeline.stats["queue_s"], pipeline.stats["wait_transfers_s"], pipeline.stats["wait_reads_s"]))
     logger.info(
         "Loaded %d tensors, %.2f GB in %.2f s (%.2f GB/s) from %s%s%s",

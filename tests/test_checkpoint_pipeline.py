@@ -173,24 +173,3 @@ def test_restore_onto_a_mesh_through_the_pipeline(tmp_path):
     assert len({s.device for s in got["a"]["w"].addressable_shards}) == 8
     np.testing.assert_array_equal(np.asarray(got["a"]["w"]), params["a"]["w"])
     np.testing.assert_array_equal(np.asarray(got["b"]["w"]), params["b"]["w"])
-
-
-def test_readers_queue_transfers_side_by_side(tmp_path, monkeypatch):
-    # Queueing a transfer stages its host bytes (a third of a GPU load when one thread did
-    # it all): two workers must be able to place two leaves at the same time. Each placing
-    # waits until another has started; placings run one after another would time out.
-    _, paths, leaves = save_leaves(tmp_path, 4, seed=4)
-    barrier = threading.Barrier(2, timeout=10)
-    threads = set()
-
-    def place(value, sharding, boxes=None, where="", wait=True):
-        threads.add(threading.get_ident())
-        barrier.wait()
-        return FakeTransfer(leaf_index(where), value, [])
-
-    monkeypatch.setattr(ck, "_place", place)
-    monkeypatch.setattr(ck, "_is_ready", lambda value: value.done)
-    out = ck.load_tensors(leaves, str(tmp_path), shardings=[object()] * 4, paths=paths, num_workers=2,
-                          use_shm=False, max_inflight_bytes=1 << 30, progress=False)
-    assert [t.k for t in out] == list(range(4))
-    assert len(threads) == 2 and threading.get_ident() not in threads
