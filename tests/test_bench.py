@@ -238,11 +238,14 @@ def test_loader_bench_runs_the_chosen_methods_and_the_yardstick(tmp_path, monkey
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     directory = tmp_path / "ckpt"
     report = bench.main(["loader", "--dir", str(directory), "--size-gb", "0.01", "--repeats", "1",
-                         "--methods", "loader_host,loader_devices"])
+                         "--methods", "loader_host,loader_devices,loader_devices_started"])
     rows = {r["method"]: r for r in report["rows"]}
-    assert list(rows) == ["raw_read", "loader_host", "loader_devices"]
+    assert list(rows) == ["raw_read", "loader_host", "loader_devices", "loader_devices_started"]
     assert rows["loader_host"]["vs_release_host"] is None  # the release's method did not run
-    assert list(report["onto_devices"]) == ["loader_devices"]
+    assert list(report["onto_devices"]) == ["loader_devices", "loader_devices_started"]
+    # Only the "started" pass makes its process's first transfer before the timed load.
+    assert rows["loader_devices"]["transfer_startup_s"] == [None]
+    assert rows["loader_devices_started"]["transfer_startup_s"][0] > 0
     assert report["best_host_method"] == "loader_host"
     # The checkpoint written for the run is gone afterwards (no --keep).
     assert report["checkpoint"]["bytes"] > 0 and not directory.exists()
