@@ -234,9 +234,9 @@ def _shapes_for(directory: str) -> Any:
 def start_transfers() -> float:
     """A process's first host->device transfer, timed: one byte onto the first device.
 
-    On an H200 (jax 0.11.2) this start-up took 1.3-1.6 s, once per process, with the GIL held
-    (started on a thread beside the loader's reads, it delayed them just as much); after it,
-    restore() onto the GPU ran at the host rate.
+    On an H200 (jax 0.11.2) this start-up took 1.3-1.6 s, once per process (started on a
+    thread beside the loader's reads, it held them up just as much); after it, restore()
+    onto the GPU ran at 96% of the host rate (BENCHMARKS.md, session 6).
     """
     import jax
 
