@@ -1727,6 +1727,13 @@ def serve_pad_sizes(args: argparse.Namespace) -> tuple[int, ...]:
     return run.TINY_PAD_SIZES if args.tiny else run.SERVE_PAD_SIZES
 
 
+def serve_stream_interval_ms(args: argparse.Namespace) -> float:
+    """The benchmarked server's --stream-interval-ms: the option, else run.py serve's default."""
+    import server
+
+    return 1e3 * server.STREAM_INTERVAL_S if args.stream_interval_ms is None else args.stream_interval_ms
+
+
 def serve_child(args: argparse.Namespace) -> None:
     """The server process of `serve`: build the runner, measure its engine, then serve. Each
     line read from stdin names a file: the engine is measured again (the parent sends it
@@ -1780,7 +1787,7 @@ def serve_child(args: argparse.Namespace) -> None:
 
     try:
         server.serve(load, "127.0.0.1", args.port, model_name="bench", max_queue=100000, log_level="warning",
-                     on_ready=on_ready)
+                     on_ready=on_ready, stream_interval=args.stream_interval_ms / 1e3)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -1884,6 +1891,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     cmd += ["--mesh", args.mesh] if args.mesh else []
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     cmd += ["--pad-sizes", ",".join(map(str, args.pad_sizes))] if args.pad_sizes else []
+    cmd += ["--stream-interval-ms", str(serve_stream_interval_ms(args))]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
 
     def wait_for(path: str, what: str) -> dict:
@@ -2042,6 +2050,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "model": "tiny" if args.tiny else f"grok-1 width, {args.layers} layers", "slots": args.slots,
         "clients": args.clients, "rounds": args.rounds, "seconds": args.seconds, "max_tokens": args.max_tokens,
         "pad_sizes": list(serve_pad_sizes(args)),
+        "stream_interval_ms": serve_stream_interval_ms(args),
         "temperature": args.temperature, "requests_per_s": med("requests_per_s"),
         "output_tokens_per_s": med("output_tokens_per_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
         "engine_step_tokens_per_s": med("engine_step_tokens_per_s"),
@@ -2265,6 +2274,8 @@ def main(argv: list[str] | None = None) -> Any:
                    help="tokenizer of the Grok-1-width model (default: the demo's, trained on the fly)")
     p.add_argument("--pad-sizes", type=_pad_sizes, default=None,
                    help="the server's prompt buckets, e.g. 32,128 (default: run.py serve's for the model)")
+    p.add_argument("--stream-interval-ms", type=float, default=None,
+                   help="the server's --stream-interval-ms (default: run.py serve's)")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to wait for the server to load")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=serve_bench)
@@ -2281,6 +2292,7 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--mesh", default=None)
     c.add_argument("--tokenizer", default=None)
     c.add_argument("--pad-sizes", type=_pad_sizes, default=None)
+    c.add_argument("--stream-interval-ms", type=float, required=True)
     c.set_defaults(func=serve_child)
 
     c = sub.add_parser("_burn", help=argparse.SUPPRESS)

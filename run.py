@@ -799,6 +799,10 @@ def build_serve_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=server.DEFAULT_MAX_QUEUE,
                    help=f"most sequences (one per prompt and choice) waiting for a slot; past it requests "
                         f"get 429 (default {server.DEFAULT_MAX_QUEUE}).")
+    p.add_argument("--stream-interval-ms", type=float, default=1e3 * server.STREAM_INTERVAL_S,
+                   help=f"a stream's tokens go out at most this often, the tokens of the steps between in one "
+                        f"chunk; the first token and the end go out at once. Longer intervals cost the server "
+                        f"fewer chunks under load (default {1e3 * server.STREAM_INTERVAL_S:g} ms).")
     p.add_argument("--model-name", default=None,
                    help="the model id of /v1/models and the responses (default grok-1, or grok-1-tiny with --tiny).")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -815,6 +819,8 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
         parser.error(f"--slots {args.slots}: need at least 1 slot.")
     if args.max_queue < 0:
         parser.error(f"--max-queue {args.max_queue}: must be >= 0.")
+    if not args.stream_interval_ms >= 0:
+        parser.error(f"--stream-interval-ms {args.stream_interval_ms:g}: must be >= 0.")
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port}: must lie in 0 .. 65535.")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
@@ -873,7 +879,7 @@ def serve_main(argv: Sequence[str], prog: Optional[str] = None) -> int:
         runners.enable_compilation_cache(args.compile_cache)  # before the first compilation
         try:
             server.serve(load, args.host, args.port, model_name=name, max_queue=args.max_queue,
-                         log_level=args.log_level)
+                         log_level=args.log_level, stream_interval=args.stream_interval_ms / 1e3)
         except user_errors() as e:
             print(f"Error: {e}", file=sys.stderr)
             return EXIT_USAGE

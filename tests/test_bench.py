@@ -219,7 +219,7 @@ def test_depth_skips_the_warm_start_after_a_failed_cold_one(tmp_path, monkeypatc
     assert [r["code"] for r in report["runs"]] == [1, bench.CHILD_TIMED_OUT]
 
 
-def test_serve_prompt_buckets_are_the_servers_unless_given():
+def test_serve_buckets_and_stream_interval_are_the_servers_unless_given():
     import run
 
     def ns(**kw):
@@ -228,6 +228,10 @@ def test_serve_prompt_buckets_are_the_servers_unless_given():
     assert bench.serve_pad_sizes(ns()) == run.SERVE_PAD_SIZES
     assert bench.serve_pad_sizes(ns(tiny=True)) == run.TINY_PAD_SIZES
     assert bench.serve_pad_sizes(ns(pad_sizes=[32, 128])) == (32, 128)
+    import server
+
+    assert bench.serve_stream_interval_ms(ns(stream_interval_ms=None)) == 1e3 * server.STREAM_INTERVAL_S
+    assert bench.serve_stream_interval_ms(ns(stream_interval_ms=20.0)) == 20.0
     assert bench._pad_sizes("32, 128") == [32, 128]
     for bad in ("0", "", "a,2", "32,-1"):
         with pytest.raises(argparse.ArgumentTypeError):

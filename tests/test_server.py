@@ -524,3 +524,19 @@ def test_serve_refuses_missing_files_and_a_busy_port(tmp_path, server):
     assert re.search(rf"cannot listen on 127\.0\.0\.1:{server.port}", proc.stderr)
     proc = run_serve(["--tiny", "--slots", "0"])
     assert proc.returncode == 2 and "--slots 0" in proc.stderr
+
+
+def test_serve_hands_the_stream_interval_to_the_server(monkeypatch, capsys):
+    import server as server_module
+
+    seen, original = {}, server_module.serve
+    monkeypatch.setattr(server_module, "serve", lambda load, host, port, **kw: seen.update(kw))
+    assert run.serve_main(["--tiny", "--stream-interval-ms", "20"]) == 0
+    assert seen["stream_interval"] == pytest.approx(0.020)
+    assert run.serve_main(["--tiny"]) == 0
+    assert seen["stream_interval"] == server_module.STREAM_INTERVAL_S
+    with pytest.raises(SystemExit) as info:
+        run.serve_main(["--tiny", "--stream-interval-ms", "-1"])
+    assert info.value.code == 2 and "--stream-interval-ms -1: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="stream_interval=nan"):
+        original(lambda: None, stream_interval=float("nan"))
