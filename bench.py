@@ -1734,6 +1734,20 @@ def serve_stream_interval_ms(args: argparse.Namespace) -> float:
     return 1e3 * server.STREAM_INTERVAL_S if args.stream_interval_ms is None else args.stream_interval_ms
 
 
+def _serving_threads_cpu() -> dict[str, float]:
+    """CPU seconds so far of the server's two serving threads: the event loop (HTTP, the
+    streams' chunks) on the main thread and the engine thread (steps, tokens into text)."""
+    import threading
+
+    def cpu(thread: Optional[threading.Thread]) -> float:
+        if thread is None or thread.ident is None or not thread.is_alive():
+            return 0.0
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+    engine = next((t for t in threading.enumerate() if t.name == "grok1-engine"), None)
+    return {"event_loop": cpu(threading.main_thread()), "engine": cpu(engine)}
+
+
 def serve_child(args: argparse.Namespace) -> None:
     """The server process of `serve`: build the runner, measure its engine, then serve. Each
     line read from stdin names a file: the engine is measured again (the parent sends it
@@ -1767,7 +1781,9 @@ def serve_child(args: argparse.Namespace) -> None:
         return r
 
     def measure(runner: Any, path: str) -> None:
+        threads_cpu = _serving_threads_cpu()  # no request is in flight: serving's CPU so far
         result = measure_engine(runner, args.engine_seconds, args.temperature, args.max_tokens)
+        result["serving_threads_cpu_s"] = threads_cpu
         result["device"] = str(jax.devices()[0].device_kind)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
@@ -1965,6 +1981,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
                 pass
             time.sleep(0.5)
         engine = wait_for(engine_json, "while loading")
+        engine_tokens = _server_counter(port, "grok1_generated_tokens_total")
         show(engine, "before round 1")
         for t in threads:
             t.start()
@@ -1987,7 +2004,13 @@ def serve_bench(args: argparse.Namespace) -> dict:
             child.stdin.write(engine_json + "\n")
             child.stdin.flush()
             after = wait_for(engine_json, f"measuring the engine after round {k + 1}")
+            after_tokens = _server_counter(port, "grok1_generated_tokens_total")
             show(after, f"after round {k + 1}")
+            # Host CPU of the serving threads per generated token, over the round (its warm-up
+            # and drain included; the engine measurements run on another thread).
+            served = max(after_tokens - engine_tokens, 1)
+            host_us = {name: 1e6 * (after["serving_threads_cpu_s"][name] - engine["serving_threads_cpu_s"][name])
+                       / served for name in ("event_loop", "engine")}
             rate = (tokens1 - tokens0) / (t1 - t0)
             decode = (engine["decode_tokens_per_s"] + after["decode_tokens_per_s"]) / 2
             step = (engine["engine_step_tokens_per_s"] + after["engine_step_tokens_per_s"]) / 2
@@ -2005,13 +2028,15 @@ def serve_bench(args: argparse.Namespace) -> dict:
                 "clients_cpu_cores": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
                 "server_cpu_cores": (server1 - server0) / (t1 - t0),
                 "load_average": os.getloadavg()[0], "engine_after": after,
+                "host_cpu_us_per_token": host_us,
                 "sequences_per_prefill_call": _per_call(prefills0, prefills1)})
             print(f"round {k + 1}: {rate:.0f} output tok/s = {100 * rate / decode:.0f}% of back-to-back decode "
                   f"({decode:.0f} tok/s, mean of before and after), {100 * rate / loop:.0f}% of the serving loop "
                   f"without HTTP ({loop:.0f} tok/s = {100 * loop / decode:.0f}% of decode); CPU cores: server "
                   f"{rounds[-1]['server_cpu_cores']:.2f}, clients {rounds[-1]['clients_cpu_cores']:.2f}; "
-                  f"load average {rounds[-1]['load_average']:.1f}", flush=True)
-            engine = after
+                  f"load average {rounds[-1]['load_average']:.1f}; host CPU per token: event loop "
+                  f"{host_us['event_loop']:.0f} us, engine thread {host_us['engine']:.0f} us", flush=True)
+            engine, engine_tokens = after, after_tokens
         stop.set()
         running.set()
         for t in threads:
@@ -2062,6 +2087,8 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "server_vs_decode_range": [min(r["server_vs_decode"] for r in rounds),
                                    max(r["server_vs_decode"] for r in rounds)],
         "server_cpu_cores": med("server_cpu_cores"), "clients_cpu_cores": med("clients_cpu_cores"),
+        "host_cpu_us_per_token": {name: statistics.median(r["host_cpu_us_per_token"][name] for r in rounds)
+                                  for name in ("event_loop", "engine")},
         "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "requests": len(window),
         "errors": len(errors), "round_results": rounds,
@@ -2089,7 +2116,9 @@ def serve_bench(args: argparse.Namespace) -> dict:
           f"synchronous engine steps ({results['engine_step_tokens_per_s']:.0f} tok/s); TTFT p50/p99 "
           f"{results['ttft_p50_ms']:.1f}/{results['ttft_p99_ms']:.1f} ms, TPOT p50/p99 "
           f"{results['tpot_p50_ms']:.2f}/{results['tpot_p99_ms']:.2f} ms; CPU cores: server "
-          f"{results['server_cpu_cores']:.2f}, clients {results['clients_cpu_cores']:.2f}; {len(errors)} errors"
+          f"{results['server_cpu_cores']:.2f}, clients {results['clients_cpu_cores']:.2f}; host CPU per token: "
+          f"event loop {results['host_cpu_us_per_token']['event_loop']:.0f} us, engine thread "
+          f"{results['host_cpu_us_per_token']['engine']:.0f} us; {len(errors)} errors"
           + (f" (first: {errors[0]})" if errors else "")
           + (f"; {results['sequences_per_prefill_call']:.2f} sequences per prefill call"
              if "sequences_per_prefill_call" in results else ""))

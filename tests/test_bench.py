@@ -255,3 +255,31 @@ def test_loader_bench_runs_the_chosen_methods_and_the_yardstick(tmp_path, monkey
     assert report["checkpoint"]["bytes"] > 0 and not directory.exists()
     with pytest.raises(SystemExit, match="unknown --methods nope"):
         bench.main(["loader", "--dir", str(directory), "--methods", "nope"])
+
+
+def test_serving_threads_cpu_reads_each_threads_own_clock():
+    import threading
+
+    spin = threading.Event()
+
+    def engine():
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:  # 0.2 s of this thread's own CPU
+            pass
+        spin.wait(10)
+
+    worker = threading.Thread(target=engine, name="grok1-engine")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while bench._serving_threads_cpu()["engine"] < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = time.thread_time()
+        cpu = bench._serving_threads_cpu()
+        assert 0.2 <= cpu["engine"] < 0.2 + 0.5  # that thread's own clock
+        # The main thread (this one, here) by its own clock: the worker's 0.2 s are not in it.
+        assert before <= cpu["event_loop"] <= time.thread_time()
+    finally:
+        spin.set()
+        worker.join()
+    assert bench._serving_threads_cpu()["engine"] == 0.0  # no engine thread: nothing served

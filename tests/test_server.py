@@ -531,8 +531,8 @@ def test_serve_hands_the_stream_interval_to_the_server(monkeypatch, capsys):
 
     seen, original = {}, server_module.serve
     monkeypatch.setattr(server_module, "serve", lambda load, host, port, **kw: seen.update(kw))
-    assert run.serve_main(["--tiny", "--stream-interval-ms", "20"]) == 0
-    assert seen["stream_interval"] == pytest.approx(0.020)
+    assert run.serve_main(["--tiny", "--stream-interval-ms", "7.5"]) == 0
+    assert seen["stream_interval"] == pytest.approx(0.0075)
     assert run.serve_main(["--tiny"]) == 0
     assert seen["stream_interval"] == server_module.STREAM_INTERVAL_S
     with pytest.raises(SystemExit) as info:
