@@ -44,7 +44,9 @@
            measure, each pass from a dropped page cache where the kernel allows it:
            the raw sequential read speed of the files, this project's loader (to devices
            and to host memory, with and without the /dev/shm copy-through) and the
-           release's method (copy each file to /dev/shm, plain pickle.load, 32 threads).
+           release's method (copy each file to /dev/shm, plain pickle.load, 32 threads);
+           --methods picks some. loader_devices_started makes the process's first
+           host->device transfer (a one-time start-up) before the timed load.
 
 Each measured pass runs in a fresh child process so that its peak resident memory can be
 reported next to its speed.
@@ -56,7 +58,8 @@ reported next to its speed.
            the same batch: back-to-back decode steps with different requests in the slots
            (what `model` measures), the same with one request repeated, synchronous engine
            steps, and the serving loop without HTTP. Reports requests/s, output tokens/s
-           (the server's own count), p50/p99 time to first token and per output token, and
+           (the server's own count), p50/p99 time to first token and per output token, the
+           host CPU per generated token of the event loop and of the engine thread, and
            per round the ratio to the engine's rates just before and after; medians.
            --contention 0.2,0.4 adds the engine's decode rate beside a process that keeps a
            core busy (on a CPU the model and the server's host work share the cores).
