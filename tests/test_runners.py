@@ -761,3 +761,32 @@ def test_random_weights_on_a_mesh_compiled_ahead_match_the_float64_reference(ass
             row = logits[0, n - 1 + i].copy()
             row[config.pad_token] = -np.inf
             assert row[token] >= row.max() - 0.05 * row.std(where=np.isfinite(row)), (i, token, row.argmax())
+
+
+def _decode_collectives(layers: int, mesh_shape: tuple[int, int]) -> collections.Counter:
+    """Collective ops in the compiled decode step of a Grok-shaped tiny model (8 KV heads, so
+    every model axis up to 8 divides them, as Grok-1's 8 do) on a data x model CPU mesh."""
+    import re
+
+    from jax.sharding import Mesh
+
+    config = model.tiny_config(num_layers=layers, emb_size=256, num_q_heads=16, num_kv_heads=8, key_size=16)
+    mesh = Mesh(np.array(jax.devices()[:mesh_shape[0] * mesh_shape[1]]).reshape(mesh_shape), ("data", "model"))
+    _, decode = runners.make_step_functions(config, mesh, 8)
+    params, memory, state = runners.abstract_step_inputs(config, mesh, 8)
+    text = decode.lower(params, memory, state, *runners.step_arguments(config, 8)).compile().as_text()
+    kinds = r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|collective-broadcast"
+    return collections.Counter(m.group(1) for m in re.finditer(rf"= \S+ ({kinds})(?:-start)?\(", text))
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2), (1, 8)])
+def test_a_decode_layer_on_a_model_axis_takes_two_all_reduces_and_nothing_else(mesh_shape):
+    # Tensor parallelism over the model axis needs one all-reduce after each of a layer's
+    # two split-input projections (attention output, MoE down), and no other collective: any
+    # resharding of the residual stream inside a layer would show up here on every layer.
+    two, three = _decode_collectives(2, mesh_shape), _decode_collectives(3, mesh_shape)
+    per_layer = three - two
+    assert per_layer == collections.Counter({"all-reduce": 2}) and not two - three, (two, three)
+    # Outside the layers: the embedding's gather and the unembedding's partial sums.
+    assert two - collections.Counter({"all-reduce": 2 * 2}) == collections.Counter(
+        {"all-gather": 1, "all-reduce": 1}), two
