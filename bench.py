@@ -1603,13 +1603,14 @@ SERVE_PROMPTS = [
 ]
 
 
-def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, max_tokens: int = 128) -> dict:
+def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, max_tokens: int = 128,
+                   depth: Optional[int] = None) -> dict:
     """Decode rate of the runner's engine with every slot busy, each for about `seconds`:
     back-to-back jitted decode steps (dispatch overlaps the device, as `model` measures),
     and synchronous engine.step() calls (each waits for its tokens and turns them into
     text). Rates are totals over the time (as the server's are), not medians. Then the
     serving loop without HTTP ("loop"): the server's engine-thread schedule (server.py's
-    Scheduler: prefills into free slots, grouped by bucket, PIPELINE_DEPTH steps queued,
+    Scheduler: prefills into free slots, grouped by bucket, `depth` (default PIPELINE_DEPTH) steps queued,
     tokens turned into text) over requests like the load's (its prompts, `max_tokens`, `temperature`, the
     end-of-sequence token allowed), for `seconds`.
 
@@ -1691,7 +1692,7 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
                 i += 1
             for group in engine.prefill_groups(waiting):
                 pending.append(engine.dispatch_admit_many([waiting[k] for k in group], owner))
-            while len(pending) < server.PIPELINE_DEPTH:
+            while len(pending) < (depth or server.PIPELINE_DEPTH):
                 handle = engine.dispatch()
                 if handle is None:
                     break
@@ -1728,6 +1729,13 @@ def serve_pad_sizes(args: argparse.Namespace) -> tuple[int, ...]:
     if args.pad_sizes:
         return tuple(args.pad_sizes)
     return run.TINY_PAD_SIZES if args.tiny else run.SERVE_PAD_SIZES
+
+
+def serve_pipeline_depth(args: argparse.Namespace) -> int:
+    """The benchmarked server's engine pipeline depth: the option, else server.PIPELINE_DEPTH."""
+    import server
+
+    return args.pipeline_depth or server.PIPELINE_DEPTH
 
 
 def serve_stream_interval_ms(args: argparse.Namespace) -> float:
@@ -1785,7 +1793,8 @@ def serve_child(args: argparse.Namespace) -> None:
 
     def measure(runner: Any, path: str) -> None:
         threads_cpu = _serving_threads_cpu()  # no request is in flight: serving's CPU so far
-        result = measure_engine(runner, args.engine_seconds, args.temperature, args.max_tokens)
+        result = measure_engine(runner, args.engine_seconds, args.temperature, args.max_tokens,
+                                serve_pipeline_depth(args))
         result["serving_threads_cpu_s"] = threads_cpu
         result["device"] = str(jax.devices()[0].device_kind)
         with open(path + ".tmp", "w") as f:
@@ -1806,7 +1815,8 @@ def serve_child(args: argparse.Namespace) -> None:
 
     try:
         server.serve(load, "127.0.0.1", args.port, model_name="bench", max_queue=100000, log_level="warning",
-                     on_ready=on_ready, stream_interval=args.stream_interval_ms / 1e3)
+                     on_ready=on_ready, stream_interval=args.stream_interval_ms / 1e3,
+                     pipeline_depth=serve_pipeline_depth(args))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -1911,6 +1921,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
     cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     cmd += ["--pad-sizes", ",".join(map(str, args.pad_sizes))] if args.pad_sizes else []
     cmd += ["--stream-interval-ms", str(serve_stream_interval_ms(args))]
+    cmd += ["--pipeline-depth", str(args.pipeline_depth)] if args.pipeline_depth else []
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
 
     def wait_for(path: str, what: str) -> dict:
@@ -2079,6 +2090,7 @@ def serve_bench(args: argparse.Namespace) -> dict:
         "clients": args.clients, "rounds": args.rounds, "seconds": args.seconds, "max_tokens": args.max_tokens,
         "pad_sizes": list(serve_pad_sizes(args)),
         "stream_interval_ms": serve_stream_interval_ms(args),
+        "pipeline_depth": serve_pipeline_depth(args),
         "temperature": args.temperature, "requests_per_s": med("requests_per_s"),
         "output_tokens_per_s": med("output_tokens_per_s"), "decode_tokens_per_s": med("decode_tokens_per_s"),
         "engine_step_tokens_per_s": med("engine_step_tokens_per_s"),
@@ -2308,6 +2320,9 @@ def main(argv: list[str] | None = None) -> Any:
                    help="the server's prompt buckets, e.g. 32,128 (default: run.py serve's for the model)")
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="the server's --stream-interval-ms (default: run.py serve's)")
+    p.add_argument("--pipeline-depth", type=int, default=None,
+                   help="decode steps the server's engine keeps dispatched (default: server.PIPELINE_DEPTH); "
+                        "the serving loop measured beside the rounds uses the same")
     p.add_argument("--load-timeout", type=float, default=1800.0, help="seconds to wait for the server to load")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=serve_bench)
@@ -2325,6 +2340,7 @@ def main(argv: list[str] | None = None) -> Any:
     c.add_argument("--tokenizer", default=None)
     c.add_argument("--pad-sizes", type=_pad_sizes, default=None)
     c.add_argument("--stream-interval-ms", type=float, required=True)
+    c.add_argument("--pipeline-depth", type=int, default=None)
     c.set_defaults(func=serve_child)
 
     c = sub.add_parser("_burn", help=argparse.SUPPRESS)

@@ -648,10 +648,12 @@ class Choice:
 class ServerState:
     """What the handlers share: the runner and scheduler (once loaded), metrics, limits."""
 
-    def __init__(self, model_name: str, max_queue: int, stream_interval: float = STREAM_INTERVAL_S):
+    def __init__(self, model_name: str, max_queue: int, stream_interval: float = STREAM_INTERVAL_S,
+                 pipeline_depth: int = PIPELINE_DEPTH):
         self.model_name = model_name
         self.max_queue = max_queue
         self.stream_interval = stream_interval
+        self.pipeline_depth = pipeline_depth
         self.created = int(time.time())
         self.ready = threading.Event()
         self.runner: Optional[runners.InferenceRunner] = None
@@ -663,7 +665,7 @@ class ServerState:
         """Called once the runner is initialized and warmed up: start serving."""
         self.runner = runner
         self.metrics = Metrics(runner.batch_size)
-        self.scheduler = Scheduler(runner, self.metrics, loop, self.max_queue,
+        self.scheduler = Scheduler(runner, self.metrics, loop, self.max_queue, depth=self.pipeline_depth,
                                    stream_interval=self.stream_interval)
         config = runner.runner.model
         self.context = config.sequence_len
@@ -935,20 +937,23 @@ def build_app(state: ServerState) -> Starlette:
 def serve(load: Callable[[], runners.InferenceRunner], host: str = "127.0.0.1", port: int = 8000,
           model_name: str = "grok-1", max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info",
           on_ready: Optional[Callable[[runners.InferenceRunner], None]] = None,
-          stream_interval: float = STREAM_INTERVAL_S) -> None:
+          stream_interval: float = STREAM_INTERVAL_S, pipeline_depth: int = PIPELINE_DEPTH) -> None:
     """Listen on host:port at once (GET /health answers 503 while loading), call load() on
     the engine thread, compile every program (warm_up), then serve until interrupted.
 
     load() returns an InferenceRunner that has been initialized; nothing else may use it
     afterwards. on_ready(runner), if given, runs after the warm-up, before the first request
     (bench.py measures the engine there). An exception from load() stops the server and is
-    raised here. stream_interval: seconds between a stream's chunks at most (Scheduler).
+    raised here. stream_interval: seconds between a stream's chunks at most; pipeline_depth:
+    steps dispatched ahead of the one collected (Scheduler).
     """
     if max_queue < 0:
         raise ValueError(f"max_queue={max_queue}: must be >= 0.")
     if not stream_interval >= 0:
         raise ValueError(f"stream_interval={stream_interval}: must be >= 0 seconds.")
-    state = ServerState(model_name, max_queue, stream_interval)
+    if pipeline_depth < 1:
+        raise ValueError(f"pipeline_depth={pipeline_depth}: must be >= 1.")
+    state = ServerState(model_name, max_queue, stream_interval, pipeline_depth)
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=5))

@@ -232,6 +232,8 @@ def test_serve_buckets_and_stream_interval_are_the_servers_unless_given():
 
     assert bench.serve_stream_interval_ms(ns(stream_interval_ms=None)) == 1e3 * server.STREAM_INTERVAL_S
     assert bench.serve_stream_interval_ms(ns(stream_interval_ms=20.0)) == 20.0
+    assert bench.serve_pipeline_depth(ns(pipeline_depth=None)) == server.PIPELINE_DEPTH
+    assert bench.serve_pipeline_depth(ns(pipeline_depth=4)) == 4
     assert bench._pad_sizes("32, 128") == [32, 128]
     for bad in ("0", "", "a,2", "32,-1"):
         with pytest.raises(argparse.ArgumentTypeError):

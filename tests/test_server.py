@@ -540,3 +540,20 @@ def test_serve_hands_the_stream_interval_to_the_server(monkeypatch, capsys):
     assert info.value.code == 2 and "--stream-interval-ms -1: must be >= 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="stream_interval=nan"):
         original(lambda: None, stream_interval=float("nan"))
+    with pytest.raises(ValueError, match="pipeline_depth=0"):
+        original(lambda: None, pipeline_depth=0)
+
+
+def test_server_state_hands_its_settings_to_the_scheduler(monkeypatch):
+    import types
+
+    import server as server_module
+
+    monkeypatch.setattr(server_module.Scheduler, "start", lambda self: None)  # no engine thread here
+    engine = types.SimpleNamespace(text_context=0)
+    runner = types.SimpleNamespace(engine=lambda: engine, tokenizer=None, batch_size=2, buckets=[32],
+                                   runner=types.SimpleNamespace(model=types.SimpleNamespace(sequence_len=64)))
+    state = server_module.ServerState("m", 10, stream_interval=0.03, pipeline_depth=4)
+    state.attach(runner, _RecordingLoop())
+    assert (state.scheduler.depth, state.scheduler.stream_interval, state.scheduler.max_queue) == (4, 0.03, 10)
+    assert state.ready.is_set() and state.prompt_limit == 32
