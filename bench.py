@@ -517,6 +517,20 @@ def timed(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, reps: int = 5
     return statistics.median(per_call)
 
 
+def dispatch_time(fn: Callable[[], Any], reps: int = 10) -> float:
+    """Seconds the host spends in one call of fn() before it returns, with the device idle
+    (each call waits for the one before): the work of enqueueing the program (on a GPU, its
+    kernel launches), which a step cannot go below however fast the devices are."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+        jax.block_until_ready(out)
+    return statistics.median(times)
+
+
 # --- the two ceilings --------------------------------------------------------------------
 
 
@@ -675,10 +689,12 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
                 return out.logits, experts
 
             seconds = timed(step, iters=iters)
+            dispatch = dispatch_time(step)
             _, experts = step()
             need = decode_bytes(params, config, experts, batch, context)
             row = dict(kind="decode", mode=mode, batch=batch, ms=seconds * 1e3, tokens_per_s=batch / seconds,
-                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds, **startup)
+                       roofline_ms=need / bw_all * 1e3, roofline_pct=100 * need / bw_all / seconds,
+                       dispatch_ms=dispatch * 1e3, **startup)
             rows.append(row)
             print(row, flush=True)
             save(json_path, results, rows)
@@ -859,12 +875,13 @@ def format_model_table(results: dict) -> str:
     rows = results["rows"]
     ref = {(r["kind"], r["batch"]): r for r in rows if r["mode"] == "reference"}
     lines = [f"{'kind':8} {'mode':10} {'batch':>5} {'ms':>9} {'tok/s':>9} {'roofline ms':>11} "
-             f"{'% roofline':>10} {'fast/ref':>8}"]
+             f"{'% roofline':>10} {'fast/ref':>8} {'host ms':>8}"]
     for r in rows:
         other = ref.get((r["kind"], r["batch"]))
         speedup = f"{other['ms'] / r['ms']:.1f}x" if other and r["mode"] != "reference" else ""
+        host = f"{r['dispatch_ms']:.2f}" if "dispatch_ms" in r else ""  # enqueueing a step
         lines.append(f"{r['kind']:8} {r['mode']:10} {r['batch']:>5} {r['ms']:>9.2f} {r['tokens_per_s']:>9.1f} "
-                     f"{r['roofline_ms']:>11.3f} {r['roofline_pct']:>9.1f}% {speedup:>8}")
+                     f"{r['roofline_ms']:>11.3f} {r['roofline_pct']:>9.1f}% {speedup:>8} {host:>8}")
     return "\n".join(lines)
 
 
@@ -1385,6 +1402,7 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
     Devices: the mesh's size (1x N meshes only), 1 without a mesh. Returns the inputs and
     what the files say about themselves (device kinds, copy bandwidths, contexts)."""
     times: dict[tuple[int, int], dict[int, float]] = {}
+    host: dict[tuple[int, int], dict[int, float]] = {}  # the same for the host's enqueue time
     meta: dict[str, set] = {"device": set(), "copy_bandwidth_GBps": set(), "context": set()}
     for path in paths:
         try:
@@ -1408,6 +1426,8 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
                     raise ValueError(f"{path}: a second run of {layers} layers on {devices} device(s), "
                                      f"batch {r['batch']}; give one file per (devices, layers)")
                 seen[layers] = float(r["ms"])
+                if "dispatch_ms" in r:
+                    host.setdefault((devices, int(r["batch"])), {})[layers] = float(r["dispatch_ms"])
     if not times:
         raise ValueError(f"{', '.join(paths)}: no decode rows of mode {mode!r}")
     out: dict[int, BatchInputs] = {}
@@ -1419,7 +1439,11 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
         inp = out.setdefault(batch, BatchInputs({}))
         inp.per_layer_ms[devices] = slope
         inp.non_layer_ms[devices] = intercept
-    return out, {k: sorted(v, key=str) for k, v in meta.items()}
+    meta_out: dict = {k: sorted(v, key=str) for k, v in meta.items()}
+    # (devices, batch) -> (ms outside the layers, ms per layer) of enqueueing a step
+    meta_out["host_enqueue_ms"] = {key: fit_line(by_layers) for key, by_layers in sorted(host.items())
+                                   if len(by_layers) >= 2}
+    return out, meta_out
 
 
 def format_projection(rows: list[dict], header: list[str]) -> str:
@@ -1492,7 +1516,15 @@ def project_bench(args: argparse.Namespace) -> dict:
     missing = [b for b in PROJECT_BATCHES if b not in inputs]
     if missing:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
+    host = meta.pop("host_enqueue_ms", {})
     print(format_projection(rows, header))
+    # The host enqueues every step's kernels on its own; the devices cannot step faster.
+    for (n, batch), (intercept, slope) in host.items():
+        print(f"  host, measured on {n} device(s), batch {batch}: enqueueing a step took {intercept:.3f} ms + "
+              f"{slope:.4f} ms per layer -> {intercept + slope * args.layers:.2f} ms at {args.layers} layers, "
+              "a floor on the step while the devices wait for it")
+    meta["host_enqueue_ms"] = [{"devices": n, "batch": b, "outside_ms": i, "per_layer_ms": sl}
+                               for (n, b), (i, sl) in host.items()]
     report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
               "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
               "source": source, "files_meta": meta, "rows": rows}

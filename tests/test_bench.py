@@ -48,6 +48,8 @@ def test_model_bench_smoke(tmp_path):
     assert "fast" in bench.format_model_table(res)
     # Start-up split: weight creation, then lowering and compilation of each program.
     assert res["weights_s"] > 0 and all(r["lower_s"] > 0 and r["compile_s"] > 0 for r in res["rows"])
+    # The host's part of a decode step (enqueueing it) is measured.
+    assert all(0 < r["dispatch_ms"] for r in res["rows"] if r["kind"] == "decode")
     assert "decode fast batch 2: lower" in bench.format_startup(res)
 
 
@@ -121,8 +123,11 @@ def test_project_decode_by_hand():
     assert r["tokens_per_s"] == pytest.approx(8 / (64 * 0.35 + 1.5) * 1e3)
 
 
-def _model_json(path, layers, mesh, ms_by_batch):
+def _model_json(path, layers, mesh, ms_by_batch, dispatch_ms=None):
     rows = [dict(kind="decode", mode="fast", batch=b, ms=ms) for b, ms in ms_by_batch.items()]
+    if dispatch_ms is not None:  # the host's enqueue time of each step
+        for r in rows:
+            r["dispatch_ms"] = dispatch_ms
     rows.append(dict(kind="decode", mode="reference", batch=1, ms=99.0))
     result = dict(device="NVIDIA H200", layers=layers, context=1024, copy_bandwidth_GBps=4190.0, rows=rows)
     if mesh:
@@ -151,6 +156,21 @@ def test_project_from_model_json_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4190 GB/s" in out and "1024 tokens" in out and "batch 8, 32" in out  # the inputs are stated
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["batch"] == 1
+
+
+def test_project_states_the_hosts_enqueue_floor(tmp_path, capsys):
+    # Enqueueing a step: 0.3 ms at 2 layers, 0.9 at 8 on one device -> 0.1 + 0.1 per layer,
+    # so 6.5 ms at 64 layers; files without the field (older runs) give no such line.
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66}, dispatch_ms=0.3),
+             _model_json(tmp_path / "b.json", 8, None, {1: 5.20}, dispatch_ms=0.9),
+             _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 1.72}),
+             _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 4.43})]
+    report = bench.main(["project", "--from-json", *files, "--json", str(tmp_path / "p.json")])
+    (host,) = report["files_meta"]["host_enqueue_ms"]
+    assert (host["devices"], host["batch"]) == (1, 1)
+    assert (host["outside_ms"], host["per_layer_ms"]) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert "6.50 ms at 64 layers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text())["files_meta"]["host_enqueue_ms"] == [host]
 
 
 @pytest.mark.parametrize("argv, message", [
