@@ -501,7 +501,10 @@ def loader_bench(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, reps: int = 5) -> float:
+TIMED_WARMUP, TIMED_REPS, DISPATCH_REPS = 2, 5, 10
+
+
+def timed(fn: Callable[[], Any], warmup: int = TIMED_WARMUP, iters: int = 10, reps: int = TIMED_REPS) -> float:
     """Seconds per call of fn(), which returns arrays: the median over `reps` of `iters` calls
     queued back to back (dispatch overlaps the device work, as in a serving loop) and
     synchronized at the end. Warm-up calls (compilation included) are not timed."""
@@ -517,11 +520,10 @@ def timed(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, reps: int = 5
     return statistics.median(per_call)
 
 
-def dispatch_time(fn: Callable[[], Any], reps: int = 10) -> float:
-    """Seconds the host spends in one call of fn() before it returns, with the device idle
-    (each call waits for the one before): the work of enqueueing the program (on a GPU, its
-    kernel launches), which a step cannot go below however fast the devices are."""
-    jax.block_until_ready(fn())
+def dispatch_time(fn: Callable[[], Any], reps: int = DISPATCH_REPS) -> float:
+    """Seconds the host spends in one call of fn() (already compiled) before it returns, with
+    the device idle (each call waits for the one before): the work of enqueueing the program
+    (on a GPU, its kernel launches), which a step cannot go below however fast the devices are."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -666,7 +668,9 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     jax.block_until_ready(prepared)
     results["weights_s"] = time.perf_counter() - start
     print(f"weights: {layers} layers made on the devices in {results['weights_s']:.1f} s", flush=True)
-    cache_len = cache_len or -(-(context + 64) // 128) * 128  # room for the timed steps
+    # Room for every step a batch takes: timed()'s, dispatch_time()'s and the routing step.
+    steps = TIMED_WARMUP + TIMED_REPS * iters + DISPATCH_REPS + 1
+    cache_len = cache_len or -(-(context + steps) // 128) * 128
     results["cache_len"] = cache_len
     rows, logits = [], {}
     for mode in modes:
@@ -1440,9 +1444,10 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
         inp.per_layer_ms[devices] = slope
         inp.non_layer_ms[devices] = intercept
     meta_out: dict = {k: sorted(v, key=str) for k, v in meta.items()}
-    # (devices, batch) -> (ms outside the layers, ms per layer) of enqueueing a step
-    meta_out["host_enqueue_ms"] = {key: fit_line(by_layers) for key, by_layers in sorted(host.items())
-                                   if len(by_layers) >= 2}
+    # Per (devices, batch): ms outside the layers and ms per layer of enqueueing a step.
+    meta_out["host_enqueue_ms"] = [
+        dict(zip(("devices", "batch", "outside_ms", "per_layer_ms"), (*key, *fit_line(by_layers))))
+        for key, by_layers in sorted(host.items()) if len(by_layers) >= 2]
     return out, meta_out
 
 
@@ -1516,15 +1521,13 @@ def project_bench(args: argparse.Namespace) -> dict:
     missing = [b for b in PROJECT_BATCHES if b not in inputs]
     if missing:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
-    host = meta.pop("host_enqueue_ms", {})
     print(format_projection(rows, header))
     # The host enqueues every step's kernels on its own; the devices cannot step faster.
-    for (n, batch), (intercept, slope) in host.items():
-        print(f"  host, measured on {n} device(s), batch {batch}: enqueueing a step took {intercept:.3f} ms + "
-              f"{slope:.4f} ms per layer -> {intercept + slope * args.layers:.2f} ms at {args.layers} layers, "
+    for h in meta.get("host_enqueue_ms", []):
+        print(f"  host, measured on {h['devices']} device(s), batch {h['batch']}: enqueueing a step took "
+              f"{h['outside_ms']:.3f} ms + {h['per_layer_ms']:.4f} ms per layer -> "
+              f"{h['outside_ms'] + h['per_layer_ms'] * args.layers:.2f} ms at {args.layers} layers, "
               "a floor on the step while the devices wait for it")
-    meta["host_enqueue_ms"] = [{"devices": n, "batch": b, "outside_ms": i, "per_layer_ms": sl}
-                               for (n, b), (i, sl) in host.items()]
     report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
               "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
               "source": source, "files_meta": meta, "rows": rows}
@@ -1654,7 +1657,9 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
     the batch while it is timed; it is refilled (untimed) before its requests reach the end
     of the context."""
     import runners
+    import server
 
+    depth = depth or server.PIPELINE_DEPTH
     engine, owner = runner.engine(), object()
     batch, config = runner.batch_size, runner.runner.model
     chunk = 10
@@ -1710,8 +1715,6 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
         loss, whatever the device: a slot stands empty between requests)."""
         import collections
 
-        import server
-
         pending: collections.deque = collections.deque()
         tokens, i, steps, rows = 0, 0, 0, 0
         start = time.perf_counter()
@@ -1724,7 +1727,7 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
                 i += 1
             for group in engine.prefill_groups(waiting):
                 pending.append(engine.dispatch_admit_many([waiting[k] for k in group], owner))
-            while len(pending) < (depth or server.PIPELINE_DEPTH):
+            while len(pending) < depth:
                 handle = engine.dispatch()
                 if handle is None:
                     break
