@@ -1378,6 +1378,25 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
     return rows
 
 
+def bound_by_host(rows: list[dict], host_fits: list[dict], layers: int) -> None:
+    """Add to each projected row the floor the host's enqueue time puts on its step, and the
+    step that floor allows: max(device step, floor). The devices run a step no faster than
+    the host enqueues the next one, however deep the queue (each device's kernels are
+    launched by its own thread, so the floor stays the per-device one). Per batch, the fit
+    measured on the most devices is used (its intercept holds the launch of every device's
+    program); rows of a batch without such a fit are left as they are."""
+    for r in rows:
+        fits = [h for h in host_fits if h["batch"] == r["batch"]]
+        if not fits:
+            continue
+        fit = max(fits, key=lambda h: h["devices"])
+        floor = fit["outside_ms"] + fit["per_layer_ms"] * layers
+        step = max(r["step_ms"], floor)
+        r.update(host_floor_ms=floor, host_floor_devices=fit["devices"], bounded_step_ms=step,
+                 bounded_tokens_per_s=r["batch"] / step * 1e3,
+                 bounded_roofline_pct=100 * r["roofline_ms"] / step)
+
+
 def parse_measured(specs: list[str]) -> dict[int, BatchInputs]:
     """--measured BATCH=N:MS,N:MS (per-layer ms on N devices), once per batch size."""
     out: dict[int, BatchInputs] = {}
@@ -1503,6 +1522,12 @@ def project_bench(args: argparse.Namespace) -> dict:
         bandwidth, bw_source = args.bandwidth_gbs * 1e9, "given by --bandwidth-gbs"
     else:
         bandwidth, bw_source = NOMINAL_BANDWIDTH[args.device_kind], f"{args.device_kind} nominal"
+    # A batch measured on one device count has no F + V/n: said, not projected (unless none has more).
+    single = {b: sorted(inp.per_layer_ms) for b, inp in inputs.items() if len(inp.per_layer_ms) < 2}
+    if len(single) < len(inputs):
+        inputs = {b: inp for b, inp in inputs.items() if b not in single}
+    else:
+        single = {}  # nothing to project: fit_fixed_variable says why
     config = model.grok_1_config()
     rows = project_decode(inputs, args.devices, args.layers, bandwidth, context, config, args.non_layer_ms)
     header = [
@@ -1518,7 +1543,9 @@ def project_bench(args: argparse.Namespace) -> dict:
         "  model: step = layers x (F + V/n) + non-layer cost (embedding, final norm, logits); roofline = "
         "the step's bytes / (n x bandwidth)",
     ]
-    missing = [b for b in PROJECT_BATCHES if b not in inputs]
+    for b, counts in sorted(single.items()):
+        header.append(f"  batch {b}: measured on {counts[0]} device(s) only, so no F + V/n: not projected")
+    missing = [b for b in PROJECT_BATCHES if b not in inputs and b not in single]
     if missing:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
     print(format_projection(rows, header))
@@ -1528,6 +1555,14 @@ def project_bench(args: argparse.Namespace) -> dict:
               f"{h['outside_ms']:.3f} ms + {h['per_layer_ms']:.4f} ms per layer -> "
               f"{h['outside_ms'] + h['per_layer_ms'] * args.layers:.2f} ms at {args.layers} layers, "
               "a floor on the step while the devices wait for it")
+    bound_by_host(rows, meta.get("host_enqueue_ms", []), args.layers)
+    bounded = [r for r in rows if "bounded_step_ms" in r]
+    if bounded:
+        print(f"\nbounded by the host (step = max(devices, host floor)):\n{'batch':>5} {'devices ms':>10} "
+              f"{'host ms':>8} {'step ms':>8} {'tok/s':>8} {'% roofline':>10}")
+        for r in bounded:
+            print(f"{r['batch']:>5} {r['step_ms']:10.2f} {r['host_floor_ms']:8.2f} {r['bounded_step_ms']:8.2f} "
+                  f"{r['bounded_tokens_per_s']:8.1f} {r['bounded_roofline_pct']:9.1f}%")
     report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
               "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
               "source": source, "files_meta": meta, "rows": rows}

@@ -159,18 +159,57 @@ def test_project_from_model_json_files(tmp_path, capsys):
 
 
 def test_project_states_the_hosts_enqueue_floor(tmp_path, capsys):
-    # Enqueueing a step: 0.3 ms at 2 layers, 0.9 at 8 on one device -> 0.1 + 0.1 per layer,
-    # so 6.5 ms at 64 layers; files without the field (older runs) give no such line.
-    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66}, dispatch_ms=0.3),
-             _model_json(tmp_path / "b.json", 8, None, {1: 5.20}, dispatch_ms=0.9),
+    # Enqueueing a step: 1.0 ms at 2 layers, 3.4 at 8 on one device -> 0.2 + 0.4 per layer,
+    # so 25.8 ms at 64 layers; files without the field (older runs) give no such line.
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66}, dispatch_ms=1.0),
+             _model_json(tmp_path / "b.json", 8, None, {1: 5.20}, dispatch_ms=3.4),
              _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 1.72}),
              _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 4.43})]
     report = bench.main(["project", "--from-json", *files, "--json", str(tmp_path / "p.json")])
     (host,) = report["files_meta"]["host_enqueue_ms"]
     assert (host["devices"], host["batch"]) == (1, 1)
-    assert (host["outside_ms"], host["per_layer_ms"]) == (pytest.approx(0.1), pytest.approx(0.1))
-    assert "6.50 ms at 64 layers" in capsys.readouterr().out
+    assert (host["outside_ms"], host["per_layer_ms"]) == (pytest.approx(0.2), pytest.approx(0.4))
+    out = capsys.readouterr().out
+    assert "25.80 ms at 64 layers" in out and "bounded by the host" in out
     assert json.loads((tmp_path / "p.json").read_text())["files_meta"]["host_enqueue_ms"] == [host]
+    # The times project a 23.3 ms step on 8 devices; the floor is above it and sets the step.
+    (r,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    per_layer = {1: (5.20 - 1.66) / 6, 2: (4.43 - 1.72) / 6}
+    fixed, variable = 2 * per_layer[2] - per_layer[1], 2 * (per_layer[1] - per_layer[2])
+    assert r["per_layer_ms"] == pytest.approx(fixed + variable / 8) and r["step_ms"] < 25.8
+    assert (r["host_floor_ms"], r["bounded_step_ms"]) == (pytest.approx(25.8), pytest.approx(25.8))
+    assert r["bounded_tokens_per_s"] == pytest.approx(1e3 / 25.8)
+    assert r["bounded_roofline_pct"] == pytest.approx(100 * r["roofline_ms"] / 25.8)
+
+
+def test_project_leaves_out_a_batch_measured_on_one_device_count(tmp_path, capsys):
+    # Batch 8 ran on one GPU only (the 1x2 runs took batch 1): batch 1 is projected, 8 is named.
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66, 8: 2.8}),
+             _model_json(tmp_path / "b.json", 8, None, {1: 5.20, 8: 9.8}),
+             _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 1.72}),
+             _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 4.43})]
+    report = bench.main(["project", "--from-json", *files])
+    assert [r["batch"] for r in report["rows"]] == [1]
+    out = capsys.readouterr().out
+    assert "batch 8: measured on 1 device(s) only, so no F + V/n: not projected" in out
+    assert "not measured, not projected: batch 32" in out
+
+
+def test_the_host_floor_bounds_a_step_only_when_above_it_and_comes_from_the_most_devices():
+    rows = [dict(batch=1, step_ms=5.0, roofline_ms=2.5), dict(batch=8, step_ms=9.0, roofline_ms=4.5),
+            dict(batch=32, step_ms=20.0, roofline_ms=10.0)]
+    fits = [dict(devices=1, batch=1, outside_ms=0.0, per_layer_ms=0.2),   # 12.8 ms: not this one
+            dict(devices=2, batch=1, outside_ms=0.6, per_layer_ms=0.1),   # 7.0 ms: the most devices
+            dict(devices=2, batch=8, outside_ms=1.0, per_layer_ms=0.05)]  # 4.2 ms: below the step
+    bench.bound_by_host(rows, fits, layers=64)
+    one, eight, thirty_two = rows
+    assert (one["host_floor_ms"], one["host_floor_devices"], one["bounded_step_ms"]) == (
+        pytest.approx(7.0), 2, pytest.approx(7.0))
+    assert one["bounded_tokens_per_s"] == pytest.approx(1e3 / 7.0)
+    assert one["bounded_roofline_pct"] == pytest.approx(100 * 2.5 / 7.0)
+    assert (eight["host_floor_ms"], eight["bounded_step_ms"]) == (pytest.approx(4.2), 9.0)
+    assert eight["bounded_tokens_per_s"] == pytest.approx(8 / 9.0 * 1e3)
+    assert "bounded_step_ms" not in thirty_two  # no host measurement at batch 32
 
 
 @pytest.mark.parametrize("argv, message", [
