@@ -79,6 +79,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shutil
 import signal
 import statistics
@@ -305,6 +306,18 @@ def _proc_status(key: str) -> int:
     return 0
 
 
+def host_info() -> dict:
+    """The measuring host's CPU model and count. The host's share of a result depends on it:
+    the same decode step took 0.8, 1.4 and 2.2 ms to enqueue on three H200 hosts."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:  # not Linux
+        pass
+    return {"cpu": name or platform.processor() or "unknown", "cpus": os.cpu_count()}
+
+
 METHODS = {
     "raw_read": "raw sequential read (1 thread, 64 MB buffer)",
     "loader_devices": "this loader: restore() to devices, default use_shm='auto'",
@@ -485,7 +498,7 @@ def loader_bench(args: argparse.Namespace) -> dict:
     report = {"checkpoint": {**info, "dir": directory, "dims": BENCH_DIMS}, "cache": cache_note,
               "best_host_method": host, "onto_devices": onto,
               "warm_raw_gb_per_s": warm_gbps, "repeats": args.repeats, "workers": args.workers,
-              "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(), "rows": rows}
+              "host": host_info(), "load_average_end": os.getloadavg(), "rows": rows}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -643,11 +656,12 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     tiny=True swaps in the tiny config and small ceilings: a smoke test for any laptop.
     """
     results: dict = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-                     "layers": layers, "context": context, "prefill_len": prefill_len}
+                     "host": host_info(), "layers": layers, "context": context, "prefill_len": prefill_len}
     bw = copy_bandwidth(0.01 if tiny else 1.0)
     flops = matmul_rate(512 if tiny else 8192)
     results.update(copy_bandwidth_GBps=bw / 1e9, matmul_TFLOPs=flops / 1e12)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s; host "
+          f"{results['host']['cpu']} ({results['host']['cpus']} CPUs)", flush=True)
 
     import runners
 
@@ -1426,7 +1440,7 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
     what the files say about themselves (device kinds, copy bandwidths, contexts)."""
     times: dict[tuple[int, int], dict[int, float]] = {}
     host: dict[tuple[int, int], dict[int, float]] = {}  # the same for the host's enqueue time
-    meta: dict[str, set] = {"device": set(), "copy_bandwidth_GBps": set(), "context": set()}
+    meta: dict[str, set] = {"device": set(), "host": set(), "copy_bandwidth_GBps": set(), "context": set()}
     for path in paths:
         try:
             with open(path) as f:
@@ -1440,6 +1454,8 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
             raise ValueError(f"{path}: mesh {mesh}: the projection needs 1xN meshes (data axis 1)")
         devices = math.prod(mesh.values()) if mesh else 1
         meta["device"].add(res.get("device"))
+        if res.get("host"):  # files from before the field: no entry
+            meta["host"].add(f"{res['host'].get('cpu')} ({res['host'].get('cpus')} CPUs)")
         if res.get("copy_bandwidth_GBps"):
             meta["copy_bandwidth_GBps"].add(round(float(res["copy_bandwidth_GBps"])))
         for r in rows:
@@ -1550,6 +1566,8 @@ def project_bench(args: argparse.Namespace) -> dict:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
     print(format_projection(rows, header))
     # The host enqueues every step's kernels on its own; the devices cannot step faster.
+    if meta.get("host_enqueue_ms") and meta.get("host"):
+        print(f"  host floor measured on: {'; '.join(meta['host'])}")
     for h in meta.get("host_enqueue_ms", []):
         print(f"  host, measured on {h['devices']} device(s), batch {h['batch']}: enqueueing a step took "
               f"{h['outside_ms']:.3f} ms + {h['per_layer_ms']:.4f} ms per layer -> "
@@ -2156,7 +2174,8 @@ def serve_bench(args: argparse.Namespace) -> dict:
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     results = {
-        "model": "tiny" if args.tiny else f"grok-1 width, {args.layers} layers", "slots": args.slots,
+        "model": "tiny" if args.tiny else f"grok-1 width, {args.layers} layers", "host": host_info(),
+        "slots": args.slots,
         "clients": args.clients, "rounds": args.rounds, "seconds": args.seconds, "max_tokens": args.max_tokens,
         "pad_sizes": list(serve_pad_sizes(args)),
         "stream_interval_ms": serve_stream_interval_ms(args),

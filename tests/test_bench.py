@@ -51,6 +51,9 @@ def test_model_bench_smoke(tmp_path):
     # The host's part of a decode step (enqueueing it) is measured.
     assert all(0 < r["dispatch_ms"] for r in res["rows"] if r["kind"] == "decode")
     assert "decode fast batch 2: lower" in bench.format_startup(res)
+    # The host that measured it is named (its speed is part of that enqueue time).
+    assert res["host"]["cpus"] == os.cpu_count() and res["host"]["cpu"]
+    assert json.loads((tmp_path / "b.json").read_text())["host"] == res["host"]
 
 
 
@@ -129,7 +132,8 @@ def _model_json(path, layers, mesh, ms_by_batch, dispatch_ms=None):
         for r in rows:
             r["dispatch_ms"] = dispatch_ms
     rows.append(dict(kind="decode", mode="reference", batch=1, ms=99.0))
-    result = dict(device="NVIDIA H200", layers=layers, context=1024, copy_bandwidth_GBps=4190.0, rows=rows)
+    result = dict(device="NVIDIA H200", layers=layers, context=1024, copy_bandwidth_GBps=4190.0, rows=rows,
+                  host=dict(cpu="Test CPU", cpus=16))
     if mesh:
         result["mesh"] = mesh
     path.write_text(json.dumps(result))
@@ -171,6 +175,7 @@ def test_project_states_the_hosts_enqueue_floor(tmp_path, capsys):
     assert (host["outside_ms"], host["per_layer_ms"]) == (pytest.approx(0.2), pytest.approx(0.4))
     out = capsys.readouterr().out
     assert "25.80 ms at 64 layers" in out and "bounded by the host" in out
+    assert "host floor measured on: Test CPU (16 CPUs)" in out
     assert json.loads((tmp_path / "p.json").read_text())["files_meta"]["host_enqueue_ms"] == [host]
     # The times project a 23.3 ms step on 8 devices; the floor is above it and sets the step.
     (r,) = json.loads((tmp_path / "p.json").read_text())["rows"]
@@ -312,6 +317,7 @@ def test_loader_bench_runs_the_chosen_methods_and_the_yardstick(tmp_path, monkey
     assert rows["loader_devices"]["transfer_startup_s"] == [None]
     assert rows["loader_devices_started"]["transfer_startup_s"][0] > 0
     assert report["best_host_method"] == "loader_host"
+    assert report["host"] == bench.host_info()
     # The checkpoint written for the run is gone afterwards (no --keep).
     assert report["checkpoint"]["bytes"] > 0 and not directory.exists()
     with pytest.raises(SystemExit, match="unknown --methods nope"):

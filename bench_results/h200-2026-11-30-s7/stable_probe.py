@@ -66,12 +66,13 @@ def queued_ms(v, n=20):
     return (time.perf_counter() - t) / n * 1e3
 
 
-for v in ("plain", "aliased"):  # compile and warm both
+VARIANTS = tuple(os.environ.get("ONLY", "plain,aliased").split(","))
+for v in VARIANTS:  # compile and warm each
     for _ in range(3):
         jax.block_until_ready(step(v))
-res = {v: {"dispatch_us": [], "step_ms": []} for v in ("plain", "aliased")}
+res = {v: {"dispatch_us": [], "step_ms": []} for v in VARIANTS}
 for rnd in range(3):
-    for v in ("plain", "aliased"):
+    for v in VARIANTS:
         res[v]["dispatch_us"].append(dispatch_us(v))
         res[v]["step_ms"].append(queued_ms(v))
 for v, r in res.items():
@@ -81,7 +82,7 @@ for v, r in res.items():
 
 if os.environ.get("TRACE_DIR"):  # the host's events of 5 queued steps of each variant
     import glob
-    for v in ("plain", "aliased"):
+    for v in VARIANTS:
         d = os.path.join(os.environ["TRACE_DIR"], v)
         jax.block_until_ready(step(v))
         jax.profiler.start_trace(d)
