@@ -11,9 +11,14 @@
            cache (--compile-cache; default ~/.cache/grok1/jax), so a second run reuses them.
            python bench.py model --layers 4 --json bench_model.json
 
+  profile  a jax.profiler trace of decode steps: the device's kernels per step and per layer,
+           and the host's side (XLA's CUDA-graph updates and launches, argument handling):
+           python bench.py profile --layers 4 --mesh 1x2 --json prof.json
+
   project  arithmetic, no devices: per-layer decode times measured on 1 and 2 devices (given,
            or fitted from `model --json` files at 2 layer counts) -> t(n) = F + V/n -> a
-           64-layer step and tokens/s at batch 1, 8, 32 on N devices, beside the roofline:
+           64-layer step and tokens/s at batch 1, 8, 32 on N devices, beside the roofline,
+           each step bounded by the host's measured time to enqueue it:
            python bench.py project --devices 8 --device-kind h200 --measured 1=1:0.59,2:0.45
            python bench.py project --devices 8 --from-json l2.json l8.json l2_1x2.json l8_1x2.json
 
@@ -782,15 +787,19 @@ def compile_times(layers: int = 64, batch: int = 8, prefill_len: int = 1024, cac
     return out
 
 
-def _device_kernel_times(trace_dir: str) -> dict:
-    """{line name: {kernel/op name: [count, total ns]}} on the first GPU (or any device) plane
-    of the newest jax.profiler trace under trace_dir."""
+def _newest_trace(trace_dir: str) -> Any:
+    """The jax.profiler ProfileData of the newest trace under trace_dir."""
     import glob
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         raise RuntimeError(f"no *.xplane.pb written under {trace_dir}")
-    data = jax.profiler.ProfileData.from_file(files[-1])
+    return jax.profiler.ProfileData.from_file(files[-1])
+
+
+def _device_kernel_times(data: Any) -> dict:
+    """{line name: {kernel/op name: [count, total ns]}} on the first GPU (or any device) plane
+    of a trace."""
     planes = ([p for p in data.planes if p.name.startswith("/device:GPU:0")]
               or [p for p in data.planes if p.name.startswith("/device:")]
               or [p for p in data.planes if p.name == "/host:CPU"])
@@ -805,11 +814,37 @@ def _device_kernel_times(trace_dir: str) -> dict:
     return out
 
 
+# The host's side of a step: the runtime's events (by name) that enqueue it. On a GPU, XLA
+# records the step into CUDA graphs (command buffers), updates them when a buffer they use
+# has moved, and launches them; the first two read the call's arguments.
+HOST_EVENTS = ("ParseArguments", "ExecutePrepare", "ExecuteThunks", "command_buffer::update",
+               "command_buffer::execute", "cuGraphLaunch")
+
+
+def _host_event_times(data: Any) -> dict:
+    """{HOST_EVENTS name: [count, total ns]} over every host thread of a trace (an event
+    counts under the first name it contains, e.g. "[0] GpuExecutable::ExecuteThunks")."""
+    out = {name: [0, 0] for name in HOST_EVENTS}
+    for plane in data.planes:
+        if not plane.name.startswith("/host"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                name = next((n for n in HOST_EVENTS if n in event.name), None)
+                if name is not None:
+                    out[name][0] += 1
+                    out[name][1] += event.duration_ns
+    return out
+
+
 def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int, int] | None, steps: int,
-                   trace_dir: str, json_path: str | None = None, cache_len: int | None = None) -> dict:
+                   trace_dir: str, json_path: str | None = None, cache_len: int | None = None,
+                   tiny: bool = False) -> dict:
     """A jax.profiler trace of `steps` decode steps of the fast path; the device's kernels
-    and XLA ops summed per step and per layer (microseconds), the largest first."""
-    config = model.grok_1_config(num_layers=layers)
+    and XLA ops summed per step and per layer (microseconds), the largest first; then the
+    host's side of those steps (HOST_EVENTS, summed over the host's threads: one thread per
+    device enqueues its program). tiny=True: the tiny config, a smoke test for any laptop."""
+    config = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
     mesh = None
     if mesh_shape is not None:
         import runners
@@ -835,8 +870,10 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
         out = step()
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
-    lines = _device_kernel_times(trace_dir)
-    results = {"device": str(jax.devices()[0].device_kind), "layers": layers, "batch": batch, "context": context,
+    trace = _newest_trace(trace_dir)
+    lines = _device_kernel_times(trace)
+    results = {"device": str(jax.devices()[0].device_kind), "host": host_info(), "layers": layers, "batch": batch,
+               "context": context,
                "cache_len": cache_len, "mesh": None if mesh is None else dict(mesh.shape), "steps": steps,
                "lines": {}}
     for name, table in lines.items():
@@ -849,6 +886,14 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
             print(f"{us:10.1f} us/step {c:6.1f}x  {n[:110]}", flush=True)
     results["summary"] = summarize_profile(results)
     print("per layer, by kind (us):", {k: round(v, 1) for k, v in results["summary"].items()}, flush=True)
+    host = _host_event_times(trace)
+    results["host_events"] = {n: dict(per_step=c / steps, us_per_step=ns / steps / 1e3,
+                                      us_per_layer=ns / steps / 1e3 / layers) for n, (c, ns) in host.items()}
+    print(f"--- the host's side, all threads ({results['host']['cpu']}, {results['host']['cpus']} CPUs):",
+          flush=True)
+    for n, r in results["host_events"].items():
+        print(f"{r['us_per_step']:10.1f} us/step {r['per_step']:6.1f}x  {r['us_per_layer']:8.1f} us/layer  {n}",
+              flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -886,7 +931,7 @@ def summarize_profile(results: dict) -> dict:
 def profile_bench(args: argparse.Namespace) -> dict:
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     return profile_decode(args.layers, args.batch, args.context, mesh, args.steps, args.trace_dir, args.json,
-                          args.cache_len)
+                          args.cache_len, tiny=args.tiny)
 
 
 def format_model_table(results: dict) -> str:
@@ -2292,7 +2337,8 @@ def main(argv: list[str] | None = None) -> Any:
                         "$GROK1_COMPILATION_CACHE, else ~/.cache/grok1/jax)")
     p.set_defaults(func=model_bench)
 
-    p = sub.add_parser("profile", help="jax.profiler trace of decode steps: device time per kernel and per layer")
+    p = sub.add_parser("profile", help="jax.profiler trace of decode steps: device time per kernel and per "
+                                       "layer, and the host's time enqueueing them")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=1024)
@@ -2302,6 +2348,7 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2")
     p.add_argument("--trace-dir", default="bench_out/trace")
     p.add_argument("--json", default=None, help="write the per-kernel table here")
+    p.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test for any machine)")
     p.set_defaults(func=profile_bench)
 
     p = sub.add_parser("depth", help="start-up, per-layer decode and peak memory against depth (fresh "

@@ -350,3 +350,17 @@ def test_serving_threads_cpu_reads_each_threads_own_clock():
         spin.set()
         worker.join()
     assert bench._serving_threads_cpu()["engine"] == 0.0  # no engine thread: nothing served
+
+
+def test_profile_sums_the_devices_kernels_and_the_hosts_enqueueing(tmp_path):
+    steps = 3
+    res = bench.profile_decode(layers=2, batch=1, context=8, mesh_shape=None, steps=steps,
+                               trace_dir=str(tmp_path / "trace"), json_path=str(tmp_path / "p.json"), tiny=True)
+    assert res["lines"] and all(r["us_per_step"] >= 0 for rows in res["lines"].values() for r in rows)
+    host = res["host_events"]
+    assert list(host) == list(bench.HOST_EVENTS)
+    # Every traced step parses its arguments once on the host (jax's C++ dispatch).
+    assert host["ParseArguments"]["per_step"] == 1 and host["ParseArguments"]["us_per_step"] > 0
+    assert host["ParseArguments"]["us_per_layer"] == pytest.approx(host["ParseArguments"]["us_per_step"] / 2)
+    assert host["cuGraphLaunch"]["per_step"] == 0  # no CUDA graphs on a CPU
+    assert json.loads((tmp_path / "p.json").read_text())["host_events"] == host
