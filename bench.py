@@ -816,7 +816,8 @@ def _device_kernel_times(data: Any) -> dict:
 
 # The host's side of a step: the runtime's events (by name) that enqueue it. On a GPU, XLA
 # records the step into CUDA graphs (command buffers), updates them when a buffer they use
-# has moved, and launches them; the first two read the call's arguments.
+# has moved, and launches them; the first two read the call's arguments. The events nest:
+# ExecuteThunks holds the command-buffer ones, command_buffer::execute holds cuGraphLaunch.
 HOST_EVENTS = ("ParseArguments", "ExecutePrepare", "ExecuteThunks", "command_buffer::update",
                "command_buffer::execute", "cuGraphLaunch")
 
@@ -873,9 +874,8 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     trace = _newest_trace(trace_dir)
     lines = _device_kernel_times(trace)
     results = {"device": str(jax.devices()[0].device_kind), "host": host_info(), "layers": layers, "batch": batch,
-               "context": context,
-               "cache_len": cache_len, "mesh": None if mesh is None else dict(mesh.shape), "steps": steps,
-               "lines": {}}
+               "context": context, "cache_len": cache_len, "mesh": None if mesh is None else dict(mesh.shape),
+               "steps": steps, "lines": {}}
     for name, table in lines.items():
         rows = sorted(((n, c / steps, ns / steps / 1e3) for n, (c, ns) in table.items()), key=lambda r: -r[2])
         results["lines"][name] = [dict(name=n, per_step=c, us_per_step=us, us_per_layer=us / layers)
