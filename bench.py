@@ -541,7 +541,8 @@ def timed(fn: Callable[[], Any], warmup: int = TIMED_WARMUP, iters: int = 10, re
 def dispatch_time(fn: Callable[[], Any], reps: int = DISPATCH_REPS) -> float:
     """Seconds the host spends in one call of fn() (already compiled) before it returns, with
     the device idle (each call waits for the one before): the work of enqueueing the program
-    (on a GPU, its kernel launches), which a step cannot go below however fast the devices are."""
+    (on a GPU: reading the arguments, updating and launching its CUDA graphs), which a step
+    cannot go below however fast the devices are."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -1437,6 +1438,11 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
     return rows
 
 
+def host_floor_ms(fit: dict, layers: int) -> float:
+    """The host's time to enqueue a step of `layers` layers, from a host_enqueue_ms fit."""
+    return fit["outside_ms"] + fit["per_layer_ms"] * layers
+
+
 def bound_by_host(rows: list[dict], host_fits: list[dict], layers: int) -> None:
     """Add to each projected row the floor the host's enqueue time puts on its step, and the
     step that floor allows: max(device step, floor). The devices run a step no faster than
@@ -1449,7 +1455,7 @@ def bound_by_host(rows: list[dict], host_fits: list[dict], layers: int) -> None:
         if not fits:
             continue
         fit = max(fits, key=lambda h: h["devices"])
-        floor = fit["outside_ms"] + fit["per_layer_ms"] * layers
+        floor = host_floor_ms(fit, layers)
         step = max(r["step_ms"], floor)
         r.update(host_floor_ms=floor, host_floor_devices=fit["devices"], bounded_step_ms=step,
                  bounded_tokens_per_s=r["batch"] / step * 1e3,
@@ -1616,7 +1622,7 @@ def project_bench(args: argparse.Namespace) -> dict:
     for h in meta.get("host_enqueue_ms", []):
         print(f"  host, measured on {h['devices']} device(s), batch {h['batch']}: enqueueing a step took "
               f"{h['outside_ms']:.3f} ms + {h['per_layer_ms']:.4f} ms per layer -> "
-              f"{h['outside_ms'] + h['per_layer_ms'] * args.layers:.2f} ms at {args.layers} layers, "
+              f"{host_floor_ms(h, args.layers):.2f} ms at {args.layers} layers, "
               "a floor on the step while the devices wait for it")
     bound_by_host(rows, meta.get("host_enqueue_ms", []), args.layers)
     bounded = [r for r in rows if "bounded_step_ms" in r]
