@@ -138,12 +138,12 @@ def assert_plan_groups(plan: kernels.MoEPlan, idx: np.ndarray, block_m: int) -> 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("m,case", [(1, "normal"), (8, "ties"), (32, "normal"), (3, "normal")])
-def test_route_is_softmax_top_k_and_the_plan(m, case, backend):
-    """route() against float64: the top-2 of the softmax (ties to the lower expert, as
+@pytest.mark.parametrize("m,k,block_m,case", [(1, 2, 16, "normal"), (8, 2, 16, "ties"), (32, 2, 16, "normal"),
+                                              (3, 2, 16, "normal"), (4, 1, 4, "normal"), (16, 4, 8, "normal")])
+def test_route_is_softmax_top_k_and_the_plan(m, k, block_m, case, backend):
+    """route() against float64: the top-k of the softmax (ties to the lower expert, as
     lax.top_k), raw probabilities as gates, and a plan that groups the rows by expert. With
     "interpret" and a power-of-two M the one-kernel path runs (M=3: the plain JAX one)."""
-    k, block_m = 2, 16
     rng = np.random.default_rng(m)
     logits = rng.standard_normal((m, E)).astype(np.float32)
     if case == "ties":  # equal logits: the lower expert wins, as in lax.top_k
@@ -158,7 +158,7 @@ def test_route_is_softmax_top_k_and_the_plan(m, case, backend):
         assert (want == [2, 5]).all()
     np.testing.assert_allclose(np.asarray(gates, np.float64), np.take_along_axis(probs, want, axis=1), rtol=2e-6)
     assert_plan_groups(plan, want, block_m)
-    fused = backend == "interpret" and m in (1, 8, 32)
+    fused = backend == "interpret" and m in (1, 4, 8, 16, 32)
     tiles = kernels.route_tiles(m, k, E, block_m) if fused else kernels.max_tiles(m * k, E, block_m)
     assert plan.tile_expert.shape == (tiles,)  # the one kernel rounds the tiles up to a power of two
 
