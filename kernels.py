@@ -219,6 +219,110 @@ def make_plan(expert_idx: jax.Array, num_experts: int, block_m: int, pads: bool 
     return MoEPlan(row_pos, row_token, tile_expert, num_tiles)
 
 
+# Decode sizes: the router's softmax, the top-k and the plan in one kernel (on a GPU, XLA
+# makes eight kernels of them, and each costs the host a graph node to update and launch at
+# every step; BENCHMARKS.md, "Session 7"). Up to this many tokens, a power of two.
+ROUTE_MAX_TOKENS = 32
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def route_tiles(num_tokens: int, k: int, num_experts: int, block_m: int) -> int:
+    """Tiles of route()'s plan: max_tiles rounded up to a power of two (a Triton block's
+    length); the tiles past the used ones are pad tiles, as in any plan."""
+    return _next_pow2(max_tiles(num_tokens * k, num_experts, block_m))
+
+
+def _route_kernel(logits_ref, gates_ref, experts_ref, row_pos_ref, row_token_ref, tile_expert_ref,
+                  num_tiles_ref, *, k: int, bm: int):
+    """One program. logits [M, E] float32 -> gates, experts, row_pos [k, M] (row j: each
+    token's j-th choice), row_token [T * bm], tile_expert [T], num_tiles [1]; make_plan's
+    arrays for flat rows r = t * k + j, computed by comparisons (M, E and T powers of two)."""
+    m, e = logits_ref.shape
+    n_tiles = tile_expert_ref.shape[0]
+    logits = logits_ref[...]  # [M, E]
+    col = lax.broadcasted_iota(jnp.int32, (m, e), 1)
+    tok = lax.broadcasted_iota(jnp.int32, (m, m), 0)  # [M, M]: this row's token t
+    other = lax.broadcasted_iota(jnp.int32, (m, m), 1)  # the compared token t'
+    expert_ids = lax.broadcasted_iota(jnp.int32, (e, e), 1)
+    expert_rows = lax.broadcasted_iota(jnp.int32, (e, e), 0)
+    # Softmax over the experts, float32 as the Router's; choices by logit (the same order as
+    # by probability), ties to the lower index as lax.top_k.
+    top = jnp.max(logits, axis=1, keepdims=True)
+    p = jnp.exp(logits - top)
+    p = p / jnp.sum(p, axis=1, keepdims=True)
+    left = logits
+    choices = []
+    for j in range(k):
+        best = jnp.max(left, axis=1, keepdims=True)
+        idx = jnp.min(jnp.where(left == best, col, e), axis=1)  # [M]
+        hit = col == idx[:, None]
+        gates_ref[j, :] = jnp.sum(jnp.where(hit, p, 0.0), axis=1)
+        experts_ref[j, :] = idx
+        choices.append(idx)
+        left = jnp.where(hit, -jnp.inf, left)
+    # Rows per expert -> tiles per expert -> each expert's first tile (exclusive prefix sum).
+    counts = sum(jnp.sum((c[:, None] == col).astype(jnp.int32), axis=0) for c in choices)  # [E]
+    tiles = (counts + bm - 1) // bm
+    begin = jnp.sum(jnp.where(expert_rows < expert_ids, tiles[:, None], 0), axis=0)  # [E]
+    # A row's rank among its expert's rows: rows r' = t' k + j' before r = t k + j.
+    slots = lax.broadcasted_iota(jnp.int32, (n_tiles * bm, m), 0)  # [M_pad, M]: padded row p
+    token_of = lax.broadcasted_iota(jnp.int32, (n_tiles * bm, m), 1)
+    row_token = jnp.zeros((n_tiles * bm,), jnp.int32)
+    for j, cj in enumerate(choices):
+        rank = jnp.zeros((m,), jnp.int32)
+        for jj, cjj in enumerate(choices):
+            before = (other < tok) | ((other == tok) & (jj < j))
+            rank += jnp.sum(((cj[:, None] == cjj[None, :]) & before).astype(jnp.int32), axis=1)
+        pos = jnp.sum(jnp.where(col == cj[:, None], begin[None, :], 0), axis=1) * bm + rank  # [M]
+        row_pos_ref[j, :] = pos
+        row_token += jnp.sum(jnp.where(slots == pos[None, :], token_of - m, 0), axis=1)
+    row_token_ref[...] = row_token + m  # m: a pad row
+    total = jnp.sum(tiles)
+    t = lax.broadcasted_iota(jnp.int32, (n_tiles, e), 0)
+    tile_end = (begin + tiles)[None, :]
+    tile_expert = jnp.sum((tile_end <= t).astype(jnp.int32), axis=1)  # [T]
+    tile_expert_ref[...] = jnp.where(lax.broadcasted_iota(jnp.int32, (n_tiles,), 0) < total, tile_expert, -1)
+    num_tiles_ref[...] = jnp.full((1,), total, jnp.int32)
+
+
+def route_fuses(num_tokens: int, num_experts: int, block_m: int, backend: str = "auto") -> bool:
+    """Whether route() runs as one kernel here: a Pallas backend, and powers of two with
+    at most ROUTE_MAX_TOKENS tokens (decode sizes)."""
+    pow2 = all(n == _next_pow2(n) for n in (num_tokens, num_experts, block_m))
+    return uses_pallas(backend) and pow2 and num_tokens <= ROUTE_MAX_TOKENS
+
+
+def route(logits: jax.Array, k: int, block_m: int, backend: str = "auto") -> tuple[jax.Array, jax.Array, MoEPlan]:
+    """Router logits [M, E] float32 -> (gates [M, k] float32: the top-k softmax probabilities,
+    not renormalised; experts [M, k] int32; the plan of make_plan(experts, E, block_m), with
+    route_tiles tiles), in one kernel where uses_pallas(backend) and M is a power of two up
+    to ROUTE_MAX_TOKENS; else softmax, lax.top_k and make_plan in plain JAX."""
+    if logits.ndim != 2:
+        raise ValueError(f"route: logits must be [tokens, experts], found shape {tuple(logits.shape)}.")
+    m, e = logits.shape
+    if k < 1 or k > e:
+        raise ValueError(f"route: need 1 <= k <= experts ({e}), got k={k}.")
+    if not route_fuses(m, e, block_m, backend):
+        gates, experts = lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
+        experts = experts.astype(jnp.int32)
+        return gates, experts, make_plan(experts, e, block_m)
+    n_tiles = route_tiles(m, k, e, block_m)
+    i32 = jnp.int32
+    shapes = (jax.ShapeDtypeStruct((k, m), jnp.float32), jax.ShapeDtypeStruct((k, m), i32),
+              jax.ShapeDtypeStruct((k, m), i32), jax.ShapeDtypeStruct((n_tiles * block_m,), i32),
+              jax.ShapeDtypeStruct((n_tiles,), i32), jax.ShapeDtypeStruct((1,), i32))
+    interpret = _resolve_backend(backend) == "interpret"
+    gates, experts, row_pos, row_token, tile_expert, num_tiles = pl.pallas_call(
+        functools.partial(_route_kernel, k=k, bm=block_m), out_shape=shapes,
+        interpret=interpret, name="moe_route", **_compiler_params(4, 1, interpret),
+    )(logits.astype(jnp.float32))
+    plan = MoEPlan(row_pos.T.reshape(m * k), row_token, tile_expert, num_tiles.reshape(()))
+    return gates.T, experts.T, plan
+
+
 def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
     """Rows of x [M, D] in plan order -> [M_pad, D]; pad rows are zero."""
     if x.ndim != 2:

@@ -785,10 +785,13 @@ class Router(hk.Module):
         self.num_experts = num_experts
         self.num_selected = num_selected
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> float32 router logits [..., E]."""
         w = hk.get_parameter("w", [x.shape[-1], self.num_experts], jnp.float32, init=jnp.zeros)
-        logits = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))  # [..., E]
-        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        probs = jax.nn.softmax(self.logits(x), axis=-1)
         gates, experts = jax.lax.top_k(probs, self.num_selected)  # [..., k] each
         return gates, experts.astype(jnp.int32)
 
@@ -836,7 +839,8 @@ def _layouts_agree(*ws: Any) -> bool:
 
 
 def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str = "auto",
-             data_axis: Any = None, model_axis: Any = None, pads: bool = False) -> jax.Array:
+             data_axis: Any = None, model_axis: Any = None, pads: bool = False,
+             plan: Optional[kernels.MoEPlan] = None) -> jax.Array:
     """Only the selected experts, int8 weights dequantized inside the matmuls.
 
     x [N, D] (D may be this device's shard), gates/experts [N, k] -> [N, D] float32 (the
@@ -844,9 +848,10 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
     shard_map the expert weights are local shards: the input projections' partial sums are
     reduced over `data_axis`, the output projection's over `model_axis`. pads: `experts`
     may hold num_experts, "no expert" (kernels.make_plan); those rows cost nothing and
-    give zeros.
+    give zeros. plan: the experts' plan if made already (kernels.route), else made here.
     """
-    plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size), pads)
+    if plan is None:
+        plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size), pads)
     xs = kernels.dispatch(x, plan)  # [M_pad, D]
     (wi, si), (wv, sv), (wo, so) = _unpack(w_in), _unpack(w_v), _unpack(w_out)
     transposed = _layouts_agree(w_in, w_v, w_out)
@@ -882,31 +887,41 @@ class MoELayer(hk.Module):
         position) -> [B, T, D] float32. In a prefill (T > 1) pad positions go to no expert
         and get zeros: nothing reads them (attention masks their keys), and the fast path
         then spends no work on a prompt's padding to its bucket. A decode step (T = 1) keeps
-        its program as measured on several GPUs (an empty slot's row is computed and unused)."""
+        its program as measured on several GPUs (an empty slot's row is computed and unused);
+        at decode sizes on a GPU the router's softmax, top-k and the experts' plan are one
+        kernel (kernels.route)."""
         cfg = self.config
         b, t, d = x.shape
-        e, f = cfg.num_experts, cfg.ffn_size
-        gates, experts = self.router(x)  # [B, T, k]
+        e, f, k = cfg.num_experts, cfg.ffn_size, cfg.num_selected_experts
         pads = input_mask is not None and t > 1
-        if pads:
-            experts = jnp.where(input_mask[..., None], experts, e)  # e: no expert
-            gates = jnp.where(input_mask[..., None], gates, 0.0)
-        x = x.astype(activation_dtype(cfg, b * t * cfg.num_selected_experts))  # the experts' matmul input
+        fused = (cfg.moe_impl == "fast" and not pads
+                 and kernels.route_fuses(b * t, e, kernels.default_block_m(b * t * k)))
+        if fused:
+            routing: tuple = (self.router.logits(x).reshape(b * t, e),)  # [N, E]
+        else:
+            gates, experts = self.router(x)  # [B, T, k]
+            if pads:
+                experts = jnp.where(input_mask[..., None], experts, e)  # e: no expert
+                gates = jnp.where(input_mask[..., None], gates, 0.0)
+            routing = (gates.reshape(b * t, k), experts.reshape(b * t, k))
+        x = x.astype(activation_dtype(cfg, b * t * k))  # the experts' matmul input
         w_in = ExpertWeight([e, d, f], name="linear")()
         w_v = ExpertWeight([e, d, f], name="linear_v")()
         w_out = ExpertWeight([e, f, d], name="linear_1")()
-        xf, gates, experts = x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1)
+        xf = x.reshape(b * t, d)
 
         if cfg.moe_impl == "reference":
-            out = moe_reference(xf, gates, experts, w_in, w_v, w_out, e)
+            out = moe_reference(xf, *routing, w_in, w_v, w_out, e)
         elif self.mesh is None or self.mesh.size == 1:
-            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e, pads=pads)
+            gates, experts, plan = _gates_experts_plan(routing, k)
+            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e, pads=pads, plan=plan)
         else:
-            out = self._sharded_fast(xf, gates, experts, w_in, w_v, w_out, pads)
+            out = self._sharded_fast(xf, routing, w_in, w_v, w_out, pads)
         return out.reshape(b, t, d)
 
-    def _sharded_fast(self, x, gates, experts, w_in, w_v, w_out, pads: bool) -> jax.Array:
-        """The fast path per device: tokens replicated, experts' D over data and F over model."""
+    def _sharded_fast(self, x, routing: tuple, w_in, w_v, w_out, pads: bool) -> jax.Array:
+        """The fast path per device: tokens replicated, experts' D over data and F over model.
+        routing (replicated): (logits,) or (gates, experts), as _gates_experts_plan takes it."""
         cfg, mesh = self.config, self.mesh
         d, m = cfg.data_axis, cfg.model_axis
         spec_in, spec_out = P(None, d, m), P(None, m, d)
@@ -915,16 +930,28 @@ class MoELayer(hk.Module):
         w_out = shardable_scales(w_out, mesh, m)
         wspec = functools.partial(weight_in_specs, mesh=mesh)
 
-        def body(x, gates, experts, w_in, w_v, w_out):
+        def body(x, w_in, w_v, w_out, *routing):
+            gates, experts, plan = _gates_experts_plan(routing, cfg.num_selected_experts)
             return moe_fast(x, gates, experts, w_in, w_v, w_out, cfg.num_experts, backend="auto",
                             data_axis=d if _axis_size(mesh, d) > 1 else None,
-                            model_axis=m if _axis_size(mesh, m) > 1 else None, pads=pads)
+                            model_axis=m if _axis_size(mesh, m) > 1 else None, pads=pads, plan=plan)
 
         return jax.shard_map(
             body, mesh=mesh,
-            in_specs=(P(None, d), P(), P(), wspec(w_in, spec_in), wspec(w_v, spec_in), wspec(w_out, spec_out)),
+            in_specs=(P(None, d), wspec(w_in, spec_in), wspec(w_v, spec_in), wspec(w_out, spec_out))
+            + (P(),) * len(routing),
             out_specs=P(None, d), check_vma=False,
-        )(x, gates, experts, w_in, w_v, w_out)
+        )(x, w_in, w_v, w_out, *routing)
+
+
+def _gates_experts_plan(routing: tuple, k: int) -> tuple:
+    """(gates, experts, plan) for moe_fast: from (logits [N, E],) through kernels.route (one
+    kernel), or (gates, experts) [N, k] as they are, the plan left to moe_fast."""
+    if len(routing) == 1:
+        (logits,) = routing
+        return kernels.route(logits, k, kernels.default_block_m(logits.shape[0] * k))
+    gates, experts = routing
+    return gates, experts, None
 
 
 # ---------------------------------------------------------------------------------------

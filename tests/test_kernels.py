@@ -109,7 +109,13 @@ def test_make_plan_groups_rows_by_expert(m, k, block_m, case, path, monkeypatch)
     rng = np.random.default_rng(m * 10 + k)
     idx, _ = routing(rng, m, k, case)
     plan = kernels.make_plan(idx, E, block_m)  # not jitted: a cached trace would ignore the patch
-    idx = np.asarray(idx).reshape(-1)
+    assert_plan_groups(plan, np.asarray(idx), block_m)
+
+
+def assert_plan_groups(plan: kernels.MoEPlan, idx: np.ndarray, block_m: int) -> None:
+    """The plan's definition, for the rows of expert_idx [M, k] (all experts real)."""
+    m, k = idx.shape
+    idx = idx.reshape(-1)
     row_pos, row_token = np.asarray(plan.row_pos), np.asarray(plan.row_token)
     tile_expert, num_tiles = np.asarray(plan.tile_expert), int(plan.num_tiles)
 
@@ -129,6 +135,32 @@ def test_make_plan_groups_rows_by_expert(m, k, block_m, case, path, monkeypatch)
         pos = row_pos[idx == e]
         assert (np.diff(pos) > 0).all()
     assert (np.diff(tile_expert[:used]) >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,k,block_m,case", [(1, 2, 16, "normal"), (8, 2, 16, "ties"), (32, 2, 16, "normal"),
+                                              (3, 2, 16, "normal"), (4, 1, 4, "normal"), (16, 4, 8, "normal")])
+def test_route_is_softmax_top_k_and_the_plan(m, k, block_m, case, backend):
+    """route() against float64: the top-k of the softmax (ties to the lower expert, as
+    lax.top_k), raw probabilities as gates, and a plan that groups the rows by expert. With
+    "interpret" and a power-of-two M the one-kernel path runs (M=3: the plain JAX one)."""
+    rng = np.random.default_rng(m)
+    logits = rng.standard_normal((m, E)).astype(np.float32)
+    if case == "ties":  # equal logits: the lower expert wins, as in lax.top_k
+        logits[:, 5] = logits[:, 2] = logits.max(axis=1) + 1.0
+    gates, experts, plan = jax.jit(functools.partial(kernels.route, k=k, block_m=block_m, backend=backend))(
+        jnp.asarray(logits))
+    probs = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    want = np.stack([sorted(range(E), key=lambda e: (-logits[t, e], e))[:k] for t in range(m)])
+    np.testing.assert_array_equal(np.asarray(experts), want)
+    if case == "ties":
+        assert (want == [2, 5]).all()
+    np.testing.assert_allclose(np.asarray(gates, np.float64), np.take_along_axis(probs, want, axis=1), rtol=2e-6)
+    assert_plan_groups(plan, want, block_m)
+    fused = backend == "interpret" and m in (1, 4, 8, 16, 32)
+    tiles = kernels.route_tiles(m, k, E, block_m) if fused else kernels.max_tiles(m * k, E, block_m)
+    assert plan.tile_expert.shape == (tiles,)  # the one kernel rounds the tiles up to a power of two
 
 
 @pytest.mark.parametrize("path", ["comparing", "counting"])

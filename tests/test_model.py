@@ -227,9 +227,10 @@ def test_attention_over_the_used_prefix_equals_the_whole_cache(monkeypatch):
 
 @pytest.mark.parametrize("mesh_shape", [None, (1, 2), (2, 4)])
 def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
-    """The fast mode's GPU decode path, run interpreted: q, k and v in one int8 launch and
-    the decode-attention kernel reading each row's own keys (one row's prompt ends before
-    the other's, so their lengths differ), on one device and under shard_map."""
+    """The fast mode's GPU decode path, run interpreted: q, k and v in one int8 launch, the
+    decode-attention kernel reading each row's own keys (one row's prompt ends before the
+    other's, so their lengths differ) and the router's softmax, top-2 and the experts' plan
+    in one kernel (kernels.route), on one device and under shard_map."""
     cfg, params = setup("fast")
     mesh = make_mesh(mesh_shape) if mesh_shape else None
     if mesh is not None:
@@ -238,6 +239,9 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
     calls = []
     attend = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    routed = []
+    route_kernel = kernels._route_kernel
+    monkeypatch.setattr(kernels, "_route_kernel", lambda *a, **k: routed.append(1) or route_kernel(*a, **k))
     rng = np.random.RandomState(12)
     lengths, steps = [5, 2], 3
     full = random_tokens(rng, [n + steps for n in lengths], max(lengths) + steps, cfg.vocab_size)
@@ -251,6 +255,7 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
             out = forward(prepared, jnp.asarray(nxt), out.model_state)
             got.append(np.asarray(out.logits[:, 0]))
     assert calls, "the decode steps did not use kernels.decode_attention"
+    assert routed, "the decode steps did not route in one kernel (kernels.route)"
     want = [reference.forward(params, cfg, full[row : row + 1, : n + steps])[0][0, n - 1 : n + steps]
             for row, n in enumerate(lengths)]
     assert_close_bf16(np.stack(got, axis=1), np.stack(want))
