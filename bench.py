@@ -98,6 +98,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
 import model
@@ -575,9 +576,16 @@ def matmul_rate(n: int = 8192) -> float:
 
 
 def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
-    """Like model.make_forward (cache donated), but also returns every layer's expert choice."""
+    """forward(params, tokens, memory, length, into=None) -> (LanguageModelOutput, experts):
+    model.make_forward with the cache donated, also returning every layer's expert choice.
 
-    def fn(tokens, memory, length):
+    `into`: the (logits, experts) of the call before (or blank_outputs()), donated and
+    written over. Then the step returns no fresh buffer, as the runner's decode step
+    (runners.DecodeStep): a fresh output moves between calls and XLA shares its allocation
+    with temporaries, so the step's CUDA graphs would be updated at every call."""
+
+    def fn(tokens, memory, length, into=None):
+        del into  # only donated: the outputs are written over it
         experts = []
 
         def record(method, args, kwargs, context):
@@ -590,7 +598,17 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
             out = config.make(mesh=mesh)(tokens, memory, length=length)
         return out, experts
 
-    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2,))
+    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2, 4), keep_unused=True)
+
+
+def blank_outputs(forward: Any, mesh: Any, *args: Any) -> tuple:
+    """Zeros for routed_forward's `into` at its first call with args (params, tokens, memory,
+    length): (logits, experts), replicated as the step returns them."""
+    out, experts = forward.eval_shape(*args)
+    sharding = (NamedSharding(mesh, P()) if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), sharding),
+                                  (out.logits, experts))
 
 
 def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, cache_len: int,
@@ -601,7 +619,10 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
     layers took minutes to compile on the 1x2 mesh of 2 x H200 at 32 and 48 layers
     (XLA's slow-compile alarm named it, 2026-11-30). The values are the same either way."""
     cfg = config.model
-    shardings = None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len).layers[0]
+    # Placed (committed) as the step's outputs will be, so that its first call and the
+    # later ones are one program.
+    shardings = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                 else model.memory_shardings(config, mesh, batch, cache_len).layers[0])
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
 
     def make(key):
@@ -702,15 +723,18 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             # The first step from the same cache is compared across modes (later steps
             # drift apart as each mode writes its own keys and values).
             memory = filled_memory(config, batch, context, cache_len, mesh)
-            startup = runners.timed_compile(forward, params, tokens, memory, length)
-            first, _ = forward(params, tokens, memory, length)
+            into = blank_outputs(forward, mesh, params, tokens, memory, length)
+            startup = runners.timed_compile(forward, params, tokens, memory, length, into)
+            first, experts = forward(params, tokens, memory, length, into)
             logits[(mode, batch)] = np.asarray(first.logits, np.float32)
-            state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
+            state = {"memory": filled_memory(config, batch, context, cache_len, mesh),
+                     "into": (first.logits, experts)}
 
             def step():
-                out, experts = forward(params, tokens, state["memory"], length)
+                out, experts = forward(params, tokens, state["memory"], length, state["into"])
                 state["memory"] = out.model_state  # the context grows by one token a step
-                return out.logits, experts
+                state["into"] = out.logits, experts
+                return state["into"]
 
             seconds = timed(step, iters=iters)
             dispatch = dispatch_time(step)

@@ -1470,5 +1470,8 @@ def make_forward(config: LanguageModelConfig, mesh: Optional[Mesh] = None, donat
 
     With donate_memory, the cache passed in is donated and updated in place (do not use
     it after the call); otherwise every call writes a new copy of the whole cache.
+    (keep_unused: the steps of layers 1.. are written, never read; dropped from the
+    program, their donation would be lost and the new steps would be fresh buffers.)
     """
-    return jax.jit(make_apply(config, mesh), donate_argnums=(2,) if donate_memory else ())
+    return jax.jit(make_apply(config, mesh), donate_argnums=(2,) if donate_memory else (),
+                   keep_unused=donate_memory)

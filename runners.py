@@ -749,24 +749,6 @@ def request_keys(seed: jax.Array, count: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class SlotState:
-    """Per-slot state kept on the devices. All [B] except mask [B, V]."""
-
-    token: jax.Array  # int32: the last sampled token, fed at the next step
-    count: jax.Array  # int32: tokens generated so far (also the sampling key counter)
-    max_len: jax.Array  # int32
-    temperature: jax.Array  # float32
-    top_p: jax.Array  # float32
-    seed: jax.Array  # uint32
-    mask: jax.Array  # bool [B, V]
-
-
-jax.tree_util.register_dataclass(
-    SlotState, data_fields=["token", "count", "max_len", "temperature", "top_p", "seed", "mask"],
-    meta_fields=[])
-
-
-@dataclasses.dataclass(frozen=True)
 class StepOutput:
     """What one step hands back to the host: the draw of every row and which rows finished."""
 
@@ -777,11 +759,32 @@ class StepOutput:
 jax.tree_util.register_dataclass(StepOutput, data_fields=["draw", "done"], meta_fields=[])
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Per-slot state kept on the devices. All [B] except mask [B, V] and last."""
+
+    token: jax.Array  # int32: the last sampled token, fed at the next step
+    count: jax.Array  # int32: tokens generated so far (also the sampling key counter)
+    max_len: jax.Array  # int32
+    temperature: jax.Array  # float32
+    top_p: jax.Array  # float32
+    seed: jax.Array  # uint32
+    mask: jax.Array  # bool [B, V]
+    last: StepOutput  # the latest decode step's output, written over the one before (DecodeStep)
+
+
+jax.tree_util.register_dataclass(
+    SlotState, data_fields=["token", "count", "max_len", "temperature", "top_p", "seed", "mask", "last"],
+    meta_fields=[])
+
+
 def _empty_state(batch: int, vocab: int) -> SlotState:
     zeros = np.zeros((batch,), np.int32)
+    last = StepOutput(Draw(token=zeros, prob=np.zeros((batch,), np.float32), top_ids=np.zeros((batch, TOP_K), np.int32),
+                           top_probs=np.zeros((batch, TOP_K), np.float32)), done=np.zeros((batch,), bool))
     return SlotState(token=zeros, count=zeros, max_len=np.ones((batch,), np.int32),
                      temperature=np.zeros((batch,), np.float32), top_p=np.ones((batch,), np.float32),
-                     seed=np.zeros((batch,), np.uint32), mask=np.ones((batch, vocab), bool))
+                     seed=np.zeros((batch,), np.uint32), mask=np.ones((batch, vocab), bool), last=last)
 
 
 def _insert_cache(big: grok_model.Memory, small: grok_model.Memory, slot: jax.Array) -> grok_model.Memory:
@@ -824,7 +827,8 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
       prefill_rows_limit.
     decode(params, memory, state, active [B] bool) -> (memory, state, StepOutput of B rows)
       feeds every active slot its last token; inactive slots' caches do not advance (their
-      rows of the output are meaningless). Compiles once.
+      rows of the output are meaningless). Compiles once. A DecodeStep: two programs, the
+      step in place and a copy of its output for the host.
     """
     cfg = config.model
     seq_len = config.sequence_len
@@ -848,7 +852,7 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
             max_len=_set_rows(state.max_len, slot, max_len),
             temperature=_set_rows(state.temperature, slot, temperature),
             top_p=_set_rows(state.top_p, slot, top_p), seed=_set_rows(state.seed, slot, seed),
-            mask=_set_rows(state.mask, slot, mask),
+            mask=_set_rows(state.mask, slot, mask), last=state.last,
         )
         return memory, state, StepOutput(draw, finished(draw.token, first + 1, max_len))
 
@@ -859,15 +863,59 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
         keys = request_keys(state.seed, state.count)
         draw = sample_tokens(out.logits[:, 0, :], state.mask, state.temperature, state.top_p, keys)
         count = state.count + length
-        state = dataclasses.replace(state, token=jnp.where(active, draw.token, state.token), count=count)
-        return out.model_state, state, StepOutput(
-            draw, active & finished(draw.token, count, state.max_len))
+        last = StepOutput(draw, active & finished(draw.token, count, state.max_len))
+        return out.model_state, dataclasses.replace(
+            state, token=jnp.where(active, draw.token, state.token), count=count, last=last)
 
     memory_sharding = grok_model.memory_shardings(config, mesh, batch_size, seq_len)
     replicated = NamedSharding(mesh, P())
     prefill_jit = jax.jit(prefill, donate_argnums=(1, 2), out_shardings=(memory_sharding, replicated, replicated))
-    decode_jit = jax.jit(decode, donate_argnums=(1, 2), out_shardings=(memory_sharding, replicated, replicated))
-    return prefill_jit, decode_jit
+    # keep_unused: the cache steps of layers 1.. and state.last are only written, never
+    # read; jax would drop them from the program and their donation with them.
+    decode_jit = jax.jit(decode, donate_argnums=(1, 2), keep_unused=True,
+                         out_shardings=(memory_sharding, replicated))
+    take = jax.jit(lambda last: jax.tree_util.tree_map(jnp.copy, last), out_shardings=replicated)
+    return prefill_jit, DecodeStep(decode_jit, take)
+
+
+class DecodeStep:
+    """decode(params, memory, state, active) -> (memory, state, StepOutput) in two programs.
+
+    `step` returns nothing but buffers it was given (the cache and the state, donated; its
+    StepOutput is written into state.last), and `take` copies state.last for the host, who
+    may read it after later steps have donated the state. `active` (numpy) goes to the
+    devices only when it differs from the last call's. On a GPU XLA records a program into
+    CUDA graphs, and a buffer that is new at every call moves: the graph's commands touching
+    it are updated before each launch, and XLA lets the temporaries of all layers share a
+    fresh output's allocation. A fresh StepOutput cost the host ~5 us per updated command,
+    for most of the step's commands at every step (BENCHMARKS.md, "Session 8"); `take` is
+    one small program.
+    """
+
+    def __init__(self, step: Any, take: Any):
+        self.step = step  # jitted (params, memory, state, active) -> (memory, state)
+        self.take = take  # jitted StepOutput -> a copy of it
+        self._active: Optional[tuple[bytes, jax.Array]] = None  # the last `active`, on the devices
+
+    def __call__(self, params: Any, memory: grok_model.Memory, state: SlotState,
+                 active: Any) -> tuple[grok_model.Memory, SlotState, StepOutput]:
+        memory, state = self.step(params, memory, state, self._placed(active, state))
+        return memory, state, self.take(state.last)
+
+    def lower(self, params: Any, memory: Any, state: Any, active: Any) -> Any:
+        """The step's lowering for these inputs (arrays or shapes), `active` placed as calls
+        place it: what compile_steps compiles."""
+        placed = jax.ShapeDtypeStruct(np.shape(active), np.bool_, sharding=state.token.sharding)
+        return self.step.lower(params, memory, state, placed)
+
+    def _placed(self, active: Any, state: SlotState) -> jax.Array:
+        if isinstance(active, jax.Array):
+            return active
+        active = np.asarray(active, bool)
+        key = active.tobytes()
+        if self._active is None or self._active[0] != key:
+            self._active = (key, jax.device_put(active, state.token.sharding))
+        return self._active[1]
 
 
 def step_arguments(config: LanguageModelConfig, batch_size: int, bucket: Optional[int] = None,
@@ -952,6 +1000,8 @@ def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: An
         out[name] = timed_compile(fn, params, memory, state, *args)
         logger.info("Compiled %s (%d of %d programs): lowered in %.2f s, compiled in %.2f s.", name, i, len(calls),
                     out[name]["lower_s"], out[name]["compile_s"])
+    if isinstance(decode, DecodeStep):  # and its copy of the output for the host (a moment)
+        decode.take.lower(state.last).compile()
     return out
 
 

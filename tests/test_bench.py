@@ -75,6 +75,30 @@ GROK_EXPERT = 2 * (D * F + F * 2) + F * D + 8 * D * 2
 GROK_OUTSIDE = D * 4 + V * D * 2  # the final norm, the unembedding read as bf16
 
 
+def test_the_timed_step_writes_over_its_cache_and_outputs():
+    # bench.py model times the decode step as the runner runs it: returning only buffers it
+    # was given (on a GPU a fresh output makes XLA update the step's CUDA graphs at every
+    # call; see runners.DecodeStep). The logits and experts go over the call before's.
+    import jax
+    import jax.numpy as jnp
+
+    config = model.tiny_config(num_layers=2)
+    params = model.prepare_for_inference(model.init_random_params(config, 0, on_device=True), config)
+    forward = bench.routed_forward(config)
+    tokens, length = jnp.ones((2, 1), jnp.int32), jnp.ones((2,), jnp.int32)
+    memory = bench.filled_memory(config, 2, 8, 16)
+    into = bench.blank_outputs(forward, None, params, tokens, memory, length)
+    assert [a.shape for a in jax.tree_util.tree_leaves(into)] == [(2, 1, config.vocab_size), (2, 1, 2), (2, 1, 2)]
+    pointers = lambda tree: [a.unsafe_buffer_pointer() for a in jax.tree_util.tree_leaves(tree)]  # noqa: E731
+    out, experts = forward(params, tokens, memory, length, into)
+    given = pointers((out, experts))
+    for _ in range(2):
+        out, experts = forward(params, tokens, out.model_state, length, (out.logits, experts))
+        assert pointers((out, experts)) == given
+    assert forward._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(out.model_state.layers[1].step), [11, 11])
+
+
 def test_fit_fixed_variable_by_hand():
     # The 1 x H200 and 2 x H200 per-layer times: V = (0.59 - 0.45) / (1 - 1/2), F = 0.59 - V.
     fixed, variable = bench.fit_fixed_variable({1: 0.59, 2: 0.45})

@@ -502,10 +502,10 @@ def test_bad_requests_raise_clear_errors(runner, request_, message):
 
 
 def test_bad_request_in_a_list_fails_before_anything_runs(runner):
-    calls = runner._engine.decode._cache_size(), runner._engine.num_active()
+    calls = runner._engine.decode.step._cache_size(), runner._engine.num_active()
     with pytest.raises(InvalidRequestError, match="max_len=-1"):
         runner.generate([Request(PROMPTS[0], 0.0, 1.0, 0, 4), Request(PROMPTS[1], 0.0, 1.0, 0, -1)])
-    assert (runner._engine.decode._cache_size(), runner._engine.num_active()) == calls
+    assert (runner._engine.decode.step._cache_size(), runner._engine.num_active()) == calls
 
 
 def test_prepare_takes_tokens_the_caller_has_already(runner):
@@ -554,7 +554,7 @@ def test_each_bucket_and_the_decode_step_compile_once(runner):
         jax.jit(lambda x: x * 3 + 1)(np.arange(3))  # a probe: the listener does see compiles
     assert len(compiles) == 1  # the probe's, none of the runner's
     assert runner._engine.prefill._cache_size() == len(PAD_SIZES)
-    assert runner._engine.decode._cache_size() == 1
+    assert runner._engine.decode.step._cache_size() == runner._engine.decode.take._cache_size() == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -790,3 +790,37 @@ def test_a_decode_layer_on_a_model_axis_takes_two_all_reduces_and_nothing_else(m
     # Outside the layers: the embedding's gather and the unembedding's partial sums.
     assert two - collections.Counter({"all-reduce": 2 * 2}) == collections.Counter(
         {"all-gather": 1, "all-reduce": 1}), two
+
+
+def _pointers(tree) -> list[int]:
+    return [s.data.unsafe_buffer_pointer() for a in jax.tree_util.tree_leaves(tree) for s in a.addressable_shards]
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 2)])
+def test_the_decode_step_returns_only_buffers_it_was_given(mesh_shape):
+    # On a GPU a fresh output lies elsewhere at every call, and XLA updates every command of
+    # the step's CUDA graphs that touches it (and the temporaries sharing its allocation)
+    # before each launch: the cache (every layer's step too, though only layer 0's is read)
+    # and the state, with the step's output in state.last, must be written in place.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    config = model.tiny_config(num_layers=2)
+    mesh = Mesh(np.array(jax.devices()[:mesh_shape[0] * mesh_shape[1]]).reshape(mesh_shape), ("data", "model"))
+    _, decode = runners.make_step_functions(config, mesh, 4)
+    params = model.prepare_for_inference(model.init_random_params(config, 0, mesh, on_device=True), config)
+    memory = model.init_memory(config, 4, config.sequence_len, mesh)
+    state = jax.device_put(runners._empty_state(4, config.vocab_size), NamedSharding(mesh, P()))
+    active = np.array([True, False, True, True])
+    # (On the CPU jax may place a numpy array without copying it, and such a buffer cannot
+    # be donated: the first call's outputs are the buffers to follow.)
+    memory, state, _ = decode(params, memory, state, active)
+    given = _pointers((memory, state))
+    for _ in range(2):
+        memory, state, out = decode(params, memory, state, active.copy())
+        assert _pointers((memory, state)) == given
+    assert not set(_pointers(out)) & set(given)  # the host's copy is its own
+    np.testing.assert_array_equal(np.asarray(out.draw.token), np.asarray(state.last.draw.token))
+    np.testing.assert_array_equal(np.asarray(memory.layers[1].step), [3, 0, 3, 3])
+    placed = decode._placed(active.copy(), state)
+    assert decode._placed(active.copy(), state) is placed  # `active` is sent once while it stays
+    assert decode._placed(~active, state) is not placed
