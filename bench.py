@@ -601,6 +601,21 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
     return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2, 4), keep_unused=True)
 
 
+def in_place_step(forward: Any, params: Any, tokens: jax.Array, length: jax.Array, memory: model.Memory,
+                  into: tuple) -> Callable[[], tuple]:
+    """step() -> (logits, experts): routed_forward's next decode step from `memory` (the
+    context grows by one token a step), written over the cache and the outputs of the step
+    before (`into` at first), as the runner's decode step is."""
+    state = {"memory": memory, "into": into}
+
+    def step():
+        out, experts = forward(params, tokens, state["memory"], length, state["into"])
+        state["memory"], state["into"] = out.model_state, (out.logits, experts)
+        return state["into"]
+
+    return step
+
+
 def blank_outputs(forward: Any, mesh: Any, *args: Any) -> tuple:
     """Zeros for routed_forward's `into` at its first call with args (params, tokens, memory,
     length): (logits, experts), replicated as the step returns them."""
@@ -727,15 +742,10 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             startup = runners.timed_compile(forward, params, tokens, memory, length, into)
             first, experts = forward(params, tokens, memory, length, into)
             logits[(mode, batch)] = np.asarray(first.logits, np.float32)
-            state = {"memory": filled_memory(config, batch, context, cache_len, mesh),
-                     "into": (first.logits, experts)}
-
-            def step():
-                out, experts = forward(params, tokens, state["memory"], length, state["into"])
-                state["memory"] = out.model_state  # the context grows by one token a step
-                state["into"] = out.logits, experts
-                return state["into"]
-
+            into = first.logits, experts
+            del first  # its cache
+            step = in_place_step(forward, params, tokens, length,
+                                 filled_memory(config, batch, context, cache_len, mesh), into)
             seconds = timed(step, iters=iters)
             dispatch = dispatch_time(step)
             _, experts = step()
@@ -746,7 +756,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
             rows.append(row)
             print(row, flush=True)
             save(json_path, results, rows)
-            state.clear()  # the cache goes before the next batch's
+            del step  # the cache goes before the next batch's
 
         if prefill_len <= 0:
             continue
@@ -879,16 +889,12 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config,
                                          consume=True)
     cache_len = cache_len or -(-(context + steps + 8) // 128) * 128
-    forward = model.make_forward(config, mesh, donate_memory=True)
+    forward = routed_forward(config, mesh)
     tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
     length = jnp.ones((batch,), jnp.int32)
-    state = {"memory": filled_memory(config, batch, context, cache_len, mesh)}
-
-    def step():
-        out = forward(params, tokens, state["memory"], length)
-        state["memory"] = out.model_state
-        return out.logits
-
+    memory = filled_memory(config, batch, context, cache_len, mesh)
+    step = in_place_step(forward, params, tokens, length, memory,
+                         blank_outputs(forward, mesh, params, tokens, memory, length))
     for _ in range(3):
         jax.block_until_ready(step())
     jax.profiler.start_trace(trace_dir)
