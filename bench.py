@@ -1820,7 +1820,8 @@ def measure_engine(runner: Any, seconds: float = 1.0, temperature: float = 0.7, 
     def raw_chunk() -> None:
         for _ in range(chunk):
             engine.memory, engine.state, out = engine.decode(engine.params, engine.memory, engine.state, active)
-        jax.block_until_ready(out)
+            engine.decode.recycle(out)  # unread: the next step's copy goes over it, as collect() lets it
+        jax.block_until_ready(engine.state)
 
     def step_chunk() -> None:
         for _ in range(chunk):

@@ -874,8 +874,13 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
     # read; jax would drop them from the program and their donation with them.
     decode_jit = jax.jit(decode, donate_argnums=(1, 2), keep_unused=True,
                          out_shardings=(memory_sharding, replicated))
-    take = jax.jit(lambda last: jax.tree_util.tree_map(jnp.copy, last), out_shardings=replicated)
-    return prefill_jit, DecodeStep(decode_jit, take)
+    def copy(last, spare=None):
+        del spare  # donated: the copy is written over it
+        return jax.tree_util.tree_map(jnp.copy, last)
+
+    take = jax.jit(copy, out_shardings=replicated)
+    take_into = jax.jit(copy, out_shardings=replicated, donate_argnums=1, keep_unused=True)
+    return prefill_jit, DecodeStep(decode_jit, take, take_into)
 
 
 class DecodeStep:
@@ -883,24 +888,39 @@ class DecodeStep:
 
     `step` returns nothing but buffers it was given (the cache and the state, donated; its
     StepOutput is written into state.last), and `take` copies state.last for the host, who
-    may read it after later steps have donated the state. `active` (numpy) goes to the
-    devices only when it differs from the last call's. On a GPU XLA records a program into
-    CUDA graphs, and a buffer that is new at every call moves: the graph's commands touching
-    it are updated before each launch, and XLA lets the temporaries of all layers share a
-    fresh output's allocation. A fresh StepOutput cost the host ~5 us per updated command,
-    for most of the step's commands at every step (BENCHMARKS.md, "Session 8"); `take` is
-    one small program.
+    may read it after later steps have donated the state. On a GPU XLA records a program into
+    CUDA graphs, and a buffer that lies elsewhere than at the last call (a fresh output, or
+    the program's temporaries when other allocations pushed them) makes it update the
+    graph's commands touching it before each launch, ~5 us of host time per command. XLA
+    lets the temporaries of all layers share a fresh output's allocation, so a fresh
+    StepOutput made most of the step's commands be updated at every step (BENCHMARKS.md,
+    "Session 8"). `take` writes over a spare output the host is done with (recycle()) where
+    there is one, so that its copies take no new device memory where the step's
+    temporaries lay. `active` (numpy) goes to the devices only when it changes.
+    One caller at a time (the engine's lock).
     """
 
-    def __init__(self, step: Any, take: Any):
+    SPARES = 8  # recycled outputs kept for `take` to write over
+
+    def __init__(self, step: Any, take: Any, take_into: Any):
         self.step = step  # jitted (params, memory, state, active) -> (memory, state)
         self.take = take  # jitted StepOutput -> a copy of it
+        self.take_into = take_into  # jitted (StepOutput, spare, donated) -> the copy, in the spare
+        self._spares: list[StepOutput] = []
         self._active: Optional[tuple[bytes, jax.Array]] = None  # the last `active`, on the devices
 
     def __call__(self, params: Any, memory: grok_model.Memory, state: SlotState,
                  active: Any) -> tuple[grok_model.Memory, SlotState, StepOutput]:
         memory, state = self.step(params, memory, state, self._placed(active, state))
+        if self._spares:
+            return memory, state, self.take_into(state.last, self._spares.pop())
         return memory, state, self.take(state.last)
+
+    def recycle(self, out: StepOutput) -> None:
+        """Hand back a StepOutput of this step that the host has read: a later call writes
+        over it (its arrays are deleted then; do not read them after this)."""
+        if len(self._spares) < self.SPARES:
+            self._spares.append(out)
 
     def lower(self, params: Any, memory: Any, state: Any, active: Any) -> Any:
         """The step's lowering for these inputs (arrays or shapes), `active` placed as calls
@@ -1000,8 +1020,9 @@ def compile_steps(prefill: Any, decode: Any, params: Any, memory: Any, state: An
         out[name] = timed_compile(fn, params, memory, state, *args)
         logger.info("Compiled %s (%d of %d programs): lowered in %.2f s, compiled in %.2f s.", name, i, len(calls),
                     out[name]["lower_s"], out[name]["compile_s"])
-    if isinstance(decode, DecodeStep):  # and its copy of the output for the host (a moment)
+    if isinstance(decode, DecodeStep):  # and its copies of the output for the host (a moment)
         decode.take.lower(state.last).compile()
+        decode.take_into.lower(state.last, state.last).compile()
     return out
 
 
@@ -1393,6 +1414,8 @@ class _Engine:
                 return []  # nothing to wait for: a later step's collect() waits for this one too
             with self._deadline(handle.program):
                 out = _to_host(handle.out)
+            if handle.program == ("decode",):
+                self.decode.recycle(handle.out)
             # Python scalars for the whole step at once (numpy item access per value is slower).
             token, done, prob = out.draw.token.tolist(), out.done.tolist(), out.draw.prob.tolist()
             top_ids, top_probs = out.draw.top_ids.tolist(), out.draw.top_probs.tolist()

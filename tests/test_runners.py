@@ -554,7 +554,9 @@ def test_each_bucket_and_the_decode_step_compile_once(runner):
         jax.jit(lambda x: x * 3 + 1)(np.arange(3))  # a probe: the listener does see compiles
     assert len(compiles) == 1  # the probe's, none of the runner's
     assert runner._engine.prefill._cache_size() == len(PAD_SIZES)
-    assert runner._engine.decode.step._cache_size() == runner._engine.decode.take._cache_size() == 1
+    decode = runner._engine.decode
+    assert decode.step._cache_size() == decode.take_into._cache_size() == 1
+    assert decode._spares  # collect() hands the outputs it read back for the next copies
 
 
 # ---------------------------------------------------------------------------------------
@@ -819,8 +821,12 @@ def test_the_decode_step_returns_only_buffers_it_was_given(mesh_shape):
         memory, state, out = decode(params, memory, state, active.copy())
         assert _pointers((memory, state)) == given
     assert not set(_pointers(out)) & set(given)  # the host's copy is its own
+    read = _pointers(out)
+    decode.recycle(out)  # read by the host: the next copy goes over it
+    memory, state, out = decode(params, memory, state, active)
+    assert _pointers(out) == read and _pointers((memory, state)) == given
     np.testing.assert_array_equal(np.asarray(out.draw.token), np.asarray(state.last.draw.token))
-    np.testing.assert_array_equal(np.asarray(memory.layers[1].step), [3, 0, 3, 3])
+    np.testing.assert_array_equal(np.asarray(memory.layers[1].step), [4, 0, 4, 4])
     placed = decode._placed(active.copy(), state)
     assert decode._placed(active.copy(), state) is placed  # `active` is sent once while it stays
     assert decode._placed(~active, state) is not placed
