@@ -577,7 +577,9 @@ def matmul_rate(n: int = 8192) -> float:
 
 def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
     """forward(params, tokens, memory, length, into=None) -> (LanguageModelOutput, experts):
-    model.make_forward with the cache donated, also returning every layer's expert choice.
+    model.make_forward with the cache donated, also returning every layer's expert choice:
+    the experts [B, T, k], or where the route kernel chooses them inside the MoE
+    (kernels.route) the router's logits [B, T, E] it chose from (decode_bytes takes either).
 
     `into`: the (logits, experts) of the call before (or blank_outputs()), donated and
     written over. Then the step returns no fresh buffer, as the runner's decode step
@@ -586,12 +588,18 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
 
     def fn(tokens, memory, length, into=None):
         del into  # only donated: the outputs are written over it
-        experts = []
+        experts, depth = [], [0]
 
         def record(method, args, kwargs, context):
+            if not isinstance(context.module, model.Router) or context.method_name not in ("__call__", "logits"):
+                return method(*args, **kwargs)
+            depth[0] += 1  # Router.__call__ calls Router.logits
             out = method(*args, **kwargs)
-            if isinstance(context.module, model.Router) and context.method_name == "__call__":
+            depth[0] -= 1
+            if context.method_name == "__call__":
                 experts.append(out[1])
+            elif depth[0] == 0:  # the logits alone: the route kernel picks the experts
+                experts.append(out)
             return out
 
         with hk.intercept_methods(record):
@@ -668,7 +676,10 @@ def decode_bytes(params: dict, config: model.LanguageModelConfig, experts: list,
             else:
                 total += weight_bytes(leaf)
     for layer, chosen in enumerate(experts):
-        touched = len(np.unique(np.asarray(chosen)))
+        chosen = np.asarray(chosen)
+        if chosen.dtype.kind == "f":  # the router's logits (routed_forward): their top k
+            chosen = np.argsort(-chosen, axis=-1, kind="stable")[..., :config.model.num_selected_experts]
+        touched = len(np.unique(chosen))
         for part in ("linear", "linear_v", "linear_1"):
             w = params[f"transformer/decoder_layer_{layer}/moe/{part}"]["w"]
             total += weight_bytes(w) * touched // config.model.num_experts

@@ -284,9 +284,12 @@ def routed_forward(config: model.LanguageModelConfig):
     """(params, tokens, memory) -> (logits [B, T, V], memory, experts [L, B, T, k]): bench's
     forward that also returns each layer's expert choice (the memory passed in is donated)."""
     forward = bench.routed_forward(config)
+    k = config.model.num_selected_experts
 
     def fn(params, tokens, memory):
         out, experts = forward(params, tokens, memory, None)
+        # Where the route kernel chose (on a GPU), the router's logits: the choice is their top k.
+        experts = [e if e.dtype == jnp.int32 else jax.lax.top_k(e, k)[1] for e in experts]
         return out.logits, out.model_state, jnp.stack(experts)
 
     return fn

@@ -99,6 +99,29 @@ def test_the_timed_step_writes_over_its_cache_and_outputs():
     np.testing.assert_array_equal(np.asarray(out.model_state.layers[1].step), [11, 11])
 
 
+def test_the_timed_step_reports_the_route_kernels_choice_as_the_routers_logits():
+    # Where kernels.route picks the experts inside the MoE (a GPU's decode step; here run
+    # interpreted), Router.__call__ is not called: the step reports the logits it picked
+    # from, and decode_bytes counts the experts their top k touch, as for the plain path.
+    import jax.numpy as jnp
+
+    import kernels
+
+    config = model.tiny_config(num_layers=2)
+    params = model.prepare_for_inference(model.init_random_params(config, 0, on_device=True), config)
+    tokens, length = jnp.asarray([[5], [9]]), jnp.ones((2,), jnp.int32)
+    _, plain = bench.routed_forward(config)(params, tokens, bench.filled_memory(config, 2, 8, 16), length)
+    with kernels.auto_backend("interpret"):
+        _, fused = bench.routed_forward(config)(params, tokens, bench.filled_memory(config, 2, 8, 16), length)
+    k = config.model.num_selected_experts
+    assert [e.dtype for e in plain] == [jnp.int32] * 2 and [e.shape for e in plain] == [(2, 1, k)] * 2
+    assert [e.shape for e in fused] == [(2, 1, config.model.num_experts)] * 2
+    for logits, experts in zip(fused, plain):
+        top = np.argsort(-np.asarray(logits), axis=-1)[..., :k]
+        np.testing.assert_array_equal(np.sort(top, -1), np.sort(np.asarray(experts), -1))
+    assert bench.decode_bytes(params, config, fused, 2, 8) == bench.decode_bytes(params, config, plain, 2, 8)
+
+
 def test_fit_fixed_variable_by_hand():
     # The 1 x H200 and 2 x H200 per-layer times: V = (0.59 - 0.45) / (1 - 1/2), F = 0.59 - V.
     fixed, variable = bench.fit_fixed_variable({1: 0.59, 2: 0.45})
