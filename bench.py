@@ -1608,6 +1608,8 @@ def project_bench(args: argparse.Namespace) -> dict:
                          "--from-json (bench.py model result files), not both and not neither")
     if args.devices < 1 or args.layers < 1:
         raise ValueError(f"--devices and --layers must be >= 1, got {args.devices} and {args.layers}")
+    if args.host_json and not args.from_json:
+        raise ValueError("--host-json goes with --from-json")
     meta: dict = {}
     if args.measured:
         inputs = parse_measured(args.measured)
@@ -1658,14 +1660,18 @@ def project_bench(args: argparse.Namespace) -> dict:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
     print(format_projection(rows, header))
     # The host enqueues every step's kernels on its own; the devices cannot step faster.
-    if meta.get("host_enqueue_ms") and meta.get("host"):
-        print(f"  host floor measured on: {'; '.join(meta['host'])}")
-    for h in meta.get("host_enqueue_ms", []):
+    host_meta = meta
+    if args.host_json:  # the host's side from other runs (say, of a newer step)
+        _, host_meta = read_model_runs(args.host_json, args.mode)
+        print(f"  host floor from {len(args.host_json)} other bench.py model file(s): {', '.join(args.host_json)}")
+    if host_meta.get("host_enqueue_ms") and host_meta.get("host"):
+        print(f"  host floor measured on: {'; '.join(host_meta['host'])}")
+    for h in host_meta.get("host_enqueue_ms", []):
         print(f"  host, measured on {h['devices']} device(s), batch {h['batch']}: enqueueing a step took "
               f"{h['outside_ms']:.3f} ms + {h['per_layer_ms']:.4f} ms per layer -> "
               f"{host_floor_ms(h, args.layers):.2f} ms at {args.layers} layers, "
               "a floor on the step while the devices wait for it")
-    bound_by_host(rows, meta.get("host_enqueue_ms", []), args.layers)
+    bound_by_host(rows, host_meta.get("host_enqueue_ms", []), args.layers)
     bounded = [r for r in rows if "bounded_step_ms" in r]
     if bounded:
         print(f"\nbounded by the host (step = max(devices, host floor)):\n{'batch':>5} {'devices ms':>10} "
@@ -1676,6 +1682,8 @@ def project_bench(args: argparse.Namespace) -> dict:
     report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
               "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
               "source": source, "files_meta": meta, "rows": rows}
+    if args.host_json:
+        report.update(host_source=args.host_json, host_meta=host_meta)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -2455,6 +2463,9 @@ def main(argv: list[str] | None = None) -> Any:
                    help="per-layer decode ms on N devices, once per batch: --measured 1=1:0.59,2:0.45")
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                    help="bench.py model --json results instead: 2+ layer counts per device count")
+    p.add_argument("--host-json", nargs="+", default=None, metavar="FILE",
+                   help="bench.py model --json results to take the host's enqueue floor from instead of "
+                        "--from-json's (2+ layer counts, e.g. a newer step measured on fewer devices)")
     p.add_argument("--mode", default="fast", help="which mode's rows to read from the files")
     p.add_argument("--layers", type=int, default=64)
     p.add_argument("--context", type=int, default=None,

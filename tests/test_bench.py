@@ -234,6 +234,24 @@ def test_project_states_the_hosts_enqueue_floor(tmp_path, capsys):
     assert r["bounded_roofline_pct"] == pytest.approx(100 * r["roofline_ms"] / 25.8)
 
 
+def test_project_takes_the_host_floor_from_other_runs_when_told(tmp_path, capsys):
+    # The devices' fit from one set of runs, the host's floor from newer ones on one device
+    # (0.1 + 0.05 per layer -> 3.3 ms at 64 layers, below the devices' step: not bounding).
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66}, dispatch_ms=1.0),
+             _model_json(tmp_path / "b.json", 8, None, {1: 5.20}, dispatch_ms=3.4),
+             _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 1.72}),
+             _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 4.43})]
+    newer = [_model_json(tmp_path / "e.json", 2, None, {1: 1.6}, dispatch_ms=0.2),
+             _model_json(tmp_path / "f.json", 8, None, {1: 5.1}, dispatch_ms=0.5)]
+    report = bench.main(["project", "--from-json", *files, "--host-json", *newer])
+    out = capsys.readouterr().out
+    assert f"host floor from 2 other bench.py model file(s): {newer[0]}, {newer[1]}" in out
+    assert "3.30 ms at 64 layers" in out and "25.80 ms" not in out
+    (r,) = report["rows"]
+    assert r["host_floor_ms"] == pytest.approx(3.3) and r["bounded_step_ms"] == r["step_ms"]
+    assert report["host_source"] == newer
+
+
 def test_project_leaves_out_a_batch_measured_on_one_device_count(tmp_path, capsys):
     # Batch 8 ran on one GPU only (the 1x2 runs took batch 1): batch 1 is projected, 8 is named.
     files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.66, 8: 2.8}),
@@ -269,6 +287,7 @@ def test_the_host_floor_bounds_a_step_only_when_above_it_and_comes_from_the_most
     (["project", "--measured", "1=1:0.5"], "at least 2 device counts"),
     (["project", "--measured", "1=0.5"], "expected BATCH=N:MS"),
     (["project", "--measured", "1=1:0.5,2:0.4", "--bandwidth-gbs", "0"], "must be > 0"),
+    (["project", "--measured", "1=1:0.5,2:0.4", "--host-json", "x.json"], "--host-json goes with --from-json"),
 ])
 def test_project_cli_misuse_is_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
