@@ -874,6 +874,7 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
     # read; jax would drop them from the program and their donation with them.
     decode_jit = jax.jit(decode, donate_argnums=(1, 2), keep_unused=True,
                          out_shardings=(memory_sharding, replicated))
+
     def copy(last, spare=None):
         del spare  # donated: the copy is written over it
         return jax.tree_util.tree_map(jnp.copy, last)
