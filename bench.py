@@ -575,7 +575,7 @@ def matmul_rate(n: int = 8192) -> float:
 # --- the model -----------------------------------------------------------------------------
 
 
-def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
+def routed_forward(config: model.LanguageModelConfig, mesh: Any = None, memory_sharding: Any = None):
     """forward(params, tokens, memory, length, into=None) -> (LanguageModelOutput, experts):
     model.make_forward with the cache donated, also returning every layer's expert choice:
     the experts [B, T, k], or where the route kernel chooses them inside the MoE
@@ -584,7 +584,12 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
     `into`: the (logits, experts) of the call before (or blank_outputs()), donated and
     written over. Then the step returns no fresh buffer, as the runner's decode step
     (runners.DecodeStep): a fresh output moves between calls and XLA shares its allocation
-    with temporaries, so the step's CUDA graphs would be updated at every call."""
+    with temporaries, so the step's CUDA graphs would be updated at every call.
+
+    memory_sharding (with a mesh): the cache's, as filled_memory places it; the step returns
+    it so placed (the logits and experts replicated), and its calls are one program. Left to
+    XLA, the cache comes back in an equivalent but unequal sharding and the second call
+    compiles again."""
 
     def fn(tokens, memory, length, into=None):
         del into  # only donated: the outputs are written over it
@@ -606,7 +611,12 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None):
             out = config.make(mesh=mesh)(tokens, memory, length=length)
         return out, experts
 
-    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2, 4), keep_unused=True)
+    out_shardings = None
+    if mesh is not None and memory_sharding is not None:
+        replicated = NamedSharding(mesh, P())
+        out_shardings = (model.LanguageModelOutput(logits=replicated, model_state=memory_sharding), replicated)
+    return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2, 4), keep_unused=True,
+                   out_shardings=out_shardings)
 
 
 def in_place_step(forward: Any, params: Any, tokens: jax.Array, length: jax.Array, memory: model.Memory,
@@ -634,6 +644,11 @@ def blank_outputs(forward: Any, mesh: Any, *args: Any) -> tuple:
                                   (out.logits, experts))
 
 
+def _cache_sharding(config: model.LanguageModelConfig, mesh: Any, batch: int, cache_len: int) -> Any:
+    """The cache's shardings on `mesh` (None without one), as filled_memory places it."""
+    return None if mesh is None else model.memory_shardings(config, mesh, batch, cache_len)
+
+
 def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, cache_len: int,
                   mesh: Any = None) -> model.Memory:
     """A cache holding `context` random keys/values per sequence (step = context).
@@ -645,7 +660,7 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
     # Placed (committed) as the step's outputs will be, so that its first call and the
     # later ones are one program.
     shardings = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
-                 else model.memory_shardings(config, mesh, batch, cache_len).layers[0])
+                 else _cache_sharding(config, mesh, batch, cache_len).layers[0])
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
 
     def make(key):
@@ -742,8 +757,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     rows, logits = [], {}
     for mode in modes:
         config, params = model.with_moe_impl(base, mode), prepared[mode]
-        forward = routed_forward(config, mesh)
         for batch in batches:
+            forward = routed_forward(config, mesh, _cache_sharding(config, mesh, batch, cache_len))
             tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
             length = jnp.ones((batch,), jnp.int32)
             # The first step from the same cache is compared across modes (later steps
@@ -900,7 +915,7 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config,
                                          consume=True)
     cache_len = cache_len or -(-(context + steps + 8) // 128) * 128
-    forward = routed_forward(config, mesh)
+    forward = routed_forward(config, mesh, _cache_sharding(config, mesh, batch, cache_len))
     tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
     length = jnp.ones((batch,), jnp.int32)
     memory = filled_memory(config, batch, context, cache_len, mesh)

@@ -75,28 +75,33 @@ GROK_EXPERT = 2 * (D * F + F * 2) + F * D + 8 * D * 2
 GROK_OUTSIDE = D * 4 + V * D * 2  # the final norm, the unembedding read as bf16
 
 
-def test_the_timed_step_writes_over_its_cache_and_outputs():
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2)])
+def test_the_timed_step_writes_over_its_cache_and_outputs(mesh_shape):
     # bench.py model times the decode step as the runner runs it: returning only buffers it
     # was given (on a GPU a fresh output makes XLA update the step's CUDA graphs at every
-    # call; see runners.DecodeStep). The logits and experts go over the call before's.
+    # call; see runners.DecodeStep). The logits and experts go over the call before's, and
+    # every call is the first one's program (on a mesh too).
     import jax
     import jax.numpy as jnp
 
+    import runners
+
     config = model.tiny_config(num_layers=2)
-    params = model.prepare_for_inference(model.init_random_params(config, 0, on_device=True), config)
-    forward = bench.routed_forward(config)
+    mesh = None if mesh_shape is None else runners.make_mesh(mesh_shape, (1, 1))
+    params = model.prepare_for_inference(model.init_random_params(config, 0, mesh, on_device=True), config)
+    forward = bench.routed_forward(config, mesh, bench._cache_sharding(config, mesh, 2, 16))
     tokens, length = jnp.ones((2, 1), jnp.int32), jnp.ones((2,), jnp.int32)
-    memory = bench.filled_memory(config, 2, 8, 16)
-    into = bench.blank_outputs(forward, None, params, tokens, memory, length)
+    memory = bench.filled_memory(config, 2, 8, 16, mesh)
+    into = bench.blank_outputs(forward, mesh, params, tokens, memory, length)
     assert [a.shape for a in jax.tree_util.tree_leaves(into)] == [(2, 1, config.vocab_size), (2, 1, 2), (2, 1, 2)]
-    pointers = lambda tree: [a.unsafe_buffer_pointer() for a in jax.tree_util.tree_leaves(tree)]  # noqa: E731
-    out, experts = forward(params, tokens, memory, length, into)
-    given = pointers((out, experts))
+    step = bench.in_place_step(forward, params, tokens, length, memory, into)
+    pointers = lambda tree: [s.data.unsafe_buffer_pointer()  # noqa: E731
+                             for a in jax.tree_util.tree_leaves(tree) for s in a.addressable_shards]
+    given = pointers(step())
     for _ in range(2):
-        out, experts = forward(params, tokens, out.model_state, length, (out.logits, experts))
-        assert pointers((out, experts)) == given
+        logits, experts = step()
+        assert pointers((logits, experts)) == given
     assert forward._cache_size() == 1
-    np.testing.assert_array_equal(np.asarray(out.model_state.layers[1].step), [11, 11])
 
 
 def test_the_timed_step_reports_the_route_kernels_choice_as_the_routers_logits():
