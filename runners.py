@@ -887,18 +887,18 @@ def make_step_functions(config: LanguageModelConfig, mesh: Mesh, batch_size: int
 class DecodeStep:
     """decode(params, memory, state, active) -> (memory, state, StepOutput) in two programs.
 
-    `step` returns nothing but buffers it was given (the cache and the state, donated; its
-    StepOutput is written into state.last), and `take` copies state.last for the host, who
-    may read it after later steps have donated the state. On a GPU XLA records a program into
-    CUDA graphs, and a buffer that lies elsewhere than at the last call (a fresh output, or
-    the program's temporaries when other allocations pushed them) makes it update the
-    graph's commands touching it before each launch, ~5 us of host time per command. XLA
-    lets the temporaries of all layers share a fresh output's allocation, so a fresh
-    StepOutput made most of the step's commands be updated at every step (BENCHMARKS.md,
-    "Session 8"). `take` writes over a spare output the host is done with (recycle()) where
-    there is one, so that its copies take no new device memory where the step's
-    temporaries lay. `active` (numpy) goes to the devices only when it changes.
-    One caller at a time (the engine's lock).
+    `step` returns only buffers it was given: the cache and the state, donated, with its
+    StepOutput written into state.last. `take` copies state.last for the host, who reads it
+    after later steps have donated the state; it writes over a spare output the host is done
+    with (recycle()) where there is one. `active` (numpy) goes to the devices only when it
+    changes. One caller at a time (the engine's lock).
+
+    Why: on a GPU XLA records a program into CUDA graphs, and before each launch updates the
+    commands touching any buffer that lies elsewhere than at the last call, ~5 us of host
+    time per command. A fresh output moves at every call, and XLA lets the temporaries of
+    all layers share its allocation; fresh copies in `take` took the place of the step's
+    temporaries, which then moved. Either way most of the step's commands were updated at
+    every step (BENCHMARKS.md, "Session 8").
     """
 
     SPARES = 8  # recycled outputs kept for `take` to write over
