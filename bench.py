@@ -575,6 +575,12 @@ def matmul_rate(n: int = 8192) -> float:
 # --- the model -----------------------------------------------------------------------------
 
 
+def _whole(mesh: Any) -> Any:
+    """An array whole on every device of `mesh` (without one: committed to the first device,
+    as a jitted step's outputs are, so that its calls are one program)."""
+    return NamedSharding(mesh, P()) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def routed_forward(config: model.LanguageModelConfig, mesh: Any = None, memory_sharding: Any = None):
     """forward(params, tokens, memory, length, into=None) -> (LanguageModelOutput, experts):
     model.make_forward with the cache donated, also returning every layer's expert choice:
@@ -613,8 +619,7 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None, memory_s
 
     out_shardings = None
     if mesh is not None and memory_sharding is not None:
-        replicated = NamedSharding(mesh, P())
-        out_shardings = (model.LanguageModelOutput(logits=replicated, model_state=memory_sharding), replicated)
+        out_shardings = (model.LanguageModelOutput(logits=_whole(mesh), model_state=memory_sharding), _whole(mesh))
     return jax.jit(hk.without_apply_rng(hk.transform(fn)).apply, donate_argnums=(2, 4), keep_unused=True,
                    out_shardings=out_shardings)
 
@@ -638,9 +643,7 @@ def blank_outputs(forward: Any, mesh: Any, *args: Any) -> tuple:
     """Zeros for routed_forward's `into` at its first call with args (params, tokens, memory,
     length): (logits, experts), replicated as the step returns them."""
     out, experts = forward.eval_shape(*args)
-    sharding = (NamedSharding(mesh, P()) if mesh is not None
-                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    return jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), sharding),
+    return jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), _whole(mesh)),
                                   (out.logits, experts))
 
 
@@ -659,8 +662,7 @@ def filled_memory(config: model.LanguageModelConfig, batch: int, context: int, c
     cfg = config.model
     # Placed (committed) as the step's outputs will be, so that its first call and the
     # later ones are one program.
-    shardings = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
-                 else _cache_sharding(config, mesh, batch, cache_len).layers[0])
+    shardings = _whole(None) if mesh is None else _cache_sharding(config, mesh, batch, cache_len).layers[0]
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.key_size)
 
     def make(key):

@@ -930,8 +930,6 @@ class DecodeStep:
         return self.step.lower(params, memory, state, placed)
 
     def _placed(self, active: Any, state: SlotState) -> jax.Array:
-        if isinstance(active, jax.Array):
-            return active
         active = np.asarray(active, bool)
         key = active.tobytes()
         if self._active is None or self._active[0] != key:

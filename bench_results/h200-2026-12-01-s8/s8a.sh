@@ -5,7 +5,7 @@
 # buffer), with XLA's command-buffer logs at VLOG 3 (command_buffer_thunk, command_executor,
 # command_buffer_cmd) and the buffer assignment dumped, so that the logged allocation indices
 # can be named.
-#   OUT=$OUT bash .scratch/s8a.sh     -> $OUT/s8a.tgz
+#   OUT=$OUT bash .scratch/s8a.sh     -> $OUT/s8a.tgz   (stable_probe.py: ../h200-2026-11-30-s7/stable_probe.py)
 R=/tmp/s8a; mkdir -p $R
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
