@@ -715,13 +715,31 @@ def prefill_flops(config: model.LanguageModelConfig, tokens: int) -> float:
     return cfg.num_layers * (proj + experts + attention)
 
 
+def device_share(config: model.LanguageModelConfig, n: int) -> model.LanguageModelConfig:
+    """One device's part of a 1xN mesh as a model of its own: 1/N of the query and KV heads,
+    of the experts' width and of the vocabulary; the residual stream as wide as before (the
+    fast path keeps it whole on every model shard). On one device it runs the local work of a
+    sharded decode step without its collectives, at the sizes N devices would each have."""
+    cfg = config.model
+    share = dataclasses.replace(cfg, num_q_heads=cfg.num_q_heads // n, num_kv_heads=cfg.num_kv_heads // n,
+                                widening_factor=cfg.widening_factor / n)
+    if (n < 1 or cfg.num_q_heads % n or cfg.num_kv_heads % n or config.vocab_size % n
+            or share.ffn_size != cfg.ffn_size // n):
+        raise ValueError(f"--share {n}: needs n >= 1 dividing the {cfg.num_q_heads} query and {cfg.num_kv_heads} "
+                         f"KV heads, the vocabulary ({config.vocab_size}) and the experts' width ({cfg.ffn_size})")
+    return dataclasses.replace(config, vocab_size=config.vocab_size // n, model=share).initialize()
+
+
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
                 iters: int = 10, tiny: bool = False, json_path: str | None = None,
-                mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None) -> dict:
+                mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None,
+                share: int | None = None) -> dict:
     """Decode and prefill timings for each mode, with roofline fractions.
 
     cache_len: positions of the decode KV cache (default: the context plus room for the timed
     steps); a larger one shows whether a step's cost follows the tokens or the capacity.
+    share: time device_share(config, share) on one device instead (no mesh): what each of
+    `share` devices computes, without the collectives.
 
     tiny=True swaps in the tiny config and small ceilings: a smoke test for any laptop.
     """
@@ -736,6 +754,11 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     import runners
 
     base = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
+    if share is not None:
+        if mesh_shape is not None:
+            raise ValueError("--share runs one device's share on one device: leave --mesh out")
+        base = device_share(base, share)
+        results["share"] = share
     mesh = None
     if mesh_shape is not None:  # the roofline then assumes every device's bandwidth
         mesh = runners.make_mesh(mesh_shape, (1, 1))
@@ -1014,7 +1037,7 @@ def model_bench(args: argparse.Namespace) -> dict:
     print(f"compilation cache: {cache or 'off'}", flush=True)
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     res = bench_model(args.layers, [int(b) for b in args.batches.split(",")], args.context, args.prefill,
-                      args.modes.split(","), args.iters, args.tiny, args.json, mesh, args.cache_len)
+                      args.modes.split(","), args.iters, args.tiny, args.json, mesh, args.cache_len, args.share)
     if args.compile_layers:
         res["compile"] = compile_times(args.compile_layers, mesh_shape=mesh)
     res["compilation_cache"] = dict(runners.compilation_stats(), dir=cache)
@@ -2404,6 +2427,9 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--tiny", action="store_true", help="tiny config: a smoke test on any machine")
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2 "
                                                  "(default: one device, no mesh)")
+    p.add_argument("--share", type=int, default=None, metavar="N",
+                   help="one device's share of a 1xN mesh (1/N of the heads, experts' width and vocabulary) "
+                        "on one device: the local work of a sharded step, without its collectives")
     p.add_argument("--json", default="bench_model.json", help="write the results here")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache directory, 'off' to turn it off (default "

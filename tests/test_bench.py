@@ -155,6 +155,24 @@ def test_decode_step_bytes_of_grok_1():
     assert layer_frac == pytest.approx(GROK_LAYER + 7.5 * GROK_EXPERT + 8 * kv)
 
 
+def test_device_share_is_one_devices_part_of_a_1xn_mesh():
+    full = model.grok_1_config(num_layers=2)
+    share = bench.device_share(full, 8)
+    m = share.model
+    assert (m.num_q_heads, m.num_kv_heads, m.ffn_size, share.vocab_size) == (6, 1, 4096, 16384)
+    assert (m.emb_size, m.key_size, m.num_experts, m.num_layers) == (6144, 128, 8, 2)
+    # Per layer it reads 1/8 of the weights, less the norms and router every device holds.
+    for n in (2, 8):
+        per_layer = bench.decode_step_bytes(bench.device_share(full, n), 1, 1024, 2.0)[0]
+        whole = bench.decode_step_bytes(full, 1, 1024, 2.0)[0]
+        assert whole / n < per_layer < whole / n * 1.01
+    with pytest.raises(ValueError, match="--share 3: needs n >= 1 dividing the 48 query and 8 KV heads"):
+        bench.device_share(full, 3)
+    with pytest.raises(ValueError, match="leave --mesh out"):
+        bench.bench_model(layers=1, batches=[1], context=8, prefill_len=0, modes=["fast"], tiny=True,
+                          mesh_shape=(1, 2), share=2)
+
+
 def test_project_decode_by_hand():
     config = model.grok_1_config()
     bw = 4.8e12
