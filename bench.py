@@ -926,12 +926,17 @@ def _host_event_times(data: Any) -> dict:
 
 def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int, int] | None, steps: int,
                    trace_dir: str, json_path: str | None = None, cache_len: int | None = None,
-                   tiny: bool = False) -> dict:
+                   tiny: bool = False, share: int | None = None) -> dict:
     """A jax.profiler trace of `steps` decode steps of the fast path; the device's kernels
     and XLA ops summed per step and per layer (microseconds), the largest first; then the
     host's side of those steps (HOST_EVENTS, summed over the host's threads: one thread per
-    device enqueues its program). tiny=True: the tiny config, a smoke test for any laptop."""
+    device enqueues its program). tiny=True: the tiny config, a smoke test for any laptop.
+    share: one device's part of a 1xN mesh on one device (device_share)."""
     config = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
+    if share is not None:
+        if mesh_shape is not None:
+            raise ValueError("--share runs one device's share on one device: leave --mesh out")
+        config = device_share(config, share)
     mesh = None
     if mesh_shape is not None:
         import runners
@@ -1013,7 +1018,7 @@ def summarize_profile(results: dict) -> dict:
 def profile_bench(args: argparse.Namespace) -> dict:
     mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
     return profile_decode(args.layers, args.batch, args.context, mesh, args.steps, args.trace_dir, args.json,
-                          args.cache_len, tiny=args.tiny)
+                          args.cache_len, tiny=args.tiny, share=args.share)
 
 
 def format_model_table(results: dict) -> str:
@@ -2445,6 +2450,8 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--cache-len", type=int, default=None, help="KV cache positions (default: the context "
                                                                 "plus room for the steps)")
     p.add_argument("--mesh", default=None, help="DATAxMODEL mesh over the local devices, e.g. 1x2")
+    p.add_argument("--share", type=int, default=None, metavar="N",
+                   help="one device's share of a 1xN mesh on one device (as bench.py model --share)")
     p.add_argument("--trace-dir", default="bench_out/trace")
     p.add_argument("--json", default=None, help="write the per-kernel table here")
     p.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test for any machine)")

@@ -171,6 +171,8 @@ def test_device_share_is_one_devices_part_of_a_1xn_mesh():
     with pytest.raises(ValueError, match="leave --mesh out"):
         bench.bench_model(layers=1, batches=[1], context=8, prefill_len=0, modes=["fast"], tiny=True,
                           mesh_shape=(1, 2), share=2)
+    with pytest.raises(ValueError, match="leave --mesh out"):
+        bench.profile_decode(1, 1, 8, (1, 2), 1, "unused", share=2)
 
 
 def test_project_decode_by_hand():
