@@ -1481,6 +1481,8 @@ class BatchInputs:
     """What the projection of one batch size starts from (times in ms)."""
     per_layer_ms: dict[int, float]  # devices -> measured per-layer decode time
     non_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # devices -> intercept
+    # N -> per-layer time of one device's share of a 1xN mesh, run alone (bench.py model --share)
+    share_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
@@ -1492,7 +1494,12 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
 
     The non-layer cost is, first found: `non_layer_ms` as given; the same F + V/n fit of
     the measured intercepts (time at 0 layers) when there are 2 device counts of them; else
-    the roofline of the non-layer bytes (not measured)."""
+    the roofline of the non-layer bytes (not measured).
+
+    Where one device's share of a 1x`devices` mesh was measured (share_layer_ms), a second
+    projection rests on it: per layer that local work plus the collectives, taken as what a
+    1x2 layer costs beyond its share of 2 (None where either is missing: then the local
+    work alone, a lower bound)."""
     rows = []
     for batch in sorted(inputs):
         inp = inputs[batch]
@@ -1521,6 +1528,13 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
             non_layer_ms=other_ms, non_layer_source=other_source, step_ms=step_ms,
             tokens_per_s=batch / step_ms * 1e3, roofline_ms=roof_ms,
             roofline_tokens_per_s=batch / roof_ms * 1e3, roofline_pct=100 * roof_ms / step_ms))
+        if devices in inp.share_layer_ms:
+            local = inp.share_layer_ms[devices]
+            collectives = (inp.per_layer_ms[2] - inp.share_layer_ms[2]
+                           if 2 in inp.per_layer_ms and 2 in inp.share_layer_ms else None)
+            share_step = layers * (local + (collectives or 0.0)) + other_ms
+            rows[-1].update(share_local_ms=local, share_collectives_ms=collectives, share_step_ms=share_step,
+                            share_tokens_per_s=batch / share_step * 1e3, share_roofline_pct=100 * roof_ms / share_step)
     return rows
 
 
@@ -1576,6 +1590,7 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
     Devices: the mesh's size (1x N meshes only), 1 without a mesh. Returns the inputs and
     what the files say about themselves (device kinds, copy bandwidths, contexts)."""
     times: dict[tuple[int, int], dict[int, float]] = {}
+    shares: dict[tuple[int, int], dict[int, float]] = {}  # (N, batch): the same, of --share N runs
     host: dict[tuple[int, int], dict[int, float]] = {}  # the same for the host's enqueue time
     meta: dict[str, set] = {"device": set(), "host": set(), "copy_bandwidth_GBps": set(), "context": set()}
     for path in paths:
@@ -1590,6 +1605,7 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
         if mesh.get("data", 1) != 1:
             raise ValueError(f"{path}: mesh {mesh}: the projection needs 1xN meshes (data axis 1)")
         devices = math.prod(mesh.values()) if mesh else 1
+        share = res.get("share")
         meta["device"].add(res.get("device"))
         if res.get("host"):  # files from before the field: no entry
             meta["host"].add(f"{res['host'].get('cpu')} ({res['host'].get('cpus')} CPUs)")
@@ -1597,12 +1613,13 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
             meta["copy_bandwidth_GBps"].add(round(float(res["copy_bandwidth_GBps"])))
         for r in rows:
             if r.get("kind") == "decode" and r.get("mode") == mode:
-                seen = times.setdefault((devices, int(r["batch"])), {})
+                where = f"one device's share of {share}" if share else f"{devices} device(s)"
+                seen = (shares if share else times).setdefault((share or devices, int(r["batch"])), {})
                 if layers in seen:
-                    raise ValueError(f"{path}: a second run of {layers} layers on {devices} device(s), "
+                    raise ValueError(f"{path}: a second run of {layers} layers on {where}, "
                                      f"batch {r['batch']}; give one file per (devices, layers)")
                 seen[layers] = float(r["ms"])
-                if "dispatch_ms" in r:
+                if "dispatch_ms" in r and not share:
                     host.setdefault((devices, int(r["batch"])), {})[layers] = float(r["dispatch_ms"])
     if not times:
         raise ValueError(f"{', '.join(paths)}: no decode rows of mode {mode!r}")
@@ -1615,6 +1632,11 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
         inp = out.setdefault(batch, BatchInputs({}))
         inp.per_layer_ms[devices] = slope
         inp.non_layer_ms[devices] = intercept
+    for (n, batch), by_layers in sorted(shares.items()):
+        if len(by_layers) < 2:
+            raise ValueError(f"one device's share of {n}, batch {batch}: runs at layers {sorted(by_layers)} only; "
+                             "give runs at 2 layer counts (e.g. 2 and 8)")
+        out.setdefault(batch, BatchInputs({})).share_layer_ms[n] = fit_line(by_layers)[1]
     meta_out: dict = {k: sorted(v, key=str) for k, v in meta.items()}
     # Per (devices, batch): ms outside the layers and ms per layer of enqueueing a step.
     meta_out["host_enqueue_ms"] = [
@@ -1643,6 +1665,15 @@ def format_projection(rows: list[dict], header: list[str]) -> str:
                      f"{r['layers_tokens_per_s']:8.1f} {r['non_layer_ms']:10.3f} {r['step_ms']:8.2f} "
                      f"{r['tokens_per_s']:8.1f} | {r['roofline_ms']:11.3f} {r['roofline_tokens_per_s']:8.1f} "
                      f"{r['roofline_pct']:9.1f}%")
+    shared = [r for r in rows if "share_step_ms" in r]
+    if shared:
+        lines += ["", "from one device's share measured alone (bench.py model --share N), per layer its local work "
+                  "plus the collectives (a 1x2 layer less its share of 2; unmeasured: left out, a lower bound):"]
+    for r in shared:
+        coll = r["share_collectives_ms"]
+        coll_text = f"+ {coll:.3f} collectives" if coll is not None else "+ collectives not measured"
+        lines.append(f"{r['batch']:>5} {r['share_local_ms']:.3f} ms local {coll_text} -> step {r['share_step_ms']:.2f} "
+                     f"ms, {r['share_tokens_per_s']:.1f} tok/s, {r['share_roofline_pct']:.1f}% of the roofline")
     return "\n".join(lines)
 
 
@@ -1699,7 +1730,8 @@ def project_bench(args: argparse.Namespace) -> dict:
         "the step's bytes / (n x bandwidth)",
     ]
     for b, counts in sorted(single.items()):
-        header.append(f"  batch {b}: measured on {counts[0]} device(s) only, so no F + V/n: not projected")
+        where = f"{counts[0]} device(s)" if counts else "one device's share"
+        header.append(f"  batch {b}: measured on {where} only, so no F + V/n: not projected")
     missing = [b for b in PROJECT_BATCHES if b not in inputs and b not in single]
     if missing:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")

@@ -198,7 +198,7 @@ def test_project_decode_by_hand():
     assert r["tokens_per_s"] == pytest.approx(8 / (64 * 0.35 + 1.5) * 1e3)
 
 
-def _model_json(path, layers, mesh, ms_by_batch, dispatch_ms=None):
+def _model_json(path, layers, mesh, ms_by_batch, dispatch_ms=None, share=None):
     rows = [dict(kind="decode", mode="fast", batch=b, ms=ms) for b, ms in ms_by_batch.items()]
     if dispatch_ms is not None:  # the host's enqueue time of each step
         for r in rows:
@@ -208,6 +208,8 @@ def _model_json(path, layers, mesh, ms_by_batch, dispatch_ms=None):
                   host=dict(cpu="Test CPU", cpus=16))
     if mesh:
         result["mesh"] = mesh
+    if share:
+        result["share"] = share
     path.write_text(json.dumps(result))
     return str(path)
 
@@ -232,6 +234,34 @@ def test_project_from_model_json_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4190 GB/s" in out and "1024 tokens" in out and "batch 8, 32" in out  # the inputs are stated
     assert json.loads((tmp_path / "p.json").read_text())["rows"][0]["batch"] == 1
+
+
+def test_project_from_one_devices_share_adds_the_collectives_of_1x2(tmp_path, capsys):
+    # Shares of 2 and 8 (bench.py model --share): 0.25 and 0.1 ms per layer; a 1x2 layer is
+    # 0.3 ms, so its collectives cost 0.05: 8 devices = 64 x (0.1 + 0.05) + the non-layer cost.
+    def share_json(name, layers, n, ms):
+        return _model_json(tmp_path / name, layers, None, {1: ms}, share=n)
+
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.0}),
+             _model_json(tmp_path / "b.json", 8, None, {1: 4.0}),
+             _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 0.8}),
+             _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 2.6}),
+             share_json("e.json", 2, 2, 0.7), share_json("f.json", 8, 2, 2.2),
+             share_json("g.json", 2, 8, 0.3), share_json("h.json", 8, 8, 0.9)]
+    inputs, _ = bench.read_model_runs(files, "fast")
+    assert inputs[1].share_layer_ms == pytest.approx({2: 0.25, 8: 0.1})
+    assert inputs[1].per_layer_ms == pytest.approx({1: 0.5, 2: 0.3})
+    report = bench.main(["project", "--from-json", *files])
+    (r,) = report["rows"]
+    assert (r["share_local_ms"], r["share_collectives_ms"]) == (pytest.approx(0.1), pytest.approx(0.05))
+    assert r["share_step_ms"] == pytest.approx(64 * 0.15 + r["non_layer_ms"])
+    assert r["share_roofline_pct"] == pytest.approx(100 * r["roofline_ms"] / r["share_step_ms"])
+    assert "0.100 ms local + 0.050 collectives" in capsys.readouterr().out
+    # Without the 1x2 runs' share the collectives are unknown: the local work alone, said so.
+    report = bench.main(["project", "--from-json", *files[:4], *files[6:]])
+    (r,) = report["rows"]
+    assert r["share_collectives_ms"] is None and r["share_step_ms"] == pytest.approx(64 * 0.1 + r["non_layer_ms"])
+    assert "collectives not measured" in capsys.readouterr().out
 
 
 def test_project_states_the_hosts_enqueue_floor(tmp_path, capsys):
