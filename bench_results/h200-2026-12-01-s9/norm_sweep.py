@@ -3,7 +3,8 @@
 A chain of CHAIN junctions in one jit (each one's h feeds the next, so they run in order),
 timed as a whole; per junction = total / CHAIN. Call D (s9d.sh) ran CHAIN=64 with warps
 4, 8, 16, 32; call F (s9f.sh) CHAIN=32 with warps 8, 16, 32 (the env vars below; both calls
-ran this file with those values written in). 'xla' is the same junction in plain JAX (XLA makes a
+ran this file with those values written in; ROWS, the rows per junction, 1 and 8 there).
+Call M ran ROWS="1 2 4 8 16" WARPS=8. 'xla' is the same junction in plain JAX (XLA makes a
 reduction kernel per norm plus fused applies). Prints one line per (rows, variant)."""
 import os, sys, time
 import jax, jax.numpy as jnp, numpy as np
@@ -30,7 +31,7 @@ def timed(f, *args, reps=30):
 
 
 rng = np.random.default_rng(0)
-for rows in (1, 8):
+for rows in [int(r) for r in os.environ.get("ROWS", "1 8").split()]:
     h = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)
     x = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)
     sx, sy = (jnp.asarray(rng.normal(size=D), jnp.float32) for _ in range(2))
