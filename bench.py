@@ -730,6 +730,18 @@ def device_share(config: model.LanguageModelConfig, n: int) -> model.LanguageMod
     return dataclasses.replace(config, vocab_size=config.vocab_size // n, model=share).initialize()
 
 
+def bench_config(layers: int, tiny: bool, share: int | None = None,
+                 mesh_shape: tuple[int, int] | None = None) -> model.LanguageModelConfig:
+    """The model a bench runs: Grok-1 width (tiny: the tiny config) at `layers` layers, or one
+    device's share of a 1x`share` mesh (device_share), which runs on one device only."""
+    config = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
+    if share is None:
+        return config
+    if mesh_shape is not None:
+        raise ValueError("--share runs one device's share on one device: leave --mesh out")
+    return device_share(config, share)
+
+
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
                 iters: int = 10, tiny: bool = False, json_path: str | None = None,
                 mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None,
@@ -753,11 +765,8 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
 
     import runners
 
-    base = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
+    base = bench_config(layers, tiny, share, mesh_shape)
     if share is not None:
-        if mesh_shape is not None:
-            raise ValueError("--share runs one device's share on one device: leave --mesh out")
-        base = device_share(base, share)
         results["share"] = share
     mesh = None
     if mesh_shape is not None:  # the roofline then assumes every device's bandwidth
@@ -932,11 +941,7 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     host's side of those steps (HOST_EVENTS, summed over the host's threads: one thread per
     device enqueues its program). tiny=True: the tiny config, a smoke test for any laptop.
     share: one device's part of a 1xN mesh on one device (device_share)."""
-    config = model.tiny_config(num_layers=layers) if tiny else model.grok_1_config(num_layers=layers)
-    if share is not None:
-        if mesh_shape is not None:
-            raise ValueError("--share runs one device's share on one device: leave --mesh out")
-        config = device_share(config, share)
+    config = bench_config(layers, tiny, share, mesh_shape)
     mesh = None
     if mesh_shape is not None:
         import runners
