@@ -1626,7 +1626,7 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
                 seen[layers] = float(r["ms"])
                 if "dispatch_ms" in r and not share:
                     host.setdefault((devices, int(r["batch"])), {})[layers] = float(r["dispatch_ms"])
-    if not times:
+    if not times and not shares:
         raise ValueError(f"{', '.join(paths)}: no decode rows of mode {mode!r}")
     out: dict[int, BatchInputs] = {}
     for (devices, batch), by_layers in sorted(times.items()):

@@ -250,6 +250,8 @@ def test_project_from_one_devices_share_adds_the_collectives_of_1x2(tmp_path, ca
              share_json("g.json", 2, 8, 0.3), share_json("h.json", 8, 8, 0.9)]
     inputs, _ = bench.read_model_runs(files, "fast")
     assert inputs[1].share_layer_ms == pytest.approx({2: 0.25, 8: 0.1})
+    alone, _ = bench.read_model_runs(files[4:], "fast")  # shares only: read, not "no decode rows"
+    assert alone[1].share_layer_ms == pytest.approx({2: 0.25, 8: 0.1}) and not alone[1].per_layer_ms
     assert inputs[1].per_layer_ms == pytest.approx({1: 0.5, 2: 0.3})
     report = bench.main(["project", "--from-json", *files])
     (r,) = report["rows"]
