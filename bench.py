@@ -98,7 +98,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import kernels
 import model
@@ -742,6 +742,14 @@ def bench_config(layers: int, tiny: bool, share: int | None = None,
     return device_share(config, share)
 
 
+def bench_params(config: model.LanguageModelConfig, mesh: Mesh | None = None, share: int | None = None) -> dict:
+    """Random weights of a bench's model, drawn on its devices. A share's row-blocked weights
+    (the attention's output projection, the experts' down projection) get the scale blocks
+    one device of a 1x`share` mesh holds: 1/share of the release's."""
+    blocks = model.RELEASE_SCALE_BLOCKS // (share or 1)
+    return model.init_random_params(config, seed=0, mesh=mesh, scale_blocks=blocks, on_device=True)
+
+
 def bench_model(layers: int, batches: list[int], context: int, prefill_len: int, modes: list[str],
                 iters: int = 10, tiny: bool = False, json_path: str | None = None,
                 mesh_shape: tuple[int, int] | None = None, cache_len: int | None = None,
@@ -775,7 +783,7 @@ def bench_model(layers: int, batches: list[int], context: int, prefill_len: int,
     devices = 1 if mesh is None else mesh.size
     bw_all = bw * devices
     start = time.perf_counter()
-    raw = model.init_random_params(base, seed=0, mesh=mesh, on_device=True)
+    raw = bench_params(base, mesh, share)
     # Each mode gets the layouts its own runner would (the reference mode keeps the
     # checkpoint's int8 layout); without the reference mode the conversion is in place.
     prepared = {mode: model.prepare_for_inference(raw, model.with_moe_impl(base, mode),
@@ -947,8 +955,7 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
         import runners
 
         mesh = runners.make_mesh(mesh_shape, (1, 1))
-    params = model.prepare_for_inference(model.init_random_params(config, seed=0, mesh=mesh, on_device=True), config,
-                                         consume=True)
+    params = model.prepare_for_inference(bench_params(config, mesh, share), config, consume=True)
     cache_len = cache_len or -(-(context + steps + 8) // 128) * 128
     forward = routed_forward(config, mesh, _cache_sharding(config, mesh, batch, cache_len))
     tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)

@@ -175,6 +175,33 @@ def test_device_share_is_one_devices_part_of_a_1xn_mesh():
         bench.profile_decode(1, 1, 8, (1, 2), 1, "unused", share=2)
 
 
+def test_a_shares_weights_have_the_shapes_of_one_devices_shard():
+    import jax
+
+    import runners
+
+    # A model whose heads and experts' width split 8 ways, each device holding whole scale blocks.
+    full = model.tiny_config(num_q_heads=8, num_kv_heads=8, widening_factor=6)
+    assert full.model.ffn_size == 256
+    mesh = runners.make_mesh((1, 8), (1, 1))
+    shapes = model.param_shapes(full)
+    shardings = model.param_shardings(full, mesh, shapes)
+    share = jax.tree.map(lambda a: a.shape, bench.bench_params(bench.device_share(full, 8), share=8))
+    for module, leaves in shapes.items():
+        for name, leaf in leaves.items():
+            sharding = shardings[module][name]
+            if isinstance(leaf, model.QuantizedWeight8bit):
+                for part in ("weight", "scales"):
+                    shard = getattr(sharding, part).shard_shape(getattr(leaf, part).shape)
+                    assert getattr(share[module][name], part) == shard, (module, name, part)
+            elif module == "language_model/in_out_embed":
+                # Split by vocabulary in the share, by width on the mesh: the same bytes.
+                assert np.prod(share[module][name]) == np.prod(sharding.shard_shape(leaf.shape))
+            else:
+                assert share[module][name] == sharding.shard_shape(leaf.shape), (module, name)
+    assert share["transformer/decoder_layer_0/moe/linear_1"]["w"].scales[-2] == 1  # the release's 8 blocks, 1 each
+
+
 def test_project_decode_by_hand():
     config = model.grok_1_config()
     bw = 4.8e12
