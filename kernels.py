@@ -402,14 +402,16 @@ def default_config(op: str, block_m: int, n_tiles: int, k: int, n: int, transpos
     """A tuned config for op ("gated", "down" or "dense") at this size and weight layout;
     split_k=0 in the table means 'pick by size': enough programs for two per SM, K slices
     of at least _MIN_SPLIT_ROWS[op] rows. The gated decode kernel halves its column blocks
-    (down to 32) until it has that many programs."""
+    (down to 32) while it has fewer programs than SMs."""
     phase = "decode" if block_m <= 32 else "prefill"
     cfg = _TUNED[(op, phase, transposed)]
     if op == "gated" and phase == "decode":
-        # The gelu needs whole sums (no split-K), so narrower column blocks are what puts more
-        # programs in flight when few tiles are used (one device's share of 8 at batch 1: 27.9
-        # against 30.4 us per layer, 1 x H200, BENCHMARKS.md session 10).
-        while n_tiles * (n // cfg.block_n) < 2 * _NUM_SMS and cfg.block_n > 32 and n % (cfg.block_n // 2) == 0:
+        # The gelu needs whole sums (no split-K), so when fewer programs than SMs would run,
+        # narrower column blocks are what fills the SMs: one device's share of 8 at batch 1
+        # (128 programs of 64 columns) took 28.8 against 30.7 us per layer with 32. With 256
+        # programs (the share of 4) 32 columns were slower (52.2 against 51.4 us), so only
+        # idle SMs narrow them (1 x H200, BENCHMARKS.md session 10).
+        while n_tiles * (n // cfg.block_n) < _NUM_SMS and cfg.block_n > 32 and n % (cfg.block_n // 2) == 0:
             cfg = cfg._replace(block_n=cfg.block_n // 2)
     if cfg.split_k == 0:
         programs = n_tiles * max(1, n // cfg.block_n)

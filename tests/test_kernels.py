@@ -284,15 +284,15 @@ def test_sparse_moe_end_to_end(backend, nb, m, case):
 
 
 def test_gated_decode_tiling_narrows_only_when_few_programs():
-    # Grok-1's expert width F = 32768 on one device, 16384 on each of 2, 4096 on each of 8;
-    # 2 tiles of 16 rows at batch 1, 8 at batch 8. The one-GPU and 1x2 programs keep the
-    # tuned 64 columns per program; one device's share of 8 at batch 1 narrows to 32.
+    # Grok-1's expert width F = 32768 on one device, 16384 on each of 2, 8192 on each of 4,
+    # 4096 on each of 8; 2 tiles of 16 rows at batch 1, 8 at batch 8. Only one device's share
+    # of 8 at batch 1 (128 programs of 64 columns, 132 SMs) narrows to 32 columns.
     tuned = kernels._TUNED[("gated", "decode", True)].block_n
 
     def block_n(width, tiles):
         return kernels.default_config("gated", 16, tiles, 6144, width, transposed=True).block_n
     assert tuned == 64
-    assert [block_n(f, t) for f in (32768, 16384) for t in (2, 8)] == [64] * 4
+    assert [block_n(f, t) for f in (32768, 16384, 8192) for t in (2, 8)] == [64] * 6
     assert (block_n(4096, 2), block_n(4096, 8)) == (32, 64)
     assert kernels.default_config("gated", 64, 2, 6144, 4096, transposed=True).block_n == 128  # prefill: as tuned
 
