@@ -85,6 +85,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -900,20 +901,50 @@ def _newest_trace(trace_dir: str) -> Any:
     return jax.profiler.ProfileData.from_file(files[-1])
 
 
-def _device_kernel_times(data: Any) -> dict:
-    """{line name: {kernel/op name: [count, total ns]}} on the first GPU (or any device) plane
-    of a trace."""
+_HLO_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = ')
+_DECODER_LAYER = re.compile(r'op_name="[^"]*?decoder_layer_(\d+)/')
+
+
+def _hlo_op_layers(hlo_text: str) -> dict[str, int | None]:
+    """{HLO instruction name: its decoder layer, or None outside the layers} for every
+    instruction of a compiled program's text, by the source in its op_name metadata."""
+    out: dict[str, int | None] = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_INSTRUCTION.match(line)
+        if m:
+            layer = _DECODER_LAYER.search(line)
+            out[m.group(1)] = int(layer.group(1)) if layer else None
+    return out
+
+
+def _device_kernel_times(data: Any, op_layers: dict[str, int | None] | None = None) -> dict:
+    """{line name: {kernel/op name: [count, total ns, in_layers]}} on the first GPU (or any
+    device) plane of a trace. in_layers: of the kernel's runs that name an instruction of
+    the program (the event's "hlo_op", looked up in op_layers from _hlo_op_layers), the share
+    inside a decoder layer. None where no run names one, and on a line whose runs name fewer
+    instructions than half its kernels (say, one launch annotated for many kernels)."""
     planes = ([p for p in data.planes if p.name.startswith("/device:GPU:0")]
               or [p for p in data.planes if p.name.startswith("/device:")]
               or [p for p in data.planes if p.name == "/host:CPU"])
+    op_layers = op_layers or {}
     out: dict = {}
     for plane in planes[:1]:
         for line in plane.lines:
-            table = out.setdefault(line.name, {})
+            table: dict = {}  # name -> [count, ns, runs naming an instruction, runs in a layer]
+            ops = set()
             for event in line.events:
-                entry = table.setdefault(event.name, [0, 0])
+                entry = table.setdefault(event.name, [0, 0, 0, 0])
                 entry[0] += 1
                 entry[1] += event.duration_ns
+                op = next((v for k, v in event.stats if k == "hlo_op"), None)
+                if op in op_layers:
+                    ops.add(op)
+                    entry[2] += 1
+                    entry[3] += op_layers[op] is not None
+            named = sum(1 for e in table.values() if e[2])
+            trusted = len(ops) >= 0.5 * named
+            out[line.name] = {n: [c, ns, inside / known if trusted and known else None]
+                              for n, (c, ns, known, inside) in table.items()}
     return out
 
 
@@ -961,8 +992,11 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     tokens = jax.random.randint(jax.random.key(batch), (batch, 1), 4, config.vocab_size)
     length = jnp.ones((batch,), jnp.int32)
     memory = filled_memory(config, batch, context, cache_len, mesh)
-    step = in_place_step(forward, params, tokens, length, memory,
-                         blank_outputs(forward, mesh, params, tokens, memory, length))
+    into = blank_outputs(forward, mesh, params, tokens, memory, length)
+    # Which of the program's instructions belong to a layer (the first layer's fusions may
+    # carry other names than the rest's): lowered before the first step donates the cache.
+    op_layers = _hlo_op_layers(forward.lower(params, tokens, memory, length, into).compile().as_text())
+    step = in_place_step(forward, params, tokens, length, memory, into)
     for _ in range(3):
         jax.block_until_ready(step())
     jax.profiler.start_trace(trace_dir)
@@ -971,18 +1005,19 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
     trace = _newest_trace(trace_dir)
-    lines = _device_kernel_times(trace)
+    lines = _device_kernel_times(trace, op_layers)
     results = {"device": str(jax.devices()[0].device_kind), "host": host_info(), "layers": layers, "batch": batch,
                "context": context, "cache_len": cache_len, "mesh": None if mesh is None else dict(mesh.shape),
                "steps": steps, "lines": {}}
     for name, table in lines.items():
-        rows = sorted(((n, c / steps, ns / steps / 1e3) for n, (c, ns) in table.items()), key=lambda r: -r[2])
-        results["lines"][name] = [dict(name=n, per_step=c, us_per_step=us, us_per_layer=us / layers)
-                                  for n, c, us in rows]
+        rows = sorted(((n, c / steps, ns / steps / 1e3, f) for n, (c, ns, f) in table.items()), key=lambda r: -r[2])
+        results["lines"][name] = [dict(name=n, per_step=c, us_per_step=us, us_per_layer=us / layers, in_layers=f)
+                                  for n, c, us, f in rows]
         total = sum(r[2] for r in rows)
         print(f"--- {name}: {total:.1f} us per step, {total / layers:.1f} us per layer", flush=True)
-        for n, c, us in rows[:40]:
-            print(f"{us:10.1f} us/step {c:6.1f}x  {n[:110]}", flush=True)
+        for n, c, us, f in rows[:40]:
+            where = "" if f is None else " (in layers)" if f == 1 else " (outside)" if f == 0 else f" ({f:.0%} in layers)"
+            print(f"{us:10.1f} us/step {c:6.1f}x  {n[:110]}{where}", flush=True)
     results["summary"] = summarize_profile(results)
     print("per layer, by kind (us):", {k: round(v, 1) for k, v in results["summary"].items()}, flush=True)
     host = _host_event_times(trace)
@@ -1012,18 +1047,25 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel or op name), the first match
 def summarize_profile(results: dict) -> dict:
     """Device microseconds per layer by kind of kernel, over every line of the trace.
 
-    Kernels that run fewer times per step than there are layers (the logits, the embedding)
-    are counted as "outside_layers" (per step, divided by the layers only to compare);
-    collectives, whose events spread over several streams, always count as "collective".
+    Kernels that run outside the decoder layers (the embedding, the logits) are counted as
+    "outside_layers" (per step, divided by the layers only to compare): by the HLO
+    instruction each run came from where the trace names it (a row's in_layers), else those
+    that run fewer times per step than there are layers. Collectives, whose events spread
+    over several streams, always count as "collective".
     """
     layers = results["layers"]
     out: dict = {}
     for rows in results["lines"].values():
         for r in rows:
             kind = next((k for k, subs in KERNEL_KINDS if any(s in r["name"] for s in subs)), "other")
-            if kind != "collective" and r["per_step"] < layers:  # collectives: split over streams
-                kind = "outside_layers"
-            out[kind] = out.get(kind, 0.0) + r["us_per_layer"]
+            inside = r.get("in_layers")
+            if kind == "collective":
+                out[kind] = out.get(kind, 0.0) + r["us_per_layer"]
+                continue
+            share = (1.0 if r["per_step"] >= layers else 0.0) if inside is None else inside
+            for k, f in ((kind, share), ("outside_layers", 1.0 - share)):
+                if f:
+                    out[k] = out.get(k, 0.0) + f * r["us_per_layer"]
     return out
 
 

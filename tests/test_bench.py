@@ -514,3 +514,30 @@ def test_profile_sums_the_devices_kernels_and_the_hosts_enqueueing(tmp_path):
     assert host["ParseArguments"]["us_per_layer"] == pytest.approx(host["ParseArguments"]["us_per_step"] / 2)
     assert host["cuGraphLaunch"]["per_step"] == 0  # no CUDA graphs on a CPU
     assert json.loads((tmp_path / "p.json").read_text())["host_events"] == host
+    # The XLA ops are placed by the instruction each run came from: both layers' and the
+    # rest of the step's are seen; the Python thread's events name none.
+    placed = [r["in_layers"] for rows in res["lines"].values() for r in rows if r["in_layers"] is not None]
+    assert 1.0 in placed and 0.0 in placed
+    assert all(r["in_layers"] is None for r in res["lines"]["python3"])
+
+
+def test_the_profile_places_kernels_by_their_hlo_instruction():
+    text = """HloModule jit_apply_fn
+  %loop_pad_fusion.7 = bf16[16,6144]{1,0} fusion(%a), kind=kLoop, calls=%c, metadata={op_name="jit(apply_fn)/language_model/transformer/decoder_layer_0/multi_head_attention/jit(_pad)/pad"}
+  %loop_pad_fusion.9 = bf16[16,6144]{1,0} fusion(%b), kind=kLoop, calls=%d, metadata={op_name="jit(apply_fn)/language_model/transformer/decoder_layer_13/multi_head_attention/pad"}
+  %gemm_fusion_dot.6 = f32[1,16384]{1,0} fusion(%e), kind=kCustom, metadata={op_name="jit(apply_fn)/language_model/dot_general"}
+  ROOT %tuple.3 = (f32[1,16384]{1,0}) tuple(%gemm_fusion_dot.6)
+"""
+    assert bench._hlo_op_layers(text) == {"loop_pad_fusion.7": 0, "loop_pad_fusion.9": 13, "gemm_fusion_dot.6": None,
+                                          "tuple.3": None}
+    # A 4-layer step: layer 0's pad carries another name than the other three's; the logits'
+    # dot runs once. By instruction, both pads are in the layers; a row the trace could not
+    # place (in_layers None) falls back to its count per step.
+    rows = [dict(name="loop_pad_fusion_7", per_step=1, us_per_layer=0.5, in_layers=1.0),
+            dict(name="loop_pad_fusion_9", per_step=3, us_per_layer=1.5, in_layers=1.0),
+            dict(name="gemm_fusion_dot_6", per_step=1, us_per_layer=12.0, in_layers=0.0),
+            dict(name="int8_gated_matmul", per_step=4, us_per_layer=30.0, in_layers=None),
+            dict(name="loop_add_fusion", per_step=1, us_per_layer=0.25, in_layers=None),
+            dict(name="all-reduce-start", per_step=1, us_per_layer=2.0, in_layers=0.0)]
+    summary = bench.summarize_profile({"layers": 4, "lines": {"Stream #14(Compute)": rows}})
+    assert summary == {"other": 2.0, "outside_layers": 12.25, "moe_gated": 30.0, "collective": 2.0}
