@@ -917,35 +917,40 @@ def _hlo_op_layers(hlo_text: str) -> dict[str, int | None]:
     return out
 
 
+def _place_runs(events: Any, op_layers: dict[str, int | None]) -> dict:
+    """{kernel/op name: [count, total ns, in_layers]} of one trace line's events, given as
+    (name, duration ns, stats). A run is placed by the HLO instruction it ran: its "hlo_op"
+    stat (XLA on a CPU), else its own name, which on a GPU is the fusion instruction's with
+    '.' and '-' made '_' (inside a CUDA graph every kernel's hlo_op names the graph; Pallas
+    kernels carry their own names and are not placed). in_layers: of the runs placed, the
+    share inside a decoder layer; None where none was placed, and on a line whose placed runs
+    name fewer instructions than half its placed kernels (one annotation for many kernels)."""
+    by_name = {**{re.sub(r"[.\-]", "_", k): v for k, v in op_layers.items()}, **op_layers}
+    table: dict = {}  # name -> [count, ns, runs placed, runs placed in a layer]
+    ops = set()
+    for name, duration_ns, stats in events:
+        entry = table.setdefault(name, [0, 0, 0, 0])
+        entry[0] += 1
+        entry[1] += duration_ns
+        op = next((v for k, v in stats if k == "hlo_op" and v in op_layers), None)
+        if op is None and name in by_name:
+            op = name
+        if op is not None:
+            ops.add(op)
+            entry[2] += 1
+            entry[3] += by_name[op] is not None
+    trusted = len(ops) >= 0.5 * sum(1 for e in table.values() if e[2])
+    return {n: [c, ns, inside / placed if trusted and placed else None] for n, (c, ns, placed, inside) in table.items()}
+
+
 def _device_kernel_times(data: Any, op_layers: dict[str, int | None] | None = None) -> dict:
     """{line name: {kernel/op name: [count, total ns, in_layers]}} on the first GPU (or any
-    device) plane of a trace. in_layers: of the kernel's runs that name an instruction of
-    the program (the event's "hlo_op", looked up in op_layers from _hlo_op_layers), the share
-    inside a decoder layer. None where no run names one, and on a line whose runs name fewer
-    instructions than half its kernels (say, one launch annotated for many kernels)."""
+    device) plane of a trace; in_layers from _place_runs by op_layers (_hlo_op_layers)."""
     planes = ([p for p in data.planes if p.name.startswith("/device:GPU:0")]
               or [p for p in data.planes if p.name.startswith("/device:")]
               or [p for p in data.planes if p.name == "/host:CPU"])
-    op_layers = op_layers or {}
-    out: dict = {}
-    for plane in planes[:1]:
-        for line in plane.lines:
-            table: dict = {}  # name -> [count, ns, runs naming an instruction, runs in a layer]
-            ops = set()
-            for event in line.events:
-                entry = table.setdefault(event.name, [0, 0, 0, 0])
-                entry[0] += 1
-                entry[1] += event.duration_ns
-                op = next((v for k, v in event.stats if k == "hlo_op"), None)
-                if op in op_layers:
-                    ops.add(op)
-                    entry[2] += 1
-                    entry[3] += op_layers[op] is not None
-            named = sum(1 for e in table.values() if e[2])
-            trusted = len(ops) >= 0.5 * named
-            out[line.name] = {n: [c, ns, inside / known if trusted and known else None]
-                              for n, (c, ns, known, inside) in table.items()}
-    return out
+    return {line.name: _place_runs(((e.name, e.duration_ns, e.stats) for e in line.events), op_layers or {})
+            for plane in planes[:1] for line in plane.lines}
 
 
 # The host's side of a step: the runtime's events (by name) that enqueue it. On a GPU, XLA

@@ -530,6 +530,20 @@ def test_the_profile_places_kernels_by_their_hlo_instruction():
 """
     assert bench._hlo_op_layers(text) == {"loop_pad_fusion.7": 0, "loop_pad_fusion.9": 13, "gemm_fusion_dot.6": None,
                                           "tuple.3": None}
+    # On a GPU, inside a CUDA graph, each kernel's hlo_op names the graph; a fusion's kernel
+    # carries the instruction's name with '_' for '.', a Pallas kernel its own name.
+    ops = bench._hlo_op_layers(text)
+    graph = [("hlo_op", "command_buffer_1"), ("hlo_module", "jit_apply_fn")]
+    gpu = [("loop_pad_fusion_7", 500, graph), ("loop_pad_fusion_9", 1500, graph), ("loop_pad_fusion_9", 1500, graph),
+           ("gemm_fusion_dot_6", 9000, graph), ("int8_gated_matmul", 30000, graph)]
+    assert bench._place_runs(gpu, ops) == {"loop_pad_fusion_7": [1, 500, 1.0], "loop_pad_fusion_9": [2, 3000, 1.0],
+                                           "gemm_fusion_dot_6": [1, 9000, 0.0], "int8_gated_matmul": [1, 30000, None]}
+    # On a CPU each run's hlo_op is its instruction. One annotation for every kernel is not
+    # trusted: nothing is placed.
+    cpu = [("fusion", 10, [("hlo_op", "loop_pad_fusion.9")]), ("other", 5, [("hlo_op", "gemm_fusion_dot.6")])]
+    assert bench._place_runs(cpu, ops) == {"fusion": [1, 10, 1.0], "other": [1, 5, 0.0]}
+    one = [(f"k{i}", 1, [("hlo_op", "gemm_fusion_dot.6")]) for i in range(4)]
+    assert all(v[2] is None for v in bench._place_runs(one, ops).values())
     # A 4-layer step: layer 0's pad carries another name than the other three's; the logits'
     # dot runs once. By instruction, both pads are in the layers; a row the trace could not
     # place (in_layers None) falls back to its count per step.
