@@ -1052,11 +1052,12 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel or op name), the first match
 def summarize_profile(results: dict) -> dict:
     """Device microseconds per layer by kind of kernel, over every line of the trace.
 
-    Kernels that run outside the decoder layers (the embedding, the logits) are counted as
-    "outside_layers" (per step, divided by the layers only to compare): by the HLO
-    instruction each run came from where the trace names it (a row's in_layers), else those
-    that run fewer times per step than there are layers. Collectives, whose events spread
-    over several streams, always count as "collective".
+    A kernel that runs at least once per layer counts in the layers; one that runs fewer
+    times by the share of its runs whose HLO instruction lies in a layer's code (a row's
+    in_layers, where the trace tells: the first layer's fusions may carry other names than
+    the rest's), else not. The rest (the embedding, the logits) is "outside_layers" (per
+    step, divided by the layers only to compare). Collectives, whose events spread over
+    several streams, always count as "collective".
     """
     layers = results["layers"]
     out: dict = {}
@@ -1067,7 +1068,7 @@ def summarize_profile(results: dict) -> dict:
             if kind == "collective":
                 out[kind] = out.get(kind, 0.0) + r["us_per_layer"]
                 continue
-            share = (1.0 if r["per_step"] >= layers else 0.0) if inside is None else inside
+            share = 1.0 if r["per_step"] >= layers else inside or 0.0
             for k, f in ((kind, share), ("outside_layers", 1.0 - share)):
                 if f:
                     out[k] = out.get(k, 0.0) + f * r["us_per_layer"]

@@ -545,13 +545,15 @@ def test_the_profile_places_kernels_by_their_hlo_instruction():
     one = [(f"k{i}", 1, [("hlo_op", "gemm_fusion_dot.6")]) for i in range(4)]
     assert all(v[2] is None for v in bench._place_runs(one, ops).values())
     # A 4-layer step: layer 0's pad carries another name than the other three's; the logits'
-    # dot runs once. By instruction, both pads are in the layers; a row the trace could not
-    # place (in_layers None) falls back to its count per step.
+    # dot runs once. By instruction, both pads are in the layers; a kernel that runs once per
+    # layer is in them whatever its instruction's source; a row the trace could not place
+    # (in_layers None) that runs less often is outside.
     rows = [dict(name="loop_pad_fusion_7", per_step=1, us_per_layer=0.5, in_layers=1.0),
             dict(name="loop_pad_fusion_9", per_step=3, us_per_layer=1.5, in_layers=1.0),
             dict(name="gemm_fusion_dot_6", per_step=1, us_per_layer=12.0, in_layers=0.0),
             dict(name="int8_gated_matmul", per_step=4, us_per_layer=30.0, in_layers=None),
             dict(name="loop_add_fusion", per_step=1, us_per_layer=0.25, in_layers=None),
+            dict(name="loop_select_fusion_3", per_step=4, us_per_layer=1.0, in_layers=0.0),  # a layer's, by count
             dict(name="all-reduce-start", per_step=1, us_per_layer=2.0, in_layers=0.0)]
     summary = bench.summarize_profile({"layers": 4, "lines": {"Stream #14(Compute)": rows}})
-    assert summary == {"other": 2.0, "outside_layers": 12.25, "moe_gated": 30.0, "collective": 2.0}
+    assert summary == {"other": 3.0, "outside_layers": 12.25, "moe_gated": 30.0, "collective": 2.0}
