@@ -953,6 +953,24 @@ def _device_kernel_times(data: Any, op_layers: dict[str, int | None] | None = No
             for plane in planes[:1] for line in plane.lines}
 
 
+def device_seconds(fn: Callable, args: tuple, calls: int) -> float | None:
+    """The GPU's seconds per call of fn(*args): its kernels' durations while `calls` calls,
+    queued back to back, run under a jax.profiler trace. None where the trace holds no GPU
+    stream. Unlike the wall clock it leaves out the host's enqueueing, which at small sizes
+    can take longer than the kernels."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        lines = _device_kernel_times(_newest_trace(trace_dir))
+    ns = sum(entry[1] for name, table in lines.items() if name.startswith("Stream") for entry in table.values())
+    return ns / calls / 1e9 if ns else None
+
+
 # The host's side of a step: the runtime's events (by name) that enqueue it. On a GPU, XLA
 # records the step into CUDA graphs (command buffers), updates them when a buffer they use
 # has moved, and launches them; the first two read the call's arguments. The events nest:
@@ -1391,7 +1409,7 @@ def format_depth(summary: dict) -> str:
 def kernels_bench(args: argparse.Namespace) -> None:
     import kernel_bench  # the kernel checks and sweeps: a module below this one
 
-    kernel_bench.main(args.rest, (copy_bandwidth, matmul_rate))
+    kernel_bench.main(args.rest, (copy_bandwidth, matmul_rate, device_seconds))
 
 
 # ---------------------------------------------------------------------------------------

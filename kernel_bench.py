@@ -3,7 +3,8 @@
     PYTHONUNBUFFERED=1 python bench.py kernels --out $OUT/kernel_bench.json
 
 This module sits below bench.py and never imports it: bench.py hands it the two ceiling
-measurements (main's `ceiling_fns`), so both benches measure them the same way.
+measurements and its device timer (main's `meters`), so both benches measure alike. On a GPU
+every time is the device's (the kernels' durations in a profiler trace), not the wall clock's.
 `python kernel_bench.py ARGS` still works: it re-executes as `python bench.py kernels ARGS`.
 
 In one run, on random data at Grok-1 width (D=6144, F=32768, 8 experts, top-2):
@@ -90,8 +91,20 @@ def log(*a) -> None:
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
+# device_seconds(fn, args, calls) -> the device's seconds per call, or None where it cannot
+# tell (no GPU): bench.py's, set by main().
+DeviceSeconds = Callable[[Callable, tuple, int], Optional[float]]
+device_seconds: Optional[DeviceSeconds] = None
+
+
 def timeit(fn, *args, min_time: float = 0.2, reps: int = 5) -> dict:
-    """Median seconds per call after warm-up; calls are queued back to back (async dispatch)."""
+    """Seconds per call after warm-up, calls queued back to back (async dispatch).
+
+    median_s: the device's time per call where device_seconds can trace it (its kernels'
+    durations: at small sizes enqueueing a call can take the host longer than the kernels
+    take the GPU, and the wall clock then times the host), else the wall clock's median over
+    `reps` rounds (wall_median_s); timed_by says which.
+    """
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))  # compile + first run
     first = time.perf_counter() - t0
@@ -106,8 +119,10 @@ def timeit(fn, *args, min_time: float = 0.2, reps: int = 5) -> dict:
             out = fn(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / n)
-    return {"median_s": statistics.median(times), "min_s": min(times), "n": n, "reps": reps,
-            "first_call_s": first}
+    wall = statistics.median(times)
+    device = device_seconds(fn, args, n) if device_seconds is not None else None
+    return {"median_s": device or wall, "timed_by": "device" if device else "wall", "wall_median_s": wall,
+            "device_s": device, "min_s": min(times), "n": n, "reps": reps, "first_call_s": first}
 
 
 @jax.jit
@@ -132,13 +147,14 @@ def check(res: Results, name: str, got, want, **extra) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-CeilingFns = tuple[Callable[[float], float], Callable[[int], float]]
+# (copy_bandwidth(gbytes), matmul_rate(n), device_seconds): bench.py passes its own, so
+# `bench.py model` and this bench measure alike.
+Meters = tuple[Callable[[float], float], Callable[[int], float], DeviceSeconds]
 
 
-def ceilings(res: Results, ceiling_fns: CeilingFns, small: bool = False) -> tuple[float, float]:
-    """Copy bandwidth and bf16 matmul rate, measured by `ceiling_fns` = (copy_bandwidth(gbytes),
-    matmul_rate(n)): bench.py passes its own, so `bench.py model` and this bench agree."""
-    copy_bandwidth, matmul_rate = ceiling_fns
+def ceilings(res: Results, meters: Meters, small: bool = False) -> tuple[float, float]:
+    """Copy bandwidth and bf16 matmul rate, measured by meters' first two."""
+    copy_bandwidth, matmul_rate, _ = meters
     bw = copy_bandwidth(2**-8 if small else 1.0)
     rate = matmul_rate(512 if small else 8192)
     res.data["ceilings"] = {"copy_bytes_per_s": bw, "bf16_matmul_flops_per_s": rate}
@@ -261,7 +277,7 @@ def layer_step(res, weights, kweights, bw, rate, ms, backends, tag, block_m=None
                 t = timeit(fn, x, idx, gates, *(weights if be == "release" else kweights))
                 rec = {"tag": tag, "m": m, "backend": be, **t,
                        **roofline(m, idx, t["median_s"], bw, rate)}
-                log(f"layer[{tag}] M={m} {be}: {t['median_s'] * 1e3:.3f} ms  "
+                log(f"layer[{tag}] M={m} {be}: {t['median_s'] * 1e3:.3f} ms ({t['timed_by']})  "
                     f"bytes-roofline {rec['pct_bytes_roofline']:.1f}%  matmul-rate {rec['pct_matmul_rate']:.1f}%")
                 res.data["layer"].append(rec)
                 res.save()
@@ -316,7 +332,7 @@ def sweep_kernel(res, name, fn_of_cfg, args, want, configs, bytes_or_flops, kind
             rec.update(t)
             ideal = bytes_or_flops / (bw if kind == "bytes" else rate)
             rec["pct_roofline"] = 100 * ideal / t["median_s"]
-            log(f"sweep {name} {cfg}: {t['median_s'] * 1e3:.3f} ms, {rec['pct_roofline']:.1f}% "
+            log(f"sweep {name} {cfg}: {t['median_s'] * 1e3:.3f} ms ({t['timed_by']}), {rec['pct_roofline']:.1f}% "
                 f"({kind}), err {rec['rel_l2']:.2e}")
         except Exception as exc:
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
@@ -541,8 +557,8 @@ def table(res: Results) -> str:
     return "\n".join(lines + [""] + dense)
 
 
-def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
-    """The whole run; `argv` are the options below, `ceiling_fns` see ceilings()."""
+def main(argv: Optional[Sequence[str]], meters: Meters) -> None:
+    """The whole run; `argv` are the options below, `meters` see Meters."""
     ap = argparse.ArgumentParser(prog="bench.py kernels", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernel_bench.json"))
@@ -561,7 +577,8 @@ def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
                     help="int8 weights as the model stores them for inference, [N, K] (default), or the "
                          "checkpoint's [K, N]")
     args = ap.parse_args(argv)
-    global D, F, PALLAS, PREFILL_M, TRANSPOSED
+    global D, F, PALLAS, PREFILL_M, TRANSPOSED, device_seconds
+    device_seconds = meters[2]
     PREFILL_M = max(args.ms)
     if args.dims:
         D, F = args.dims
@@ -582,7 +599,7 @@ def main(argv: Optional[Sequence[str]], ceiling_fns: CeilingFns) -> None:
     log("device", res.data["meta"]["device_kind"], "jax", jax.__version__, smi.replace("\n", " | "))
     res.save()
 
-    bw, rate = ceilings(res, ceiling_fns, small=bool(args.dims))
+    bw, rate = ceilings(res, meters, small=bool(args.dims))
     weights = make_weights()
     kweights = kernel_layout(weights)
     log("weights ready, layout", args.layout)

@@ -557,3 +557,29 @@ def test_the_profile_places_kernels_by_their_hlo_instruction():
             dict(name="all-reduce-start", per_step=1, us_per_layer=2.0, in_layers=0.0)]
     summary = bench.summarize_profile({"layers": 4, "lines": {"Stream #14(Compute)": rows}})
     assert summary == {"other": 3.0, "outside_layers": 12.25, "moe_gated": 30.0, "collective": 2.0}
+
+
+def test_kernel_times_are_the_devices_where_it_can_be_traced():
+    import jax
+    import jax.numpy as jnp
+
+    import kernel_bench
+
+    fn = jax.jit(lambda x: x * 2)
+    x = jnp.ones(8)
+    # No GPU here: the trace holds no device stream, so there is no device time.
+    assert bench.device_seconds(fn, (x,), 3) is None
+    try:
+        kernel_bench.device_seconds = None
+        wall = kernel_bench.timeit(fn, x, min_time=0.001, reps=2)
+        assert wall["timed_by"] == "wall" and wall["median_s"] == wall["wall_median_s"] > 0
+        assert wall["device_s"] is None
+        calls = []
+        kernel_bench.device_seconds = lambda f, args, n: calls.append((f, args, n)) or 2.5e-5
+        dev = kernel_bench.timeit(fn, x, min_time=0.001, reps=2)
+        assert dev["timed_by"] == "device" and dev["median_s"] == dev["device_s"] == 2.5e-5
+        assert calls == [(fn, (x,), dev["n"])]  # as many calls as a wall-clock round queues
+        kernel_bench.device_seconds = bench.device_seconds  # on a CPU: None, so the wall clock
+        assert kernel_bench.timeit(fn, x, min_time=0.001, reps=2)["timed_by"] == "wall"
+    finally:
+        kernel_bench.device_seconds = None
