@@ -565,7 +565,8 @@ def main(argv: Optional[Sequence[str]], meters: Meters) -> None:
     ap.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget for the whole run")
     ap.add_argument("--quick", action="store_true", help="fewer sweep configs")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--dims", type=int, nargs=2, metavar=("D", "F"), help="smaller widths for a dry run")
+    ap.add_argument("--dims", type=int, nargs=2, metavar=("D", "F"),
+                    help="other widths: a dry run on a CPU, or one device's share on a GPU (6144 4096: of 8)")
     ap.add_argument("--pallas-backend", default="pallas", choices=("pallas", "interpret"))
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 32, 1024], help="token counts of the layer runs")
     ap.add_argument("--layer-backends", nargs="+", default=["pallas", "release", "xla"],
@@ -599,7 +600,8 @@ def main(argv: Optional[Sequence[str]], meters: Meters) -> None:
     log("device", res.data["meta"]["device_kind"], "jax", jax.__version__, smi.replace("\n", " | "))
     res.save()
 
-    bw, rate = ceilings(res, meters, small=bool(args.dims))
+    # Small ceilings only for a dry run: on a GPU the roofline is the device's whatever the widths.
+    bw, rate = ceilings(res, meters, small=jax.default_backend() == "cpu")
     weights = make_weights()
     kweights = kernel_layout(weights)
     log("weights ready, layout", args.layout)
