@@ -407,10 +407,10 @@ def default_config(op: str, block_m: int, n_tiles: int, k: int, n: int, transpos
     cfg = _TUNED[(op, phase, transposed)]
     if op == "gated" and phase == "decode":
         # The gelu needs whole sums (no split-K), so when fewer programs than SMs would run,
-        # narrower column blocks are what fills the SMs: one device's share of 8 at batch 1
-        # (128 programs of 64 columns) took 28.8 against 30.7 us per layer with 32. With 256
-        # programs (the share of 4) 32 columns were slower (52.2 against 51.4 us), so only
-        # idle SMs narrow them (1 x H200, BENCHMARKS.md session 10).
+        # narrower column blocks are what fills the SMs. One device's share of 8 at batch 1
+        # (2 tiles, 128 programs of 64 columns) took 30.7 us per layer, and 28.8 with 32
+        # columns. The share of 4 (256 programs) was slower with 32 (52.2 against 51.4 us),
+        # so only idle SMs narrow them (1 x H200, BENCHMARKS.md session 10).
         while n_tiles * (n // cfg.block_n) < _NUM_SMS and cfg.block_n > 32 and n % (cfg.block_n // 2) == 0:
             cfg = cfg._replace(block_n=cfg.block_n // 2)
     if cfg.split_k == 0:
