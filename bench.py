@@ -1042,7 +1042,9 @@ def profile_decode(layers: int, batch: int, context: int, mesh_shape: tuple[int,
             where = "" if f is None else " (in layers)" if f == 1 else " (outside)" if f == 0 else f" ({f:.0%} in layers)"
             print(f"{us:10.1f} us/step {c:6.1f}x  {n[:110]}{where}", flush=True)
     results["summary"] = summarize_profile(results)
-    print("per layer, by kind (us):", {k: round(v, 1) for k, v in results["summary"].items()}, flush=True)
+    layer_us = sum(v for k, v in results["summary"].items() if k != "outside_layers")
+    print("per layer, by kind (us):", {k: round(v, 1) for k, v in results["summary"].items()},
+          f"; a layer's kernels: {layer_us:.1f} us", flush=True)
     host = _host_event_times(trace)
     results["host_events"] = {n: dict(per_step=c / steps, us_per_step=ns / steps / 1e3,
                                       us_per_layer=ns / steps / 1e3 / layers) for n, (c, ns) in host.items()}
