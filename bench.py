@@ -1563,6 +1563,7 @@ class BatchInputs:
     non_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # devices -> intercept
     # N -> per-layer time of one device's share of a 1xN mesh, run alone (bench.py model --share)
     share_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)
+    share_non_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # N -> its intercept
 
 
 def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
@@ -1618,6 +1619,38 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
     return rows
 
 
+def project_share_only(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
+                       context: int, config: model.LanguageModelConfig, host_fits: list[dict]) -> list[dict]:
+    """Per batch measured only as one device's share of a 1x`devices` mesh (bench.py model
+    --share): a `layers`-layer step of that device's local work (layers x the share's
+    per-layer time + its own intercept), without the collectives, which such runs cannot
+    measure: a lower bound on the step. The host's time to enqueue the share's step (its
+    runs' fit, share == devices) bounds it from below too; beside the roofline (the step's
+    bytes over devices x bandwidth)."""
+    rows = []
+    for batch in sorted(inputs):
+        inp = inputs[batch]
+        if devices not in inp.share_layer_ms:
+            continue
+        touched = expected_experts_touched(batch, config.model.num_experts, config.model.num_selected_experts)
+        layer_bytes, other_bytes = decode_step_bytes(config, batch, context, touched)
+        local, other = inp.share_layer_ms[devices], inp.share_non_layer_ms.get(devices, 0.0)
+        step = layers * local + other
+        roof_ms = (layers * layer_bytes + other_bytes) / (devices * bandwidth) * 1e3
+        row = dict(batch=batch, experts_touched=touched, layer_bytes=layer_bytes, non_layer_bytes=other_bytes,
+                   share_local_ms=local, share_non_layer_ms=other, share_collectives_ms=None, share_step_ms=step,
+                   share_tokens_per_s=batch / step * 1e3, roofline_ms=roof_ms,
+                   roofline_tokens_per_s=batch / roof_ms * 1e3, share_roofline_pct=100 * roof_ms / step)
+        fit = next((h for h in host_fits if h.get("share") == devices and h["batch"] == batch), None)
+        if fit is not None:
+            floor = host_floor_ms(fit, layers)
+            bounded = max(step, floor)
+            row.update(host_floor_ms=floor, bounded_step_ms=bounded, bounded_tokens_per_s=batch / bounded * 1e3,
+                       bounded_roofline_pct=100 * roof_ms / bounded)
+        rows.append(row)
+    return rows
+
+
 def host_floor_ms(fit: dict, layers: int) -> float:
     """The host's time to enqueue a step of `layers` layers, from a host_enqueue_ms fit."""
     return fit["outside_ms"] + fit["per_layer_ms"] * layers
@@ -1631,7 +1664,7 @@ def bound_by_host(rows: list[dict], host_fits: list[dict], layers: int) -> None:
     measured on the most devices is used (its intercept holds the launch of every device's
     program); rows of a batch without such a fit are left as they are."""
     for r in rows:
-        fits = [h for h in host_fits if h["batch"] == r["batch"]]
+        fits = [h for h in host_fits if h["batch"] == r["batch"] and h.get("share") is None]
         if not fits:
             continue
         fit = max(fits, key=lambda h: h["devices"])
@@ -1699,8 +1732,8 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
                     raise ValueError(f"{path}: a second run of {layers} layers on {where}, "
                                      f"batch {r['batch']}; give one file per (devices, layers)")
                 seen[layers] = float(r["ms"])
-                if "dispatch_ms" in r and not share:
-                    host.setdefault((devices, int(r["batch"])), {})[layers] = float(r["dispatch_ms"])
+                if "dispatch_ms" in r:
+                    host.setdefault((share or devices, int(r["batch"]), share), {})[layers] = float(r["dispatch_ms"])
     if not times and not shares:
         raise ValueError(f"{', '.join(paths)}: no decode rows of mode {mode!r}")
     out: dict[int, BatchInputs] = {}
@@ -1716,12 +1749,15 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
         if len(by_layers) < 2:
             raise ValueError(f"one device's share of {n}, batch {batch}: runs at layers {sorted(by_layers)} only; "
                              "give runs at 2 layer counts (e.g. 2 and 8)")
-        out.setdefault(batch, BatchInputs({})).share_layer_ms[n] = fit_line(by_layers)[1]
+        inp = out.setdefault(batch, BatchInputs({}))
+        inp.share_non_layer_ms[n], inp.share_layer_ms[n] = fit_line(by_layers)
     meta_out: dict = {k: sorted(v, key=str) for k, v in meta.items()}
-    # Per (devices, batch): ms outside the layers and ms per layer of enqueueing a step.
+    # Per (devices, batch): ms outside the layers and ms per layer of enqueueing a step; share:
+    # N where the runs were one device's share of a 1xN mesh (devices is then N), else None.
     meta_out["host_enqueue_ms"] = [
-        dict(zip(("devices", "batch", "outside_ms", "per_layer_ms"), (*key, *fit_line(by_layers))))
-        for key, by_layers in sorted(host.items()) if len(by_layers) >= 2]
+        dict(zip(("devices", "batch", "share", "outside_ms", "per_layer_ms"), (*key, *fit_line(by_layers))))
+        for key, by_layers in sorted(host.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))
+        if len(by_layers) >= 2]
     return out, meta_out
 
 
@@ -1788,13 +1824,15 @@ def project_bench(args: argparse.Namespace) -> dict:
         bandwidth, bw_source = args.bandwidth_gbs * 1e9, "given by --bandwidth-gbs"
     else:
         bandwidth, bw_source = NOMINAL_BANDWIDTH[args.device_kind], f"{args.device_kind} nominal"
+    config = model.grok_1_config()
     # A batch measured on one device count has no F + V/n: said, not projected (unless none has more).
     single = {b: sorted(inp.per_layer_ms) for b, inp in inputs.items() if len(inp.per_layer_ms) < 2}
+    if len(single) == len(inputs) and any(args.devices in inp.share_layer_ms for inp in inputs.values()):
+        return _project_shares_only(args, inputs, meta, source, context, bandwidth, bw_source, config)
     if len(single) < len(inputs):
         inputs = {b: inp for b, inp in inputs.items() if b not in single}
     else:
         single = {}  # nothing to project: fit_fixed_variable says why
-    config = model.grok_1_config()
     rows = project_decode(inputs, args.devices, args.layers, bandwidth, context, config, args.non_layer_ms)
     header = [
         f"Projected decode: Grok-1 ({config.model.emb_size} wide, {args.layers} layers) on {args.devices} x "
@@ -1841,6 +1879,47 @@ def project_bench(args: argparse.Namespace) -> dict:
               "source": source, "files_meta": meta, "rows": rows}
     if args.host_json:
         report.update(host_source=args.host_json, host_meta=host_meta)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def _project_shares_only(args: argparse.Namespace, inputs: dict[int, BatchInputs], meta: dict, source: str,
+                         context: int, bandwidth: float, bw_source: str, config: model.LanguageModelConfig) -> dict:
+    """`bench.py project` from `--share N` runs alone (N = --devices): project_share_only."""
+    host_meta = read_model_runs(args.host_json, args.mode)[1] if args.host_json else meta
+    rows = project_share_only(inputs, args.devices, args.layers, bandwidth, context, config,
+                              host_meta.get("host_enqueue_ms", []))
+    lines = [
+        f"Projected decode: Grok-1 ({config.model.emb_size} wide, {args.layers} layers) on {args.devices} x "
+        f"{args.device_kind}, from one device's share of a 1x{args.devices} mesh measured alone",
+        "inputs:",
+        f"  per-layer decode times from {source}",
+        f"  bandwidth per device {bandwidth / 1e9:.0f} GB/s ({bw_source})"
+        + (f"; the files' measured copy bandwidth: {meta['copy_bandwidth_GBps']} GB/s on {meta['device']}"
+           if meta.get("copy_bandwidth_GBps") else ""),
+        f"  KV cache holds {context} tokens per sequence; experts per layer: the expectation under uniform "
+        "top-2 routing",
+        "  model: step = layers x the share's per-layer time + its intercept; the collectives are not in these "
+        "runs (measure a 1x2 mesh and its --share 2 to add them): a lower bound on the step",
+        "",
+        f"{'batch':>5} {'ms/layer':>9} {'+outside':>9} {'step ms':>8} {'tok/s':>8} {'host ms':>8} {'bounded':>8} "
+        f"{'tok/s':>8} | {'roofline ms':>11} {'tok/s':>8} {'% roofline':>10}",
+    ]
+    for r in rows:
+        host = f"{r['host_floor_ms']:8.2f}" if "host_floor_ms" in r else f"{'-':>8}"
+        bounded = r.get("bounded_step_ms", r["share_step_ms"])
+        lines.append(f"{r['batch']:>5} {r['share_local_ms']:9.4f} {r['share_non_layer_ms']:9.3f} "
+                     f"{r['share_step_ms']:8.2f} {r['share_tokens_per_s']:8.1f} {host} {bounded:8.2f} "
+                     f"{r['batch'] / bounded * 1e3:8.1f} | {r['roofline_ms']:11.3f} {r['roofline_tokens_per_s']:8.1f} "
+                     f"{100 * r['roofline_ms'] / bounded:9.1f}%")
+    if not any("host_floor_ms" in r for r in rows):
+        lines.append("  (no host enqueue times in these runs: the host's floor is not shown)")
+    print("\n".join(lines))
+    report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
+              "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
+              "source": source, "files_meta": meta, "rows": rows, "shares_only": True}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -293,6 +293,33 @@ def test_project_from_one_devices_share_adds_the_collectives_of_1x2(tmp_path, ca
     assert "collectives not measured" in capsys.readouterr().out
 
 
+def test_project_from_shares_alone_bounds_the_step_by_the_host(tmp_path, capsys):
+    # One device's share of 8 alone: 0.3 ms at 2 layers and 0.9 at 8 (0.1 per layer, 0.1
+    # outside); the host enqueued those steps in 0.3 and 1.02 ms (0.12 per layer, 0.06
+    # outside), so at 64 layers the devices need 6.5 ms and the host 7.74: the host bounds it.
+    def share_json(name, layers, ms, dispatch):
+        return _model_json(tmp_path / name, layers, None, {1: ms}, dispatch_ms=dispatch, share=8)
+
+    shares = [share_json("s2.json", 2, 0.3, 0.3), share_json("s8.json", 8, 0.9, 1.02)]
+    report = bench.main(["project", "--from-json", *shares, "--bandwidth-gbs", "4000"])
+    (r,) = report["rows"]
+    assert report["shares_only"]
+    assert (r["share_local_ms"], r["share_non_layer_ms"]) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert r["share_step_ms"] == pytest.approx(6.5) and r["share_collectives_ms"] is None
+    assert r["host_floor_ms"] == pytest.approx(0.06 + 64 * 0.12) and r["bounded_step_ms"] == pytest.approx(7.74)
+    layer_bytes, other_bytes = bench.decode_step_bytes(model.grok_1_config(), 1, 1024, 2.0)
+    assert r["roofline_ms"] == pytest.approx((64 * layer_bytes + other_bytes) / (8 * 4e12) * 1e3)
+    assert r["bounded_roofline_pct"] == pytest.approx(100 * r["roofline_ms"] / 7.74)
+    out = capsys.readouterr().out
+    assert "from one device's share of a 1x8 mesh measured alone" in out and "a lower bound" in out
+    # Beside runs on 1 device and 1x2, the share's host time does not bound the fitted step.
+    files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.0}), _model_json(tmp_path / "b.json", 8, None, {1: 4.0}),
+             _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 0.8}),
+             _model_json(tmp_path / "d.json", 8, {"data": 1, "model": 2}, {1: 2.6})]
+    (r,) = bench.main(["project", "--from-json", *files, *shares])["rows"]
+    assert "bounded_step_ms" not in r and r["share_local_ms"] == pytest.approx(0.1)
+
+
 def test_project_states_the_hosts_enqueue_floor(tmp_path, capsys):
     # Enqueueing a step: 1.0 ms at 2 layers, 3.4 at 8 on one device -> 0.2 + 0.4 per layer,
     # so 25.8 ms at 64 layers; files without the field (older runs) give no such line.
