@@ -12,7 +12,9 @@
 #    collectives, so 1x2 minus share 2 is what the collectives and shard_map boundaries cost per
 #    layer; `bench.py project` with these files and session 10's share-of-8 files (s10d) then
 #    projects 8 GPUs with the collectives;
-# 4. bench.py profile on 1x2, 4 layers, batch 1, both trees (kernels placed by HLO instruction).
+# 4. bench.py profile on 1x2, 4 layers, batch 1, both trees (kernels placed by HLO instruction);
+# 5. bench.py project to 8 GPUs per tree and round: the 1 GPU / 1x2 fit, and session 10's share-of-8
+#    runs (s10d, another H200) plus this machine's collectives (1x2 less its share of 2).
 T0=$SECONDS; BUDGET=${BUDGET:-560}
 R=/tmp/x2; mkdir -p $R
 left() { echo $((BUDGET - (SECONDS - T0))); }
@@ -53,4 +55,13 @@ for t in new fewer; do
       --batch 1 --mesh 1x2 --json $R/prof-1x2-$t.json) > $R/prof-1x2-$t.log 2>&1
   log "profile 1x2 $t: exit $?; $(grep 'per layer, by kind' $R/prof-1x2-$t.log)"
 done
+# 5.
+for round in 1 2; do for t in new fewer; do
+  f="$R/m-r$round-1gpu-$t-L2.json $R/m-r$round-1gpu-$t-L16.json $R/m-r$round-1x2-$t-L2.json $R/m-r$round-1x2-$t-L16.json"
+  f="$f $R/m-r$round-share2-$t-L2.json $R/m-r$round-share2-$t-L16.json"
+  f="$f bench_results/h200-2026-12-01-s10/s10d/m-r$round-$t-L2.json bench_results/h200-2026-12-01-s10/s10d/m-r$round-$t-L16.json"
+  (cd /tmp/$t && python3 bench.py project --devices 8 --device-kind h200 --from-json $f \
+      --json $R/project-r$round-$t.json) > $R/project-r$round-$t.log 2>&1
+  log "project 8 GPUs, round $round, $t: exit $?"; tail -4 $R/project-r$round-$t.log | tee -a $R/x2.log
+done; done
 log done
