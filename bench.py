@@ -1566,6 +1566,13 @@ class BatchInputs:
     share_non_layer_ms: dict[int, float] = dataclasses.field(default_factory=dict)  # N -> its intercept
 
 
+def step_bytes(config: model.LanguageModelConfig, batch: int, context: int) -> tuple[float, int, int]:
+    """(experts touched per layer, bytes per layer, bytes outside the layers) of a decode step
+    of `batch` rows, the experts the expectation under uniform top-k routing."""
+    touched = expected_experts_touched(batch, config.model.num_experts, config.model.num_selected_experts)
+    return (touched, *decode_step_bytes(config, batch, context, touched))
+
+
 def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
                    context: int, config: model.LanguageModelConfig,
                    non_layer_ms: float | None = None) -> list[dict]:
@@ -1585,9 +1592,7 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
     for batch in sorted(inputs):
         inp = inputs[batch]
         fixed, variable = fit_fixed_variable(inp.per_layer_ms)
-        touched = expected_experts_touched(batch, config.model.num_experts,
-                                           config.model.num_selected_experts)
-        layer_bytes, other_bytes = decode_step_bytes(config, batch, context, touched)
+        touched, layer_bytes, other_bytes = step_bytes(config, batch, context)
         roof_layer_ms = {n: layer_bytes / (n * bandwidth) * 1e3 for n in inp.per_layer_ms}
         roof_other_ms = other_bytes / (devices * bandwidth) * 1e3
         if non_layer_ms is not None:
@@ -1620,34 +1625,25 @@ def project_decode(inputs: dict[int, BatchInputs], devices: int, layers: int, ba
 
 
 def project_share_only(inputs: dict[int, BatchInputs], devices: int, layers: int, bandwidth: float,
-                       context: int, config: model.LanguageModelConfig, host_fits: list[dict]) -> list[dict]:
+                       context: int, config: model.LanguageModelConfig) -> list[dict]:
     """Per batch measured only as one device's share of a 1x`devices` mesh (bench.py model
     --share): a `layers`-layer step of that device's local work (layers x the share's
     per-layer time + its own intercept), without the collectives, which such runs cannot
-    measure: a lower bound on the step. The host's time to enqueue the share's step (its
-    runs' fit, share == devices) bounds it from below too; beside the roofline (the step's
-    bytes over devices x bandwidth)."""
+    measure: a lower bound on the step; beside the roofline (the step's bytes over devices x
+    bandwidth). Rows carry project_decode's step fields, so bound_by_host takes them too."""
     rows = []
     for batch in sorted(inputs):
         inp = inputs[batch]
         if devices not in inp.share_layer_ms:
             continue
-        touched = expected_experts_touched(batch, config.model.num_experts, config.model.num_selected_experts)
-        layer_bytes, other_bytes = decode_step_bytes(config, batch, context, touched)
+        touched, layer_bytes, other_bytes = step_bytes(config, batch, context)
         local, other = inp.share_layer_ms[devices], inp.share_non_layer_ms.get(devices, 0.0)
         step = layers * local + other
         roof_ms = (layers * layer_bytes + other_bytes) / (devices * bandwidth) * 1e3
-        row = dict(batch=batch, experts_touched=touched, layer_bytes=layer_bytes, non_layer_bytes=other_bytes,
-                   share_local_ms=local, share_non_layer_ms=other, share_collectives_ms=None, share_step_ms=step,
-                   share_tokens_per_s=batch / step * 1e3, roofline_ms=roof_ms,
-                   roofline_tokens_per_s=batch / roof_ms * 1e3, share_roofline_pct=100 * roof_ms / step)
-        fit = next((h for h in host_fits if h.get("share") == devices and h["batch"] == batch), None)
-        if fit is not None:
-            floor = host_floor_ms(fit, layers)
-            bounded = max(step, floor)
-            row.update(host_floor_ms=floor, bounded_step_ms=bounded, bounded_tokens_per_s=batch / bounded * 1e3,
-                       bounded_roofline_pct=100 * roof_ms / bounded)
-        rows.append(row)
+        rows.append(dict(batch=batch, experts_touched=touched, layer_bytes=layer_bytes, non_layer_bytes=other_bytes,
+                         share_local_ms=local, share_non_layer_ms=other, step_ms=step,
+                         tokens_per_s=batch / step * 1e3, roofline_ms=roof_ms,
+                         roofline_tokens_per_s=batch / roof_ms * 1e3, roofline_pct=100 * roof_ms / step))
     return rows
 
 
@@ -1656,15 +1652,16 @@ def host_floor_ms(fit: dict, layers: int) -> float:
     return fit["outside_ms"] + fit["per_layer_ms"] * layers
 
 
-def bound_by_host(rows: list[dict], host_fits: list[dict], layers: int) -> None:
+def bound_by_host(rows: list[dict], host_fits: list[dict], layers: int, share: int | None = None) -> None:
     """Add to each projected row the floor the host's enqueue time puts on its step, and the
     step that floor allows: max(device step, floor). The devices run a step no faster than
     the host enqueues the next one, however deep the queue (each device's kernels are
     launched by its own thread, so the floor stays the per-device one). Per batch, the fit
     measured on the most devices is used (its intercept holds the launch of every device's
-    program); rows of a batch without such a fit are left as they are."""
+    program); rows of a batch without such a fit are left as they are. share: take the fits of
+    `--share share` runs instead (rows of project_share_only)."""
     for r in rows:
-        fits = [h for h in host_fits if h["batch"] == r["batch"] and h.get("share") is None]
+        fits = [h for h in host_fits if h["batch"] == r["batch"] and h.get("share") == share]
         if not fits:
             continue
         fit = max(fits, key=lambda h: h["devices"])
@@ -1704,7 +1701,7 @@ def read_model_runs(paths: list[str], mode: str) -> tuple[dict[int, BatchInputs]
     what the files say about themselves (device kinds, copy bandwidths, contexts)."""
     times: dict[tuple[int, int], dict[int, float]] = {}
     shares: dict[tuple[int, int], dict[int, float]] = {}  # (N, batch): the same, of --share N runs
-    host: dict[tuple[int, int], dict[int, float]] = {}  # the same for the host's enqueue time
+    host: dict[tuple[int, int, int | None], dict[int, float]] = {}  # (devices, batch, share): enqueue times
     meta: dict[str, set] = {"device": set(), "host": set(), "copy_bandwidth_GBps": set(), "context": set()}
     for path in paths:
         try:
@@ -1793,6 +1790,18 @@ def format_projection(rows: list[dict], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_share_projection(rows: list[dict], header: list[str]) -> str:
+    """The inputs, then one line per batch of project_share_only: the step of the share's
+    local work beside the roofline."""
+    lines = list(header) + ["", f"{'batch':>5} {'ms/layer':>9} {'+outside':>9} {'step ms':>8} {'tok/s':>8} | "
+                                f"{'roofline ms':>11} {'tok/s':>8} {'% roofline':>10}"]
+    for r in rows:
+        lines.append(f"{r['batch']:>5} {r['share_local_ms']:9.4f} {r['share_non_layer_ms']:9.3f} {r['step_ms']:8.2f} "
+                     f"{r['tokens_per_s']:8.1f} | {r['roofline_ms']:11.3f} {r['roofline_tokens_per_s']:8.1f} "
+                     f"{r['roofline_pct']:9.1f}%")
+    return "\n".join(lines)
+
+
 def project_bench(args: argparse.Namespace) -> dict:
     """`bench.py project`: the inputs checked and printed, then the projection."""
     if bool(args.measured) == bool(args.from_json):
@@ -1825,18 +1834,28 @@ def project_bench(args: argparse.Namespace) -> dict:
     else:
         bandwidth, bw_source = NOMINAL_BANDWIDTH[args.device_kind], f"{args.device_kind} nominal"
     config = model.grok_1_config()
-    # A batch measured on one device count has no F + V/n: said, not projected (unless none has more).
+    # A batch measured on one device count has no F + V/n: said, not projected (unless none has
+    # more). With none, runs of one device's share of a 1x--devices mesh still give a lower bound.
     single = {b: sorted(inp.per_layer_ms) for b, inp in inputs.items() if len(inp.per_layer_ms) < 2}
-    if len(single) == len(inputs) and any(args.devices in inp.share_layer_ms for inp in inputs.values()):
-        return _project_shares_only(args, inputs, meta, source, context, bandwidth, bw_source, config)
-    if len(single) < len(inputs):
-        inputs = {b: inp for b, inp in inputs.items() if b not in single}
+    shares_only = len(single) == len(inputs) and any(args.devices in inp.share_layer_ms for inp in inputs.values())
+    if shares_only:
+        single = {}
+        rows = project_share_only(inputs, args.devices, args.layers, bandwidth, context, config)
+        title = f"from one device's share of a 1x{args.devices} mesh measured alone"
+        model_line = ("  model: step = layers x the share's per-layer time + its intercept; the collectives are not "
+                      "in these runs (measure a 1x2 mesh and its --share 2 to add them): a lower bound on the step")
     else:
-        single = {}  # nothing to project: fit_fixed_variable says why
-    rows = project_decode(inputs, args.devices, args.layers, bandwidth, context, config, args.non_layer_ms)
+        if len(single) < len(inputs):
+            inputs = {b: inp for b, inp in inputs.items() if b not in single}
+        else:
+            single = {}  # nothing to project: fit_fixed_variable says why
+        rows = project_decode(inputs, args.devices, args.layers, bandwidth, context, config, args.non_layer_ms)
+        title = f"model axis {args.devices}"
+        model_line = ("  model: step = layers x (F + V/n) + non-layer cost (embedding, final norm, logits); roofline = "
+                      "the step's bytes / (n x bandwidth)")
     header = [
         f"Projected decode: Grok-1 ({config.model.emb_size} wide, {args.layers} layers) on {args.devices} x "
-        f"{args.device_kind}, model axis {args.devices}",
+        f"{args.device_kind}, {title}",
         "inputs:",
         f"  per-layer decode times from {source}",
         f"  bandwidth per device {bandwidth / 1e9:.0f} GB/s ({bw_source})"
@@ -1844,16 +1863,15 @@ def project_bench(args: argparse.Namespace) -> dict:
            if meta.get("copy_bandwidth_GBps") else ""),
         f"  KV cache holds {context} tokens per sequence; experts per layer: the expectation under "
         "uniform top-2 routing",
-        "  model: step = layers x (F + V/n) + non-layer cost (embedding, final norm, logits); roofline = "
-        "the step's bytes / (n x bandwidth)",
+        model_line,
     ]
     for b, counts in sorted(single.items()):
         where = f"{counts[0]} device(s)" if counts else "one device's share"
         header.append(f"  batch {b}: measured on {where} only, so no F + V/n: not projected")
-    missing = [b for b in PROJECT_BATCHES if b not in inputs and b not in single]
+    missing = [b for b in PROJECT_BATCHES if b not in {r["batch"] for r in rows} and b not in single]
     if missing:
         header.append(f"  not measured, not projected: batch {', '.join(map(str, missing))}")
-    print(format_projection(rows, header))
+    print(format_share_projection(rows, header) if shares_only else format_projection(rows, header))
     # The host enqueues every step's kernels on its own; the devices cannot step faster.
     host_meta = meta
     if args.host_json:  # the host's side from other runs (say, of a newer step)
@@ -1862,11 +1880,12 @@ def project_bench(args: argparse.Namespace) -> dict:
     if host_meta.get("host_enqueue_ms") and host_meta.get("host"):
         print(f"  host floor measured on: {'; '.join(host_meta['host'])}")
     for h in host_meta.get("host_enqueue_ms", []):
-        print(f"  host, measured on {h['devices']} device(s), batch {h['batch']}: enqueueing a step took "
+        where = f"one device's share of {h['share']}" if h.get("share") else f"{h['devices']} device(s)"
+        print(f"  host, measured on {where}, batch {h['batch']}: enqueueing a step took "
               f"{h['outside_ms']:.3f} ms + {h['per_layer_ms']:.4f} ms per layer -> "
               f"{host_floor_ms(h, args.layers):.2f} ms at {args.layers} layers, "
               "a floor on the step while the devices wait for it")
-    bound_by_host(rows, host_meta.get("host_enqueue_ms", []), args.layers)
+    bound_by_host(rows, host_meta.get("host_enqueue_ms", []), args.layers, args.devices if shares_only else None)
     bounded = [r for r in rows if "bounded_step_ms" in r]
     if bounded:
         print(f"\nbounded by the host (step = max(devices, host floor)):\n{'batch':>5} {'devices ms':>10} "
@@ -1876,50 +1895,9 @@ def project_bench(args: argparse.Namespace) -> dict:
                   f"{r['bounded_tokens_per_s']:8.1f} {r['bounded_roofline_pct']:9.1f}%")
     report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
               "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
-              "source": source, "files_meta": meta, "rows": rows}
+              "source": source, "files_meta": meta, "rows": rows, "shares_only": shares_only}
     if args.host_json:
         report.update(host_source=args.host_json, host_meta=host_meta)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return report
-
-
-def _project_shares_only(args: argparse.Namespace, inputs: dict[int, BatchInputs], meta: dict, source: str,
-                         context: int, bandwidth: float, bw_source: str, config: model.LanguageModelConfig) -> dict:
-    """`bench.py project` from `--share N` runs alone (N = --devices): project_share_only."""
-    host_meta = read_model_runs(args.host_json, args.mode)[1] if args.host_json else meta
-    rows = project_share_only(inputs, args.devices, args.layers, bandwidth, context, config,
-                              host_meta.get("host_enqueue_ms", []))
-    lines = [
-        f"Projected decode: Grok-1 ({config.model.emb_size} wide, {args.layers} layers) on {args.devices} x "
-        f"{args.device_kind}, from one device's share of a 1x{args.devices} mesh measured alone",
-        "inputs:",
-        f"  per-layer decode times from {source}",
-        f"  bandwidth per device {bandwidth / 1e9:.0f} GB/s ({bw_source})"
-        + (f"; the files' measured copy bandwidth: {meta['copy_bandwidth_GBps']} GB/s on {meta['device']}"
-           if meta.get("copy_bandwidth_GBps") else ""),
-        f"  KV cache holds {context} tokens per sequence; experts per layer: the expectation under uniform "
-        "top-2 routing",
-        "  model: step = layers x the share's per-layer time + its intercept; the collectives are not in these "
-        "runs (measure a 1x2 mesh and its --share 2 to add them): a lower bound on the step",
-        "",
-        f"{'batch':>5} {'ms/layer':>9} {'+outside':>9} {'step ms':>8} {'tok/s':>8} {'host ms':>8} {'bounded':>8} "
-        f"{'tok/s':>8} | {'roofline ms':>11} {'tok/s':>8} {'% roofline':>10}",
-    ]
-    for r in rows:
-        host = f"{r['host_floor_ms']:8.2f}" if "host_floor_ms" in r else f"{'-':>8}"
-        bounded = r.get("bounded_step_ms", r["share_step_ms"])
-        lines.append(f"{r['batch']:>5} {r['share_local_ms']:9.4f} {r['share_non_layer_ms']:9.3f} "
-                     f"{r['share_step_ms']:8.2f} {r['share_tokens_per_s']:8.1f} {host} {bounded:8.2f} "
-                     f"{r['batch'] / bounded * 1e3:8.1f} | {r['roofline_ms']:11.3f} {r['roofline_tokens_per_s']:8.1f} "
-                     f"{100 * r['roofline_ms'] / bounded:9.1f}%")
-    if not any("host_floor_ms" in r for r in rows):
-        lines.append("  (no host enqueue times in these runs: the host's floor is not shown)")
-    print("\n".join(lines))
-    report = {"devices": args.devices, "device_kind": args.device_kind, "layers": args.layers,
-              "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bw_source, "context": context,
-              "source": source, "files_meta": meta, "rows": rows, "shares_only": True}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

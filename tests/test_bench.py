@@ -305,13 +305,14 @@ def test_project_from_shares_alone_bounds_the_step_by_the_host(tmp_path, capsys)
     (r,) = report["rows"]
     assert report["shares_only"]
     assert (r["share_local_ms"], r["share_non_layer_ms"]) == (pytest.approx(0.1), pytest.approx(0.1))
-    assert r["share_step_ms"] == pytest.approx(6.5) and r["share_collectives_ms"] is None
+    assert r["step_ms"] == pytest.approx(6.5) and "share_collectives_ms" not in r
     assert r["host_floor_ms"] == pytest.approx(0.06 + 64 * 0.12) and r["bounded_step_ms"] == pytest.approx(7.74)
     layer_bytes, other_bytes = bench.decode_step_bytes(model.grok_1_config(), 1, 1024, 2.0)
     assert r["roofline_ms"] == pytest.approx((64 * layer_bytes + other_bytes) / (8 * 4e12) * 1e3)
     assert r["bounded_roofline_pct"] == pytest.approx(100 * r["roofline_ms"] / 7.74)
     out = capsys.readouterr().out
     assert "from one device's share of a 1x8 mesh measured alone" in out and "a lower bound" in out
+    assert "measured on one device's share of 8, batch 1" in out and "7.74 ms at 64 layers" in out
     # Beside runs on 1 device and 1x2, the share's host time does not bound the fitted step.
     files = [_model_json(tmp_path / "a.json", 2, None, {1: 1.0}), _model_json(tmp_path / "b.json", 8, None, {1: 4.0}),
              _model_json(tmp_path / "c.json", 2, {"data": 1, "model": 2}, {1: 0.8}),
