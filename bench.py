@@ -1075,20 +1075,29 @@ def summarize_profile(results: dict) -> dict:
     A kernel that runs at least once per layer counts in the layers; one that runs fewer
     times by the share of its runs whose HLO instruction lies in a layer's code (a row's
     in_layers, where the trace tells: the first layer's fusions may carry other names than
-    the rest's), else not. The rest (the embedding, the logits) is "outside_layers" (per
-    step, divided by the layers only to compare). Collectives, whose events spread over
-    several streams, always count as "collective".
+    the rest's), else not. A Pallas kernel (not placed by instruction) whose variants JAX
+    named apart (name, name__1, ...: the last layer's junction, say) counts in the layers
+    where the variants together run once per layer. The rest (the embedding, the logits) is
+    "outside_layers" (per step, divided by the layers only to compare). Collectives, whose
+    events spread over several streams, always count as "collective".
     """
     layers = results["layers"]
     out: dict = {}
     for rows in results["lines"].values():
+        family = lambda name: re.sub(r"__\d+$", "", name)  # noqa: E731
+        runs: dict = {}
+        for r in rows:
+            runs[family(r["name"])] = runs.get(family(r["name"]), 0.0) + r["per_step"]
         for r in rows:
             kind = next((k for k, subs in KERNEL_KINDS if any(s in r["name"] for s in subs)), "other")
             inside = r.get("in_layers")
             if kind == "collective":
                 out[kind] = out.get(kind, 0.0) + r["us_per_layer"]
                 continue
-            share = 1.0 if r["per_step"] >= layers else inside or 0.0
+            if r["per_step"] >= layers or (inside is None and runs[family(r["name"])] >= layers):
+                share = 1.0
+            else:
+                share = inside or 0.0
             for k, f in ((kind, share), ("outside_layers", 1.0 - share)):
                 if f:
                     out[k] = out.get(k, 0.0) + f * r["us_per_layer"]

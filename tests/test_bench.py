@@ -587,6 +587,13 @@ def test_the_profile_places_kernels_by_their_hlo_instruction():
             dict(name="all-reduce-start", per_step=1, us_per_layer=2.0, in_layers=0.0)]
     summary = bench.summarize_profile({"layers": 4, "lines": {"Stream #14(Compute)": rows}})
     assert summary == {"other": 3.0, "outside_layers": 12.25, "moe_gated": 30.0, "collective": 2.0}
+    # A Pallas kernel JAX named apart in the last layer (residual_norm__1 three times,
+    # residual_norm__2 once): together once per layer, so in the layers; a lone one, not.
+    rows = [dict(name="residual_norm__1", per_step=3, us_per_layer=3.0, in_layers=None),
+            dict(name="residual_norm__2", per_step=1, us_per_layer=1.0, in_layers=None),
+            dict(name="moe_route__1", per_step=1, us_per_layer=0.5, in_layers=None)]
+    summary = bench.summarize_profile({"layers": 4, "lines": {"Stream #14(Compute)": rows}})
+    assert summary == {"other": 4.0, "outside_layers": 0.5}
 
 
 def test_kernel_times_are_the_devices_where_it_can_be_traced():
