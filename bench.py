@@ -1083,9 +1083,12 @@ def summarize_profile(results: dict) -> dict:
     """
     layers = results["layers"]
     out: dict = {}
+
+    def family(name: str) -> str:  # a Pallas kernel's name without JAX's __N suffix
+        return re.sub(r"__\d+$", "", name)
+
     for rows in results["lines"].values():
-        family = lambda name: re.sub(r"__\d+$", "", name)  # noqa: E731
-        runs: dict = {}
+        runs: dict = {}  # family -> runs per step
         for r in rows:
             runs[family(r["name"])] = runs.get(family(r["name"]), 0.0) + r["per_step"]
         for r in rows:
