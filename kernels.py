@@ -309,18 +309,27 @@ def route(logits: jax.Array, k: int, block_m: int, backend: str = "auto") -> tup
         gates, experts = lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
         experts = experts.astype(jnp.int32)
         return gates, experts, make_plan(experts, e, block_m)
-    n_tiles = route_tiles(m, k, e, block_m)
+    interpret = _resolve_backend(backend) == "interpret"
+    gates, experts, row_pos, row_token, tile_expert, num_tiles = _route_call(
+        logits.astype(jnp.float32), k=k, block_m=block_m, n_tiles=route_tiles(m, k, e, block_m),
+        interpret=interpret)
+    plan = MoEPlan(row_pos.T.reshape(m * k), row_token, tile_expert, num_tiles.reshape(()))
+    return gates.T, experts.T, plan
+
+
+# Jitted, as every kernel call here: a model's 64 identical calls are traced and lowered once.
+@functools.partial(jax.jit, static_argnames=("k", "block_m", "n_tiles", "interpret"))
+def _route_call(logits: jax.Array, *, k: int, block_m: int, n_tiles: int, interpret: bool) -> tuple:
+    """The route kernel: [M, E] float32 -> gates, experts, row_pos [k, M]; row_token, tile_expert, num_tiles."""
+    m = logits.shape[0]
     i32 = jnp.int32
     shapes = (jax.ShapeDtypeStruct((k, m), jnp.float32), jax.ShapeDtypeStruct((k, m), i32),
               jax.ShapeDtypeStruct((k, m), i32), jax.ShapeDtypeStruct((n_tiles * block_m,), i32),
               jax.ShapeDtypeStruct((n_tiles,), i32), jax.ShapeDtypeStruct((1,), i32))
-    interpret = _resolve_backend(backend) == "interpret"
-    gates, experts, row_pos, row_token, tile_expert, num_tiles = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_route_kernel, k=k, bm=block_m), out_shape=shapes,
         interpret=interpret, name="moe_route", **_compiler_params(4, 1, interpret),
-    )(logits.astype(jnp.float32))
-    plan = MoEPlan(row_pos.T.reshape(m * k), row_token, tile_expert, num_tiles.reshape(()))
-    return gates.T, experts.T, plan
+    )(logits)
 
 
 def dispatch(x: jax.Array, plan: MoEPlan) -> jax.Array:
