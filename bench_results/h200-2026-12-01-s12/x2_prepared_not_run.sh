@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Prepared in session 10, updated in session 11, for nvidia-h200-x2 (not lent in sessions 9-11; NOT RUN).
-# Ask `status` first. Main against branch fewer-kernels (main merged in; session 11's folds) on 2 GPUs, ~8 min.
-# The 1 GPU slopes (2.) are also the first full-width run of the gated kernel's own gather (0ed8a22).
-#   git archive main -o .scratch/new.tar; git archive fewer-kernels -o .scratch/fewer.tar
+# Prepared in session 10, updated in sessions 11 and 12, for nvidia-h200-x2 (not lent in sessions 9-12; NOT RUN).
+# Ask `status` first. Main against branch fewer-kernels (main merged in) on 2 GPUs, ~9 min.
+#   git archive main -o .scratch/new.tar -- . ":!bench_results"; the same for fewer-kernels -> .scratch/fewer.tar
 #   BUDGET=560 OUT=$OUT bash .scratch/x2.sh      -> $OUT/x2.tgz
 # In order of need:
 # 1. the hang guard: 24 layers on 1x2 with fewer-kernels (greedy text as main's); without it the
@@ -14,9 +13,11 @@
 #    layer; `bench.py project` with these files and session 10's share-of-8 files (s10d) then
 #    projects 8 GPUs with the collectives;
 # 4. bench.py profile on 1x2, 4 layers, batch 1, both trees (kernels placed by HLO instruction);
-# 5. bench.py project to 8 GPUs per tree and round: the 1 GPU / 1x2 fit, and session 10's share-of-8
-#    runs (s10d, another H200) plus this machine's collectives (1x2 less its share of 2).
-T0=$SECONDS; BUDGET=${BUDGET:-560}
+# 5. bench.py project to 8 GPUs per tree and round: the 1 GPU / 1x2 fit, and session 12's share-of-8
+#    runs (s12a, another H200) plus this machine's collectives (1x2 less its share of 2);
+# 6. XLA's one-shot all-reduce kernel instead of NCCL's for the psums (a flag; 2 -> 16 layers on 1x2, the
+#    branch): what two all-reduces per layer cost with it.
+T0=$SECONDS; BUDGET=${BUDGET:-560}; ROOT=$PWD
 R=/tmp/x2; mkdir -p $R
 left() { echo $((BUDGET - (SECONDS - T0))); }
 log() { echo "$(date +%T) [t=$((SECONDS - T0)) s, $(left) s left] $*" | tee -a $R/x2.log; }
@@ -60,13 +61,19 @@ done
 for round in 1 2; do for t in new fewer; do
   f="$R/m-r$round-1gpu-$t-L2.json $R/m-r$round-1gpu-$t-L16.json $R/m-r$round-1x2-$t-L2.json $R/m-r$round-1x2-$t-L16.json"
   f="$f $R/m-r$round-share2-$t-L2.json $R/m-r$round-share2-$t-L16.json"
-  if [ $t = new ]; then  # session 10's share-of-8 runs of main; session 11's of the branch (call E, `gather`)
-    f="$f bench_results/h200-2026-12-01-s10/s10d/m-r$round-new-L2.json bench_results/h200-2026-12-01-s10/s10d/m-r$round-new-L16.json"
-  else
-    f="$f bench_results/h200-2026-12-01-s11/s11e/m-s8-r$round-gather-L2.json bench_results/h200-2026-12-01-s11/s11e/m-s8-r$round-gather-L16.json"
-  fi
+  s8=$ROOT/bench_results/h200-2026-12-01-s12/s12a/m-s8-r$round  # session 12's share-of-8 runs of both trees
+  if [ $t = new ]; then f="$f $s8-main-L2.json $s8-main-L16.json"; else f="$f $s8-head-L2.json $s8-head-L16.json"; fi
   (cd /tmp/$t && python3 bench.py project --devices 8 --device-kind h200 --from-json $f \
       --json $R/project-r$round-$t.json) > $R/project-r$round-$t.log 2>&1
   log "project 8 GPUs, round $round, $t: exit $?"; tail -4 $R/project-r$round-$t.log | tee -a $R/x2.log
 done; done
+# 6.
+for n in 2 16; do
+  [ "$(left)" -lt 40 ] && { log "no time for the one-shot all-reduce"; break; }
+  (cd /tmp/fewer && XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout $(( $(left) - 5 )) python3 bench.py model --layers $n --batches 1,8 \
+      --modes fast --prefill 0 --context 1024 --iters 10 --compile-layers 0 --mesh 1x2 \
+      --json $R/m-oneshot-1x2-fewer-L$n.json) > $R/m-oneshot-1x2-fewer-L$n.log 2>&1
+  log "one-shot all-reduce, 1x2, fewer, layers $n: exit $? $(summ $R/m-oneshot-1x2-fewer-L$n.log)"
+done
 log done
