@@ -265,8 +265,8 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
 def test_a_deeper_decode_step_traces_the_same_kernels(monkeypatch):
     """Identical kernel calls (one per layer) are traced and lowered once: the decode step of
     4 layers makes the Pallas kernels of the 2-layer one and no more, so that a model's
-    start-up grows with its distinct kernels, not with its depth (on an H200 the route kernel
-    re-made for every layer cost about 0.1 s per layer of a 16-layer step's lowering)."""
+    start-up grows with its distinct kernels, not with its depth (the route kernel, made for
+    every layer, once took a 16-layer step 16 Triton lowerings instead of one)."""
     traced = []
     pallas_call = kernels.pl.pallas_call
     monkeypatch.setattr(kernels.pl, "pallas_call", lambda *a, **k: traced.append(k["name"]) or pallas_call(*a, **k))
