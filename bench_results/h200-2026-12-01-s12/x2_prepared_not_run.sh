@@ -14,7 +14,7 @@
 #    projects 8 GPUs with the collectives;
 # 4. bench.py profile on 1x2, 4 layers, batch 1, both trees (kernels placed by HLO instruction);
 # 5. bench.py project to 8 GPUs per tree and round: the 1 GPU / 1x2 fit, and session 12's share-of-8
-#    runs (s12a, another H200) plus this machine's collectives (1x2 less its share of 2);
+#    runs (s12a/s12d, another H200) plus this machine's collectives (1x2 less its share of 2);
 # 6. XLA's one-shot all-reduce kernel instead of NCCL's for the psums (a flag; 2 -> 16 layers on 1x2, the
 #    branch): what two all-reduces per layer cost with it.
 T0=$SECONDS; BUDGET=${BUDGET:-560}; ROOT=$PWD
@@ -61,8 +61,9 @@ done
 for round in 1 2; do for t in new fewer; do
   f="$R/m-r$round-1gpu-$t-L2.json $R/m-r$round-1gpu-$t-L16.json $R/m-r$round-1x2-$t-L2.json $R/m-r$round-1x2-$t-L16.json"
   f="$f $R/m-r$round-share2-$t-L2.json $R/m-r$round-share2-$t-L16.json"
-  s8=$ROOT/bench_results/h200-2026-12-01-s12/s12a/m-s8-r$round  # session 12's share-of-8 runs of both trees
-  if [ $t = new ]; then f="$f $s8-main-L2.json $s8-main-L16.json"; else f="$f $s8-head-L2.json $s8-head-L16.json"; fi
+  s12=$ROOT/bench_results/h200-2026-12-01-s12  # session 12's share-of-8 runs: main (call A), the branch (call D)
+  if [ $t = new ]; then f="$f $s12/s12a/m-s8-r$round-main-L2.json $s12/s12a/m-s8-r$round-main-L16.json"
+  else f="$f $s12/s12d/m-s8-r$round-rule-L2.json $s12/s12d/m-s8-r$round-rule-L16.json"; fi
   (cd /tmp/$t && python3 bench.py project --devices 8 --device-kind h200 --from-json $f \
       --json $R/project-r$round-$t.json) > $R/project-r$round-$t.log 2>&1
   log "project 8 GPUs, round $round, $t: exit $?"; tail -4 $R/project-r$round-$t.log | tee -a $R/x2.log
