@@ -413,22 +413,40 @@ def default_config(op: str, block_m: int, n_tiles: int, k: int, n: int, transpos
     of at least _MIN_SPLIT_ROWS[op] rows. The gated decode kernel halves its column blocks
     (down to 32) while it has fewer programs than SMs."""
     phase = "decode" if block_m <= 32 else "prefill"
-    cfg = _TUNED[(op, phase, transposed)]
+    cfg = tuned = _TUNED[(op, phase, transposed)]
     if op == "gated" and phase == "decode":
         # The gelu needs whole sums (no split-K), so when fewer programs than SMs would run,
         # narrower column blocks are what fills the SMs. One device's share of 8 at batch 1
         # (2 tiles, 128 programs of 64 columns) took 30.7 us per layer, and 28.8 with 32
         # columns. The share of 4 (256 programs) was slower with 32 (52.2 against 51.4 us),
-        # so only idle SMs narrow them (1 x H200, BENCHMARKS.md session 10).
+        # so only idle SMs narrow them (1 x H200, BENCHMARKS.md session 10). A narrower tile
+        # keeps one more stage of loads in flight per halving: 28.5 -> 28.0 us (session 12).
         while n_tiles * (n // cfg.block_n) < _NUM_SMS and cfg.block_n > 32 and n % (cfg.block_n // 2) == 0:
-            cfg = cfg._replace(block_n=cfg.block_n // 2)
+            cfg = cfg._replace(block_n=cfg.block_n // 2, num_stages=cfg.num_stages + 1)
     if cfg.split_k == 0:
-        programs = n_tiles * max(1, n // cfg.block_n)
-        split, rows = 1, _MIN_SPLIT_ROWS[op]
-        while programs * split < 2 * _NUM_SMS and k // (split * 2) >= rows and k % (split * 2) == 0:
-            split *= 2
-        cfg = cfg._replace(split_k=split)
+        cfg = cfg._replace(split_k=_auto_split(op, n_tiles * max(1, n // cfg.block_n), k))
+    if op == "dense" and phase == "decode":
+        # The K slices stop at _MIN_SPLIT_ROWS, so a small projection can still leave SMs idle:
+        # one device's share of 8 ran q/k/v [6144 -> 1024] as 8 column blocks x 16 slices and
+        # the output projection [768 -> 6144] as 48 x 2 (128 and 96 programs on 132 SMs).
+        # With 64 columns (256 and 192 programs) they took 4.9 and 4.5 us against 5.3 and
+        # 5.1 (1 x H200, BENCHMARKS.md session 12); one GPU and the shares of 2 and 4 keep
+        # their tilings.
+        while (n_tiles * (n // cfg.block_n) * cfg.split_k < _NUM_SMS and cfg.block_n > 32
+               and n % (cfg.block_n // 2) == 0):
+            cfg = cfg._replace(block_n=cfg.block_n // 2)
+            if tuned.split_k == 0:  # more column blocks may need fewer K slices
+                cfg = cfg._replace(split_k=_auto_split(op, n_tiles * (n // cfg.block_n), k))
     return cfg
+
+
+def _auto_split(op: str, programs: int, k: int) -> int:
+    """K slices per output tile: double them while fewer than two programs per SM would run
+    and each slice keeps at least _MIN_SPLIT_ROWS[op] rows of K."""
+    split, rows = 1, _MIN_SPLIT_ROWS[op]
+    while programs * split < 2 * _NUM_SMS and k // (split * 2) >= rows and k % (split * 2) == 0:
+        split *= 2
+    return split
 
 
 # ---------------------------------------------------------------------------------------

@@ -295,6 +295,28 @@ def test_gated_decode_tiling_narrows_only_when_few_programs():
     assert [block_n(f, t) for f in (32768, 16384, 8192) for t in (2, 8)] == [64] * 6
     assert (block_n(4096, 2), block_n(4096, 8)) == (32, 64)
     assert kernels.default_config("gated", 64, 2, 6144, 4096, transposed=True).block_n == 128  # prefill: as tuned
+    # The narrowed tile keeps one more stage of loads in flight; the others keep the table's.
+    stages = kernels._TUNED[("gated", "decode", True)].num_stages
+    assert kernels.default_config("gated", 16, 2, 6144, 4096, transposed=True).num_stages == stages + 1
+    assert kernels.default_config("gated", 16, 8, 6144, 4096, transposed=True).num_stages == stages
+
+
+def test_dense_decode_tiling_narrows_only_when_few_programs():
+    # Grok-1's attention projections at batch 1 (one tile of 16 rows): q/k/v [6144 -> 8192]
+    # and the output projection [6144 -> 6144] on one device, their 1/n shares on each of n.
+    # Programs are column blocks x K slices (the slices stop at 256 rows of K); only one
+    # device's share of 8 (128 and 96 programs of 128 columns, 132 SMs) narrows, to 64.
+    def tiling(k, n):
+        cfg = kernels.default_config("dense", 16, 1, k, n, transposed=True)
+        return cfg.block_n, cfg.split_k
+
+    assert kernels._TUNED[("dense", "decode", True)].block_n == 128
+    assert [tiling(6144, 8192 // n) for n in (1, 2, 4)] == [(128, 8), (128, 16), (128, 16)]
+    assert [tiling(6144 // n, 6144) for n in (1, 2, 4)] == [(128, 8), (128, 8), (128, 4)]
+    assert tiling(6144, 1024) == (64, 16) and tiling(768, 6144) == (64, 2)  # the share of 8
+    for k, n in ((6144, 1024), (768, 6144)):  # what each program covers still tiles the weight
+        block_n, split = tiling(k, n)
+        assert n % block_n == 0 and k % split == 0 and (n // block_n) * split >= kernels._NUM_SMS
 
 
 @pytest.mark.parametrize("dequant,split_k,nb", [("bits", 2, 8), ("asm", 4, 1), ("cast", 3, 2)])
