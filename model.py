@@ -577,7 +577,9 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array, split_axis: int) -> jax.Ar
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
     """Rotate-half RoPE over the whole head. x [B, T, N, K], positions [B, T] -> [B, T, N, K]."""
     k = x.shape[-1]
-    inv_freq = 1.0 / (base ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))  # [K/2]
+    # The frequencies are constants, made on the host: traced, their `pow` was a kernel of
+    # its own in every decode step (0.9 us on an H200, BENCHMARKS.md session 11).
+    inv_freq = (1.0 / base ** (np.arange(0, k, 2, dtype=np.float64) / k)).astype(np.float32)  # [K/2]
     phase = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, K/2]
     phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, K]
     x32 = x.astype(jnp.float32)
@@ -659,6 +661,19 @@ def prefix_buckets(cache_len: int) -> list[int]:
     return sizes + [cache_len]
 
 
+def write_at_steps(cache: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
+    """cache [B, S, G, K] with new [B, T, G, K] written at positions [step[b], step[b] + T) of
+    each row b (as dynamic_update_slice: a start past S - T is moved back to S - T)."""
+    new = new.astype(cache.dtype)
+    if cache.shape[0] == 1:
+        # One row: a plain in-place update. Batched, the update is a scatter, and a GPU runs
+        # it as four kernels (a bounds test, a read of the old row and a select per write;
+        # BENCHMARKS.md session 9).
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, step[0], axis=1)
+    write = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))
+    return write(cache, new, step)
+
+
 class MultiHeadAttention(hk.Module):
     """Grouped-query attention with RoPE, a capped float32 softmax and a per-sequence cache."""
 
@@ -695,10 +710,8 @@ class MultiHeadAttention(hk.Module):
         if memory is None:
             out, new_memory = self._attend(q, key, value, input_mask, step), None
         else:
-            # Write this call's keys at each sequence's own step.
-            write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=0))
-            keys = write(memory.k, key.astype(memory.k.dtype), step)  # [B, S, G, K]
-            values = write(memory.v, value.astype(memory.v.dtype), step)
+            keys = write_at_steps(memory.k, key, step)  # [B, S, G, K]
+            values = write_at_steps(memory.v, value, step)
             keys = constrain(keys, self.mesh, P(data, None, model))
             values = constrain(values, self.mesh, P(data, None, model))
             new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller

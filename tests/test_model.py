@@ -192,6 +192,28 @@ def test_decode_through_cache_equals_full_forward(impl):
     assert_close_bf16(np.concatenate(steps, axis=0), full)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cache_write_at_each_rows_step(batch):
+    """write_at_steps against numpy: each row's new tokens land at its own step, a start past
+    S - T moves back to S - T (dynamic_update_slice's rule), the rest is untouched. One row is
+    a plain in-place update, not a scatter (a GPU runs a scatter as four kernels)."""
+    rng = np.random.RandomState(5)
+    s, g, k, t = 8, 2, 4, 2
+    cache = rng.standard_normal((batch, s, g, k)).astype(np.float32)
+    new = rng.standard_normal((batch, t, g, k)).astype(np.float32)
+    step = np.array([3, 0, 7][:batch], np.int32)
+    want = cache.copy()
+    for b in range(batch):
+        start = min(step[b], s - t)
+        want[b, start : start + t] = new[b]
+    write = jax.jit(model.write_at_steps)
+    got = write(jnp.asarray(cache, jnp.bfloat16), jnp.asarray(new), jnp.asarray(step))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(jnp.bfloat16).astype(np.float32))
+    hlo = write.lower(jnp.asarray(cache, jnp.bfloat16), jnp.asarray(new), jnp.asarray(step)).as_text()
+    assert ("scatter" in hlo) == (batch > 1)
+
+
 def test_fast_matches_reference_mode():
     cfg_r, params = setup("reference")
     cfg_f = model.tiny_config(num_layers=2, moe_impl="fast")
