@@ -493,7 +493,7 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, transposed, col_blocks=None, hi_lo=False):
+                gated, transposed, col_blocks=None, hi_lo=False, num_rows=None):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
     x_ref: [M_pad, K] bf16, or float32 with hi_lo (each x chunk is split into bf16 hi + lo
@@ -505,6 +505,9 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     (tile_expert < 0) skip all loads and write zeros.
     col_blocks (not gated): the matrices sit side by side in the output, matrix t owning
     col_blocks[t] column blocks; each program reads only the matrix of its own columns.
+    num_rows: x and the output (then the whole array, [M, N] or [split, M, N]) hold only
+    this many rows, fewer than the tiles': the rows past them are masked off on load and on
+    store, so nobody pads x or slices the result (a decode step's dense projections).
     """
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
     o_ref = refs[2 * n_mats]
@@ -512,6 +515,16 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     e = tile_expert_ref[i]
     e_safe = jnp.maximum(e, 0)
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+    real = None if num_rows is None else (i * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < num_rows
+
+    def store(value):
+        """This program's [bm, bn] result into its place in the output."""
+        if real is None:
+            o_ref[...] = value.astype(o_ref.dtype)
+            return
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+        plgpu.store(o_ref.at[rows, cols] if split == 1 else o_ref.at[s, rows, cols],
+                    value.astype(o_ref.dtype), mask=real)
 
     kb = k_dim // nb  # rows per scale block
     ks = k_dim // split  # rows per K slice
@@ -526,7 +539,10 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
 
         def chunk(c, part, seg_start):
             k0 = pl.multiple_of(seg_start + c * bk, bk)
-            x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16 (float32 with hi_lo)
+            if real is None:
+                x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16 (float32 with hi_lo)
+            else:
+                x = plgpu.load(x_ref.at[rows, pl.ds(k0, bk)], mask=real, other=0)
             xs = split_bf16(x) if hi_lo else (x,)
             out = []
             for (w_ref, _), p in zip(mats, part):
@@ -561,13 +577,13 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
 
     if col_blocks is None:
         acc = accumulate(mats, j)
-        o_ref[...] = (_gelu_tanh(acc[0]) * acc[1] if gated else acc[0]).astype(o_ref.dtype)
+        store(_gelu_tanh(acc[0]) * acc[1] if gated else acc[0])
         return
     begin = 0
     for mat, blocks in zip(mats, col_blocks):  # one branch runs: the matrix of block j
         @pl.when((j >= begin) & (j < begin + blocks))
         def _(mat=mat, begin=begin):
-            o_ref[...] = accumulate([mat], j - begin)[0].astype(o_ref.dtype)
+            store(accumulate([mat], j - begin)[0])
         begin += blocks
 
 
@@ -641,18 +657,22 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 # Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
 # once: a model's lowering then grows with its distinct kernels, not with its depth.
 @functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed",
-                                             "side_by_side"))
+                                             "side_by_side", "block_m"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
                    out_dtype, name: Optional[str] = None, transposed: bool = False,
-                   side_by_side: bool = False) -> jax.Array:
+                   side_by_side: bool = False, block_m: Optional[int] = None) -> jax.Array:
     """xs [M_pad, K] times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
 
     A float32 xs is used unrounded (split into bf16 hi + lo in the kernel); other dtypes
     are cast to bf16. side_by_side: the matrices' products are concatenated along N
     ([M_pad, N_1 + N_2 + ...]), one launch for what would be one per matrix (q, k and v).
+    block_m: rows per tile, where xs holds fewer rows M than the tiles (M_pad = tiles *
+    block_m): the kernel masks the rest off, and the result has xs's M rows.
     """
-    m_pad, k_dim = xs.shape
+    num_rows, k_dim = xs.shape
+    m_pad = tile_expert.shape[0] * block_m if block_m else num_rows
+    masked = num_rows < m_pad
     w0, s0 = mats[0]
     widths = [w.shape[1] if transposed else w.shape[2] for w, _ in mats]
     nb = s0.shape[-2]
@@ -674,13 +694,16 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     kernel = functools.partial(
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
         dequant=dequant, gated=gated, transposed=transposed, hi_lo=hi_lo,
-        col_blocks=tuple(n // bn for n in widths) if side_by_side else None)
+        col_blocks=tuple(n // bn for n in widths) if side_by_side else None,
+        num_rows=num_rows if masked else None)
     if split == 1:
-        out_shape = jax.ShapeDtypeStruct((m_pad, n_dim), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((num_rows, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((split, m_pad, n_dim), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((split, num_rows, n_dim), jnp.float32)
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    if masked:
+        out_spec = _WHOLE_ARRAY  # the kernel places its block and masks the rows past num_rows
     params = _compiler_params(cfg.num_warps, cfg.num_stages, interpret)
     flat = [a for pair in mats for a in pair]
     out = pl.pallas_call(
@@ -883,15 +906,21 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
     if resolved != "xla" and m > 0 and (len(nbs) == 1 or backend != "auto"):
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 512 else 128
         n_tiles = -(-m // bm)
-        xp = jnp.pad(x2 if x2.dtype == jnp.float32 else x2.astype(jnp.bfloat16), ((0, n_tiles * bm - m), (0, 0)))
         cfg = config or default_config("dense", bm, n_tiles, k_dim, sum(widths), transposed)
         interpret = resolved == "interpret"
         biggest = max(max(w.size for w, _ in weights), n_tiles * bm * max(k_dim, sum(widths) * max(1, cfg.split_k)))
         if _fits_pallas(backend, n_tiles * bm, n_tiles, k_dim, math.gcd(*widths), weights[0][1].shape[0], cfg,
                         interpret, biggest):
+            # x goes in unpadded and the kernel masks the rows past m: no pad before it and
+            # no slice of pad rows after it (two kernels of a decode step fewer per call).
+            # Builds without Triton's masked loads get the rows padded.
+            xp, block_m = x2, bm
+            if plgpu is None:  # pragma: no cover
+                xp, block_m = jnp.pad(x2, ((0, n_tiles * bm - m), (0, 0))), None
             y = _pallas_matmul(xp, [(w[None], s[None]) for w, s in weights], jnp.zeros((n_tiles,), jnp.int32),
                                gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype,
-                               name="int8_dense_matmul", transposed=transposed, side_by_side=True)
+                               name="int8_dense_matmul", transposed=transposed, side_by_side=True,
+                               block_m=block_m)
             ends = list(itertools.accumulate(widths))
             return [y[:m, e - n:e].reshape(*lead, n) for e, n in zip(ends, widths)]
     return [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)

@@ -346,8 +346,11 @@ def test_pallas_variants_split_k_and_dequant(dequant, split_k, nb):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("nb,lead,transposed", [(1, (1,), False), (8, (2, 1, 3), False), (8, (1,), True)])
+@pytest.mark.parametrize("nb,lead,transposed", [(1, (1,), False), (8, (2, 1, 3), False), (8, (1,), True),
+                                                (8, (3, 200), True)])
 def test_int8_matmul_keeps_leading_dims(backend, nb, lead, transposed):
+    """Rows fewer than a tile's, and 600 rows in 5 tiles of 128 of which the last is part
+    pad: the Pallas kernel masks the rows past x's on load and on store."""
     rng = np.random.default_rng(nb + len(lead))
     x = bf16(rng.standard_normal((*lead, D)))
     w, s = quantized(rng, (D, F), nb)
