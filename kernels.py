@@ -237,12 +237,13 @@ def route_tiles(num_tokens: int, k: int, num_experts: int, block_m: int) -> int:
 
 def _route_kernel(logits_ref, gates_ref, experts_ref, row_pos_ref, row_token_ref, tile_expert_ref,
                   num_tiles_ref, *, k: int, bm: int):
-    """One program. logits [M, E] float32 -> gates, experts, row_pos [k, M] (row j: each
-    token's j-th choice), row_token [T * bm], tile_expert [T], num_tiles [1]; make_plan's
-    arrays for flat rows r = t * k + j, computed by comparisons (M, E and T powers of two)."""
-    m, e = logits_ref.shape
+    """One program. logits [P, M, E] float32 (P partial sums, added first) -> gates,
+    experts, row_pos [k, M] (row j: each token's j-th choice), row_token [T * bm],
+    tile_expert [T], num_tiles [1]; make_plan's arrays for flat rows r = t * k + j,
+    computed by comparisons (M, E and T powers of two)."""
+    _, m, e = logits_ref.shape
     n_tiles = tile_expert_ref.shape[0]
-    logits = logits_ref[...]  # [M, E]
+    logits = jnp.sum(logits_ref[...], axis=0)  # [M, E]
     col = lax.broadcasted_iota(jnp.int32, (m, e), 1)
     tok = lax.broadcasted_iota(jnp.int32, (m, m), 0)  # [M, M]: this row's token t
     other = lax.broadcasted_iota(jnp.int32, (m, m), 1)  # the compared token t'
@@ -296,23 +297,25 @@ def route_fuses(num_tokens: int, num_experts: int, block_m: int, backend: str = 
 
 
 def route(logits: jax.Array, k: int, block_m: int, backend: str = "auto") -> tuple[jax.Array, jax.Array, MoEPlan]:
-    """Router logits [M, E] float32 -> (gates [M, k] float32: the top-k softmax probabilities,
-    not renormalised; experts [M, k] int32; the plan of make_plan(experts, E, block_m), with
-    route_tiles tiles), in one kernel where uses_pallas(backend) and M is a power of two up
-    to ROUTE_MAX_TOKENS; else softmax, lax.top_k and make_plan in plain JAX."""
-    if logits.ndim != 2:
-        raise ValueError(f"route: logits must be [tokens, experts], found shape {tuple(logits.shape)}.")
-    m, e = logits.shape
+    """Router logits [M, E] float32, or [P, M, E] partial sums of them (residual_norm's) ->
+    (gates [M, k] float32: the top-k softmax probabilities, not renormalised; experts [M, k]
+    int32; the plan of make_plan(experts, E, block_m), with route_tiles tiles), in one
+    kernel where uses_pallas(backend) and M is a power of two up to ROUTE_MAX_TOKENS; else
+    softmax, lax.top_k and make_plan in plain JAX."""
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"route: logits must be [tokens, experts] or [parts, tokens, experts], found shape "
+                         f"{tuple(logits.shape)}.")
+    parts = logits.astype(jnp.float32).reshape(-1, *logits.shape[-2:])  # [P, M, E]
+    m, e = parts.shape[1:]
     if k < 1 or k > e:
         raise ValueError(f"route: need 1 <= k <= experts ({e}), got k={k}.")
     if not route_fuses(m, e, block_m, backend):
-        gates, experts = lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
+        gates, experts = lax.top_k(jax.nn.softmax(jnp.sum(parts, axis=0), axis=-1), k)
         experts = experts.astype(jnp.int32)
         return gates, experts, make_plan(experts, e, block_m)
     interpret = _resolve_backend(backend) == "interpret"
     gates, experts, row_pos, row_token, tile_expert, num_tiles = _route_call(
-        logits.astype(jnp.float32), k=k, block_m=block_m, n_tiles=route_tiles(m, k, e, block_m),
-        interpret=interpret)
+        parts, k=k, block_m=block_m, n_tiles=route_tiles(m, k, e, block_m), interpret=interpret)
     plan = MoEPlan(row_pos.T.reshape(m * k), row_token, tile_expert, num_tiles.reshape(()))
     return gates.T, experts.T, plan
 
@@ -320,8 +323,8 @@ def route(logits: jax.Array, k: int, block_m: int, backend: str = "auto") -> tup
 # Jitted, as every kernel call here: a model's 64 identical calls are traced and lowered once.
 @functools.partial(jax.jit, static_argnames=("k", "block_m", "n_tiles", "interpret"))
 def _route_call(logits: jax.Array, *, k: int, block_m: int, n_tiles: int, interpret: bool) -> tuple:
-    """The route kernel: [M, E] float32 -> gates, experts, row_pos [k, M]; row_token, tile_expert, num_tiles."""
-    m = logits.shape[0]
+    """The route kernel: [P, M, E] float32 -> gates, experts, row_pos [k, M]; row_token, tile_expert, num_tiles."""
+    m = logits.shape[1]
     i32 = jnp.int32
     shapes = (jax.ShapeDtypeStruct((k, m), jnp.float32), jax.ShapeDtypeStruct((k, m), i32),
               jax.ShapeDtypeStruct((k, m), i32), jax.ShapeDtypeStruct((n_tiles * block_m,), i32),
@@ -657,11 +660,12 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 # Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
 # once: a model's lowering then grows with its distinct kernels, not with its depth.
 @functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed",
-                                             "side_by_side", "block_m"))
+                                             "side_by_side", "block_m", "partial_sums"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
                    out_dtype, name: Optional[str] = None, transposed: bool = False,
-                   side_by_side: bool = False, block_m: Optional[int] = None) -> jax.Array:
+                   side_by_side: bool = False, block_m: Optional[int] = None,
+                   partial_sums: bool = False) -> jax.Array:
     """xs [M_pad, K] times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
 
     A float32 xs is used unrounded (split into bf16 hi + lo in the kernel); other dtypes
@@ -669,6 +673,8 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     ([M_pad, N_1 + N_2 + ...]), one launch for what would be one per matrix (q, k and v).
     block_m: rows per tile, where xs holds fewer rows M than the tiles (M_pad = tiles *
     block_m): the kernel masks the rest off, and the result has xs's M rows.
+    partial_sums (not gated): the float32 sums of the K slices, [S, M_pad, N], are returned
+    as they are, for the next kernel to add.
     """
     num_rows, k_dim = xs.shape
     m_pad = tile_expert.shape[0] * block_m if block_m else num_rows
@@ -716,6 +722,8 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         name=name or ("int8_gated_matmul" if gated else "int8_grouped_matmul"),
         **params,
     )(tile_expert.astype(jnp.int32), xs if hi_lo else xs.astype(jnp.bfloat16), *flat)
+    if partial_sums:
+        return out if split > 1 else out[None].astype(jnp.float32)
     if split > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)
     return out
@@ -882,13 +890,15 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
 
 def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *, backend: str = "auto",
                  config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
-                 transposed: bool = False) -> list[jax.Array]:
+                 transposed: bool = False, partial_sums: bool = False) -> list[jax.Array]:
     """x [..., K] times several int8 weights (weight, scales) as in int8_matmul -> one
     [..., N_t] per weight.
 
     On the Pallas path they run as one kernel launch (attention's q, k and v: one launch
     and one split-K sum instead of three of each); they must share K and the number of
-    scale blocks.
+    scale blocks. partial_sums: return float32 [S, ..., N_t], the products of S slices of K
+    whose sum is the result (S = 1 off the Pallas path), so that the kernel that takes them
+    adds them (kernels.residual_norm) and no kernel of its own does.
     """
     *lead, k_dim = x.shape
     widths = []
@@ -920,11 +930,16 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
             y = _pallas_matmul(xp, [(w[None], s[None]) for w, s in weights], jnp.zeros((n_tiles,), jnp.int32),
                                gated=False, cfg=cfg, interpret=interpret, out_dtype=out_dtype,
                                name="int8_dense_matmul", transposed=transposed, side_by_side=True,
-                               block_m=block_m)
+                               block_m=block_m, partial_sums=partial_sums)
             ends = list(itertools.accumulate(widths))
+            if partial_sums:
+                return [y[:, :m, e - n:e].reshape(-1, *lead, n) for e, n in zip(ends, widths)]
             return [y[:m, e - n:e].reshape(*lead, n) for e, n in zip(ends, widths)]
-    return [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)
-            for (w, s), n in zip(weights, widths)]
+    if partial_sums:
+        out_dtype = jnp.float32
+    ys = [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)
+          for (w, s), n in zip(weights, widths)]
+    return [y[None] for y in ys] if partial_sums else ys
 
 
 def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
@@ -1053,3 +1068,144 @@ def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, 
     )(lengths, q, keys, values)
     total = jnp.sum(l, axis=2)  # [B, G, R]
     return jnp.sum(acc, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+# ---------------------------------------------------------------------------------------
+# Decode junctions: a block's output into the residual stream, and the next block's norm
+# ---------------------------------------------------------------------------------------
+
+# Up to this many rows (tokens) a junction is one Pallas kernel. From 2 rows on, XLA's own
+# reduction kernels were faster than a program per row (1 x H200, BENCHMARKS.md session 9).
+JUNCTION_MAX_ROWS = 1
+# Programs per row: each computes the whole row's norms (the row is 24 KB at Grok-1's width)
+# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits.
+JUNCTION_SLICES = 8
+
+
+def junction_fuses(num_rows: int, backend: str = "auto") -> bool:
+    """Whether residual_norm runs as one kernel for `num_rows` rows here (a Pallas backend
+    and at most JUNCTION_MAX_ROWS rows: a decode step at batch 1)."""
+    return uses_pallas(backend) and num_rows <= JUNCTION_MAX_ROWS
+
+
+def _rms(x: jax.Array, count: int, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over the last axis of x, whose pad entries are zero."""
+    return lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) / count + eps)
+
+
+def residual_norm(h: jax.Array, parts: jax.Array, scale_1: jax.Array, scale_2: Optional[jax.Array] = None,
+                  router: Optional[jax.Array] = None, *, eps: float = 1e-5, y_dtype=jnp.float32,
+                  backend: str = "auto") -> tuple[jax.Array, Optional[jax.Array], Optional[jax.Array]]:
+    """A block's output into the residual stream, then the next norm, in one kernel.
+
+    h [M, D] float32 (the residual stream), parts [S, M, D] float32 (the block's output as S
+    partial sums, e.g. int8_matmuls(partial_sums=True)), scales [D] ->
+      h' = h + rms_norm(sum_s parts[s], scale_1)     [M, D] float32;
+      y = rms_norm(h', scale_2)                      [M, D] in y_dtype, with scale_2;
+      logits [P, M, E] float32, partial sums of y @ router (y float32, unrounded), with
+      router [D, E] (kernels.route adds them);
+    with rms_norm(x, s) = x * rsqrt(mean(x^2) + eps) * s in float32. Returns (h', y or None,
+    logits or None).
+
+    Where uses_pallas(backend): one kernel of M x P programs (P = JUNCTION_SLICES where it
+    divides D); each sums the partials and takes both norms' statistics over the whole row,
+    then writes its slice of h' and y and its slice's share of the logits. There it replaces
+    the partials' sum, two reductions, the add and the router's dot (four to six XLA kernels
+    of a decode step). Elsewhere plain JAX (P = 1).
+    """
+    m, d = h.shape
+    if parts.ndim != 3 or parts.shape[1:] != (m, d) or scale_1.shape != (d,):
+        raise ValueError(f"residual_norm: h {tuple(h.shape)}, parts {tuple(parts.shape)}, scale_1 "
+                         f"{tuple(scale_1.shape)}; need h [M, D], parts [S, M, D], scales [D].")
+    if (scale_2 is not None and scale_2.shape != (d,)) or (router is not None and (router.ndim != 2 or
+                                                                                  router.shape[0] != d)):
+        raise ValueError(f"residual_norm: scale_2 {None if scale_2 is None else tuple(scale_2.shape)}, router "
+                         f"{None if router is None else tuple(router.shape)}; need [D={d}] and [D={d}, E].")
+    if router is not None and scale_2 is None:
+        raise ValueError("residual_norm: the router's logits are taken from y; give scale_2.")
+    f32 = jnp.float32
+    h, parts, scale_1 = h.astype(f32), parts.astype(f32), scale_1.astype(f32)
+    scale_2 = None if scale_2 is None else scale_2.astype(f32)
+    router = None if router is None else router.astype(f32)
+    resolved = _resolve_backend(backend)
+    if resolved == "xla":
+        x = jnp.sum(parts, axis=0)
+        h_new = h + x * _rms(x, d, eps) * scale_1
+        if scale_2 is None:
+            return h_new, None, None
+        y = h_new * _rms(h_new, d, eps) * scale_2
+        logits = None if router is None else jnp.dot(y, router, precision=lax.Precision.HIGHEST)[None]
+        return h_new, y.astype(y_dtype), logits
+    slices = JUNCTION_SLICES if d % JUNCTION_SLICES == 0 else 1
+    return _residual_norm_call(h, parts, scale_1, scale_2, router, eps=float(eps), y_dtype=jnp.dtype(y_dtype),
+                               slices=slices, interpret=resolved == "interpret")
+
+
+def _residual_norm_kernel(h_ref, parts_ref, s1_ref, *refs, d: int, slices: int, eps: float,
+                          has_y: bool, has_router: bool):
+    """One program: row r, slice p of D. refs: [scale_2], [router], h', [y], [logits]."""
+    refs = list(refs)
+    s2_ref = refs.pop(0) if has_y else None
+    router_ref = refs.pop(0) if has_router else None
+    h_out, y_out, logits_out = refs.pop(0), refs.pop(0) if has_y else None, refs.pop(0) if has_router else None
+    r, p = pl.program_id(0), pl.program_id(1)
+    m = h_ref.shape[0]
+    n_parts = parts_ref.shape[0] // m  # parts [S * M, D]: part s of row r is row s * M + r
+
+    def load(ref, cols, mask):
+        return plgpu.load(ref.at[cols] if len(ref.shape) == 1 else ref.at[r, cols], mask=mask, other=0.0)
+
+    def block_sum(cols, mask):  # the partial sums added, in one order wherever they are read
+        x = plgpu.load(parts_ref.at[r, cols], mask=mask, other=0.0)
+        for s in range(1, n_parts):
+            x = x + plgpu.load(parts_ref.at[s * m + r, cols], mask=mask, other=0.0)
+        return x
+
+    # The whole row: both norms' statistics.
+    full = _next_pow2(d)
+    row, row_ok = pl.ds(0, full), lax.broadcasted_iota(jnp.int32, (full,), 0) < d
+    x = block_sum(row, row_ok)
+    inv_1 = _rms(x, d, eps)
+    h_new = load(h_ref, row, row_ok) + x * inv_1 * load(s1_ref, row, row_ok)
+    inv_2 = _rms(h_new, d, eps)
+
+    # This program's slice: the outputs, from the same arithmetic.
+    width = d // slices
+    block = _next_pow2(width)
+    cols, ok = pl.ds(p * width, block), lax.broadcasted_iota(jnp.int32, (block,), 0) < width
+    x = block_sum(cols, ok)
+    h_new = load(h_ref, cols, ok) + x * inv_1 * load(s1_ref, cols, ok)
+    plgpu.store(h_out.at[r, cols], h_new, mask=ok)
+    if not has_y:
+        return
+    y = h_new * inv_2 * load(s2_ref, cols, ok)
+    plgpu.store(y_out.at[r, cols], y.astype(y_out.dtype), mask=ok)
+    if has_router:
+        e = router_ref.shape[1]
+        e_block = _next_pow2(e)
+        both = ok[:, None] & (lax.broadcasted_iota(jnp.int32, (block, e_block), 1) < e)
+        w = plgpu.load(router_ref.at[cols, pl.ds(0, e_block)], mask=both, other=0.0)  # [block, E]
+        logits = jnp.sum(y[:, None] * w, axis=0)  # [E]
+        plgpu.store(logits_out.at[p, r, pl.ds(0, e_block)], logits,
+                    mask=lax.broadcasted_iota(jnp.int32, (e_block,), 0) < e)
+
+
+# Jitted, as every kernel call here: a model's 64 identical calls are traced and lowered once.
+@functools.partial(jax.jit, static_argnames=("eps", "y_dtype", "slices", "interpret"))
+def _residual_norm_call(h, parts, scale_1, scale_2, router, *, eps, y_dtype, slices, interpret):
+    """The junction kernel: residual_norm's outputs, on a grid of rows x slices."""
+    m, d = h.shape
+    has_y, has_router = scale_2 is not None, router is not None
+    shapes = [jax.ShapeDtypeStruct((m, d), jnp.float32)]
+    if has_y:
+        shapes.append(jax.ShapeDtypeStruct((m, d), y_dtype))
+    if has_router:
+        shapes.append(jax.ShapeDtypeStruct((slices, m, router.shape[1]), jnp.float32))
+    inputs = [a for a in (h, parts.reshape(-1, d), scale_1, scale_2, router) if a is not None]
+    kernel = functools.partial(_residual_norm_kernel, d=d, slices=slices, eps=eps, has_y=has_y,
+                               has_router=has_router)
+    out = pl.pallas_call(
+        kernel, grid=(m, slices), in_specs=[_WHOLE_ARRAY] * len(inputs), out_specs=[_WHOLE_ARRAY] * len(shapes),
+        out_shape=shapes, interpret=interpret, name="residual_norm", **_compiler_params(8, 1, interpret),
+    )(*inputs)
+    return out[0], out[1] if has_y else None, out[-1] if has_router else None

@@ -405,8 +405,12 @@ class RMSNorm(hk.Module):
         self.eps = eps
         self.dtype = dtype
 
+    def weight(self, size: int) -> jax.Array:
+        """The scale [size] (parameter `scale`)."""
+        return hk.get_parameter("scale", [size], jnp.float32, init=hk.initializers.Constant(1.0))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=hk.initializers.Constant(1.0))
+        scale = self.weight(x.shape[-1])
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (normed * scale.astype(jnp.float32)).astype(self.dtype or x.dtype)
@@ -456,6 +460,18 @@ class Linear(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         [y] = linears(x, [self])
         return y
+
+    def partial_sums(self, x: jax.Array) -> jax.Array:
+        """x's product as float32 partial sums [S, ..., output_size] whose sum is __call__'s
+        result before rounding: on the fast int8 path on one device the kernel's S slices of
+        the input dimension, left for the next kernel to add (kernels.residual_norm); else S = 1."""
+        w = self.weight(x.shape[-1])
+        if self.impl != "fast" or not isinstance(w, QuantizedWeight8bit):
+            return matmul(x, w, self.impl, "auto", jnp.float32)[None]
+        if self.mesh is not None and self.mesh.size > 1:  # the psum adds the devices' sums first
+            return sharded_matmul(x, [w], self.mesh, self.spec, jnp.float32)[0][None]
+        [parts] = kernels.int8_matmuls(x, [(w.weight, w.scales)], transposed=is_transposed(w), partial_sums=True)
+        return parts
 
 
 def linears(x: jax.Array, projections: Sequence[Linear]) -> list[jax.Array]:
@@ -683,8 +699,10 @@ class MultiHeadAttention(hk.Module):
         self.mesh = mesh
 
     def __call__(
-        self, x: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory]
+        self, x: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory], output_parts: bool = False,
     ) -> tuple[jax.Array, Optional[KVMemory]]:
+        """x [B, T, D] -> ([B, T, D] float32, the updated cache); output_parts: the output
+        projection's partial sums [S, B, T, D] instead (Linear.partial_sums)."""
         cfg = self.config
         b, t, _ = x.shape
         h, g, k = cfg.num_q_heads, cfg.num_kv_heads, cfg.key_size
@@ -732,7 +750,8 @@ class MultiHeadAttention(hk.Module):
                 out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
         out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
         # float32 out: it goes through rms_norm_1 into the float32 residual stream.
-        return Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)(out), new_memory
+        linear = Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)
+        return (linear.partial_sums(out) if output_parts else linear(out)), new_memory
 
     def _decode_attention(self, q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array) -> jax.Array:
         """kernels.decode_attention per device: q [B, G, H/G, K] float32, the cache [B, S, G, K],
@@ -798,10 +817,13 @@ class Router(hk.Module):
         self.num_experts = num_experts
         self.num_selected = num_selected
 
+    def weight(self, size: int) -> jax.Array:
+        """The router's matrix [size, E] (parameter `w`)."""
+        return hk.get_parameter("w", [size, self.num_experts], jnp.float32, init=jnp.zeros)
+
     def logits(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> float32 router logits [..., E]."""
-        w = hk.get_parameter("w", [x.shape[-1], self.num_experts], jnp.float32, init=jnp.zeros)
-        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+        return jnp.dot(x.astype(jnp.float32), self.weight(x.shape[-1]).astype(jnp.float32))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         probs = jax.nn.softmax(self.logits(x), axis=-1)
@@ -895,22 +917,29 @@ class MoELayer(hk.Module):
         self.router = router
         self.mesh = mesh
 
-    def __call__(self, x: jax.Array, input_mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, input_mask: Optional[jax.Array] = None,
+                 logits: Optional[jax.Array] = None) -> jax.Array:
         """x [B, T, D] (float32: the router sees it unrounded), input_mask [B, T] (False: a pad
         position) -> [B, T, D] float32. In a prefill (T > 1) pad positions go to no expert
         and get zeros: nothing reads them (attention masks their keys), and the fast path
         then spends no work on a prompt's padding to its bucket. A decode step (T = 1) keeps
         its program as measured on several GPUs (an empty slot's row is computed and unused);
         at decode sizes on a GPU the router's softmax, top-k and the experts' plan are one
-        kernel (kernels.route)."""
+        kernel (kernels.route). logits: the router's logits made already, [P, B*T, E] partial
+        sums (kernels.residual_norm's; the fast mode of a decode step), x then the experts'
+        input as they take it."""
         cfg = self.config
         b, t, d = x.shape
         e, f, k = cfg.num_experts, cfg.ffn_size, cfg.num_selected_experts
         pads = input_mask is not None and t > 1
         fused = (cfg.moe_impl == "fast" and not pads
                  and kernels.route_fuses(b * t, e, kernels.default_block_m(b * t * k)))
-        if fused:
-            routing: tuple = (self.router.logits(x).reshape(b * t, e),)  # [N, E]
+        if logits is not None:
+            if cfg.moe_impl != "fast" or pads:
+                raise ValueError("MoELayer: router logits made elsewhere are for the fast mode's decode steps.")
+            routing: tuple = (logits,)
+        elif fused:
+            routing = (self.router.logits(x).reshape(b * t, e),)  # [N, E]
         else:
             gates, experts = self.router(x)  # [B, T, k]
             if pads:
@@ -958,11 +987,12 @@ class MoELayer(hk.Module):
 
 
 def _gates_experts_plan(routing: tuple, k: int) -> tuple:
-    """(gates, experts, plan) for moe_fast: from (logits [N, E],) through kernels.route (one
-    kernel), or (gates, experts) [N, k] as they are, the plan left to moe_fast."""
+    """(gates, experts, plan) for moe_fast: from (logits [N, E] or [P, N, E] partial sums,)
+    through kernels.route (one kernel), or (gates, experts) [N, k] as they are, the plan left
+    to moe_fast."""
     if len(routing) == 1:
         (logits,) = routing
-        return kernels.route(logits, k, kernels.default_block_m(logits.shape[0] * k))
+        return kernels.route(logits, k, kernels.default_block_m(logits.shape[-2] * k))
     gates, experts = routing
     return gates, experts, None
 
@@ -1004,13 +1034,43 @@ class DecoderLayer(hk.Module):
         cfg, mesh = self.config, self.mesh
         f32 = jnp.float32
         h = h.astype(f32)
-        x = RMSNorm(name="rms_norm", dtype=activation_dtype(cfg, h.shape[0] * h.shape[1]))(h)
-        attn, new_memory = MultiHeadAttention(cfg, mesh)(x, input_mask, memory)
-        h = h + RMSNorm(name="rms_norm_1", dtype=f32)(attn)
+        b, t, d = h.shape
+        x = RMSNorm(name="rms_norm", dtype=activation_dtype(cfg, b * t))(h)
+        attention = MultiHeadAttention(cfg, mesh)
+        norm_1, norm_2 = RMSNorm(name="rms_norm_1", dtype=f32), RMSNorm(name="rms_norm_2", dtype=f32)
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
-        moe = MoELayer(cfg, router, mesh)(RMSNorm(name="rms_norm_2", dtype=f32)(h), input_mask)
-        h = h + RMSNorm(name="rms_norm_3", dtype=f32)(moe)
+        moe = MoELayer(cfg, router, mesh)
+        if cfg.moe_impl == "fast" and kernels.junction_fuses(b * t):
+            # A decode step on a GPU: the attention's output (as partial sums), rms_norm_1, the
+            # add, rms_norm_2 and the router's logits are one kernel.
+            parts, new_memory = attention(x, input_mask, memory, output_parts=True)  # [S, B, T, D]
+            h, x, logits = self._junction(h, parts, norm_1, norm_2, router, activation_dtype(cfg, b * t * cfg.num_selected_experts))
+            out = moe(x, input_mask, logits=logits)
+        else:
+            attn, new_memory = attention(x, input_mask, memory)
+            h = h + norm_1(attn)
+            out = moe(norm_2(h), input_mask)
+        h = h + RMSNorm(name="rms_norm_3", dtype=f32)(out)
         return constrain(h, mesh, activation_spec(cfg)), new_memory
+
+    def _junction(self, h: jax.Array, parts: jax.Array, norm_1: RMSNorm, norm_2: RMSNorm, router: Router,
+                  x_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """kernels.residual_norm per device: h [B, T, D] float32 and the attention's partial
+        sums [S, B, T, D] -> (h + norm_1(sum of parts) [B, T, D], norm_2 of it as the experts
+        take it (x_dtype) [B, T, D], the router's logits as partial sums [P, B*T, E])."""
+        b, t, d = h.shape
+        junction = functools.partial(kernels.residual_norm, eps=norm_1.eps, y_dtype=x_dtype)
+        args = (h.reshape(b * t, d), parts.reshape(parts.shape[0], b * t, d),
+                norm_1.weight(d), norm_2.weight(d), router.weight(d))
+        if norm_1.eps != norm_2.eps:
+            raise ValueError(f"DecoderLayer: rms_norm_1 and rms_norm_2 differ in eps ({norm_1.eps}, {norm_2.eps}).")
+        if self.mesh is not None and self.mesh.size > 1:  # rows split over data, as h; the rest replicated
+            rows = fit_spec(P(self.config.data_axis), (b * t,), self.mesh)
+            parts_rows = P(None, *rows)
+            junction = jax.shard_map(junction, mesh=self.mesh, in_specs=(rows, parts_rows, P(), P(), P()),
+                                     out_specs=(rows, rows, parts_rows), check_vma=False)
+        h_new, x, logits = junction(*args)
+        return h_new.reshape(b, t, d), x.reshape(b, t, d), logits
 
 
 class TransformerOutput(NamedTuple):

@@ -490,6 +490,60 @@ def test_float32_activations_are_not_rounded(path, transposed, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# Decode junctions
+# ---------------------------------------------------------------------------------------
+
+
+def rms_norm_np(x: np.ndarray, scale: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """SPEC's RMSNorm in float64: x / sqrt(mean(x^2) + eps) * scale."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n_parts,d,outputs", [(1, 2, 64, "y+router"), (1, 1, 48, "y+router"), (2, 3, 48, "y"),
+                                                 (1, 4, 64, "h")])
+def test_residual_norm_adds_a_blocks_partials_and_takes_the_next_norm(backend, m, n_parts, d, outputs):
+    """h' = h + rms_norm(sum of the partial sums, scale_1); y = rms_norm(h', scale_2); the router's
+    logits from y unrounded, as partial sums over slices of D. D = 48 leaves the kernel's slices
+    (8 of 6 columns) short of a power of two, so its loads and stores are masked."""
+    rng = np.random.default_rng(d + n_parts)
+    h = rng.standard_normal((m, d)) * 3
+    parts = rng.standard_normal((n_parts, m, d))
+    s1, s2 = rng.uniform(0.5, 1.5, d), rng.uniform(0.5, 1.5, d)
+    router = rng.standard_normal((d, 8)) / np.sqrt(d)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    with_y, with_router = outputs != "h", outputs == "y+router"
+    run = jax.jit(functools.partial(kernels.residual_norm, backend=backend, y_dtype=jnp.bfloat16))
+    h_new, y, logits = run(f32(h), f32(parts), f32(s1), f32(s2) if with_y else None,
+                           f32(router) if with_router else None)
+    h32, parts32 = f64(f32(h)), f64(f32(parts))  # the float32 inputs, exactly
+    want_h = h32 + rms_norm_np(parts32.sum(0), f64(f32(s1)))
+    want_y = rms_norm_np(want_h, f64(f32(s2)))
+    assert h_new.shape == (m, d) and h_new.dtype == jnp.float32
+    assert rel_err(h_new, want_h) < 1e-6
+    if not with_y:
+        assert y is None and logits is None
+        return
+    assert y.dtype == jnp.bfloat16 and rel_err(y, want_y) < 2**-8
+    if with_router:
+        assert logits.ndim == 3 and logits.shape[1:] == (m, 8)
+        assert rel_err(f64(logits).sum(0), want_y @ f64(f32(router))) < 1e-5
+    else:
+        assert logits is None
+
+
+def test_route_adds_partial_logits():
+    """route([P, M, E]) is route of their sum: the junction hands the router's logits over in parts."""
+    rng = np.random.default_rng(3)
+    parts = rng.standard_normal((8, 4, E)).astype(np.float32)
+    for backend in ("interpret", "xla"):
+        g1, e1, _ = kernels.route(jnp.asarray(parts), 2, 16, backend=backend)
+        g2, e2, _ = kernels.route(jnp.asarray(parts.sum(0)), 2, 16, backend=backend)
+        np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
 

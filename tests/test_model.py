@@ -247,12 +247,15 @@ def test_attention_over_the_used_prefix_equals_the_whole_cache(monkeypatch):
     assert_close(decode_all(), whole, 1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (1, 2), (2, 4)])
-def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
+@pytest.mark.parametrize("mesh_shape,lengths", [(None, [5, 2]), ((1, 2), [5, 2]), ((2, 4), [5, 2]),
+                                                (None, [5]), ((1, 2), [5]), ((2, 4), [5])])
+def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monkeypatch):
     """The fast mode's GPU decode path, run interpreted: q, k and v in one int8 launch, the
     decode-attention kernel reading each row's own keys (one row's prompt ends before the
     other's, so their lengths differ) and the router's softmax, top-2 and the experts' plan
-    in one kernel (kernels.route), on one device and under shard_map."""
+    in one kernel (kernels.route), on one device and under shard_map. At batch 1 the
+    attention's output projection hands its partial sums to the junction kernel
+    (kernels.residual_norm: rms_norm_1, the add, rms_norm_2 and the router's logits)."""
     cfg, params = setup("fast")
     mesh = make_mesh(mesh_shape) if mesh_shape else None
     if mesh is not None:
@@ -262,16 +265,18 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
     calls = []
     attend = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or attend(*a, **k))
-    routed = []
-    route_kernel = kernels._route_kernel
+    routed, joined = [], []
+    route_kernel, junction_kernel = kernels._route_kernel, kernels._residual_norm_kernel
     monkeypatch.setattr(kernels, "_route_kernel", lambda *a, **k: routed.append(1) or route_kernel(*a, **k))
+    monkeypatch.setattr(kernels, "_residual_norm_kernel",
+                        lambda *a, **k: joined.append(1) or junction_kernel(*a, **k))
     rng = np.random.RandomState(12)
-    lengths, steps = [5, 2], 3
+    steps, batch = 3, len(lengths)
     full = random_tokens(rng, [n + steps for n in lengths], max(lengths) + steps, cfg.vocab_size)
     prompt = np.where(np.arange(8)[None] < np.array(lengths)[:, None], np.pad(full, ((0, 0), (0, 8 - full.shape[1])))[:, :8], 0)
     with kernels.auto_backend("interpret"):
         forward = model.make_forward(cfg, mesh)
-        out = forward(prepared, jnp.asarray(prompt), model.init_memory(cfg, 2, 16, mesh), jnp.asarray(lengths))
+        out = forward(prepared, jnp.asarray(prompt), model.init_memory(cfg, batch, 16, mesh), jnp.asarray(lengths))
         got = [np.asarray(out.logits[:, 0])]
         for i in range(steps):
             nxt = np.array([[full[row, n + i]] for row, n in enumerate(lengths)], np.int32)
@@ -279,6 +284,7 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, monkeypatch):
             got.append(np.asarray(out.logits[:, 0]))
     assert calls, "the decode steps did not use kernels.decode_attention"
     assert routed, "the decode steps did not route in one kernel (kernels.route)"
+    assert bool(joined) == (batch == 1), "the junction kernel runs in decode steps of one row only"
     want = [reference.forward(params, cfg, full[row : row + 1, : n + steps])[0][0, n - 1 : n + steps]
             for row, n in enumerate(lengths)]
     assert_close_bf16(np.stack(got, axis=1), np.stack(want))
