@@ -909,6 +909,8 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
         widths.append(n_t)
     m = math.prod(lead)
     x2 = x.reshape(m, k_dim)
+    if partial_sums:
+        out_dtype = jnp.float32
     resolved = _resolve_backend(backend)
     if backend == "auto" and m >= _DENSE_PALLAS_MAX_ROWS:
         resolved = "xla"
@@ -935,8 +937,6 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
             if partial_sums:
                 return [y[:, :m, e - n:e].reshape(-1, *lead, n) for e, n in zip(ends, widths)]
             return [y[:m, e - n:e].reshape(*lead, n) for e, n in zip(ends, widths)]
-    if partial_sums:
-        out_dtype = jnp.float32
     ys = [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)
           for (w, s), n in zip(weights, widths)]
     return [y[None] for y in ys] if partial_sums else ys

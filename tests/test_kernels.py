@@ -397,6 +397,22 @@ def test_int8_matmuls_run_several_weights_side_by_side(backend, nb, transposed, 
         assert rel_err(f64(y).reshape(3, -1), f64(x).reshape(3, D) @ dequant_np(w, s)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_int8_matmuls_hand_back_float32_partial_sums(backend, split_k):
+    """partial_sums=True: [S, ..., N] float32 slices of K whose sum is the product, unrounded
+    (S = split_k on the Pallas path, 1 on XLA's), for the junction kernel to add."""
+    rng = np.random.default_rng(20 + split_k)
+    x = bf16(rng.standard_normal((1, 1, D)))
+    w, s = quantized(rng, (D, F), 2)
+    cfg = kernels.KernelConfig(block_n=32, block_k=16, split_k=split_k)
+    [parts] = jax.jit(functools.partial(kernels.int8_matmuls, backend=backend, transposed=True, config=cfg,
+                                        partial_sums=True))(x, [(w.T, s)])
+    slices = split_k if backend == "interpret" else 1
+    assert parts.shape == (slices, 1, 1, F) and parts.dtype == jnp.float32
+    assert rel_err(f64(parts).sum(0).reshape(1, F), f64(x).reshape(1, D) @ dequant_np(w, s)) < 1e-6
+
+
 def attention_np(q, keys, values, lengths, scale, cap):
     """float64 decode attention from SPEC: logits q.k * scale, capped cap * tanh(x / cap),
     softmax over the keys [0, length), weighted sum of values; zeros where nothing is visible.
