@@ -586,7 +586,9 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None, memory_s
     """forward(params, tokens, memory, length, into=None) -> (LanguageModelOutput, experts):
     model.make_forward with the cache donated, also returning every layer's expert choice:
     the experts [B, T, k], or where the route kernel chooses them inside the MoE
-    (kernels.route) the router's logits [B, T, E] it chose from (decode_bytes takes either).
+    (kernels.route) the router's logits [B, T, E] it chose from, or {"logit_parts": [P, B*T,
+    E]} where the junction kernel made them as partial sums (decode_bytes takes each; the
+    parts are added on the host, so the step runs no kernel the runner's does not).
 
     `into`: the (logits, experts) of the call before (or blank_outputs()), donated and
     written over. Then the step returns no fresh buffer, as the runner's decode step
@@ -603,6 +605,10 @@ def routed_forward(config: model.LanguageModelConfig, mesh: Any = None, memory_s
         experts, depth = [], [0]
 
         def record(method, args, kwargs, context):
+            if (isinstance(context.module, model.MoELayer) and context.method_name == "__call__"
+                    and kwargs.get("logits") is not None):  # made by the junction kernel, as partial sums
+                experts.append({"logit_parts": kwargs["logits"]})
+                return method(*args, **kwargs)
             if not isinstance(context.module, model.Router) or context.method_name not in ("__call__", "logits"):
                 return method(*args, **kwargs)
             depth[0] += 1  # Router.__call__ calls Router.logits
@@ -694,6 +700,8 @@ def decode_bytes(params: dict, config: model.LanguageModelConfig, experts: list,
             else:
                 total += weight_bytes(leaf)
     for layer, chosen in enumerate(experts):
+        if isinstance(chosen, dict):  # routed_forward: the junction's partial sums of the logits
+            chosen = np.sum(np.asarray(chosen["logit_parts"], np.float64), axis=0)
         chosen = np.asarray(chosen)
         if chosen.dtype.kind == "f":  # the router's logits (routed_forward): their top k
             chosen = np.argsort(-chosen, axis=-1, kind="stable")[..., :config.model.num_selected_experts]

@@ -125,6 +125,16 @@ def test_the_timed_step_reports_the_route_kernels_choice_as_the_routers_logits()
         top = np.argsort(-np.asarray(logits), axis=-1)[..., :k]
         np.testing.assert_array_equal(np.sort(top, -1), np.sort(np.asarray(experts), -1))
     assert bench.decode_bytes(params, config, fused, 2, 8) == bench.decode_bytes(params, config, plain, 2, 8)
+    # At batch 1 the junction kernel makes the logits, as partial sums over slices of D.
+    one = tokens[:1], length[:1]
+    _, plain = bench.routed_forward(config)(params, one[0], bench.filled_memory(config, 1, 8, 16), one[1])
+    with kernels.auto_backend("interpret"):
+        _, joined = bench.routed_forward(config)(params, one[0], bench.filled_memory(config, 1, 8, 16), one[1])
+    assert [sorted(e) for e in joined] == [["logit_parts"]] * 2
+    for parts, experts in zip(joined, plain):
+        top = np.argsort(-np.asarray(parts["logit_parts"]).sum(0), axis=-1)[..., :k]  # [1, k]
+        np.testing.assert_array_equal(np.sort(top, -1), np.sort(np.asarray(experts).reshape(1, k), -1))
+    assert bench.decode_bytes(params, config, joined, 1, 8) == bench.decode_bytes(params, config, plain, 1, 8)
 
 
 def test_fit_fixed_variable_by_hand():
