@@ -1078,8 +1078,9 @@ def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, 
 # reduction kernels were faster than a program per row (1 x H200, BENCHMARKS.md session 9).
 JUNCTION_MAX_ROWS = 1
 # Programs per row: each computes the whole row's norms (the row is 24 KB at Grok-1's width)
-# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits.
+# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits; warps each.
 JUNCTION_SLICES = 8
+JUNCTION_WARPS = 8
 
 
 def junction_fuses(num_rows: int, backend: str = "auto") -> bool:
@@ -1138,7 +1139,7 @@ def residual_norm(h: jax.Array, parts: jax.Array, scale_1: jax.Array, scale_2: O
         return h_new, y.astype(y_dtype), logits
     slices = JUNCTION_SLICES if d % JUNCTION_SLICES == 0 else 1
     return _residual_norm_call(h, parts, scale_1, scale_2, router, eps=float(eps), y_dtype=jnp.dtype(y_dtype),
-                               slices=slices, interpret=resolved == "interpret")
+                               slices=slices, warps=JUNCTION_WARPS, interpret=resolved == "interpret")
 
 
 def _residual_norm_kernel(h_ref, parts_ref, s1_ref, *refs, d: int, slices: int, eps: float,
@@ -1161,38 +1162,39 @@ def _residual_norm_kernel(h_ref, parts_ref, s1_ref, *refs, d: int, slices: int, 
             x = x + plgpu.load(parts_ref.at[s * m + r, cols], mask=mask, other=0.0)
         return x
 
-    # The whole row: both norms' statistics.
+    # Every load first, so that all are in flight before the first reduction waits: the whole
+    # row (both norms' statistics) and this program's slice (its outputs).
     full = _next_pow2(d)
     row, row_ok = pl.ds(0, full), lax.broadcasted_iota(jnp.int32, (full,), 0) < d
-    x = block_sum(row, row_ok)
-    inv_1 = _rms(x, d, eps)
-    h_new = load(h_ref, row, row_ok) + x * inv_1 * load(s1_ref, row, row_ok)
-    inv_2 = _rms(h_new, d, eps)
-
-    # This program's slice: the outputs, from the same arithmetic.
+    x_row, h_row, s1_row = block_sum(row, row_ok), load(h_ref, row, row_ok), load(s1_ref, row, row_ok)
     width = d // slices
     block = _next_pow2(width)
     cols, ok = pl.ds(p * width, block), lax.broadcasted_iota(jnp.int32, (block,), 0) < width
-    x = block_sum(cols, ok)
-    h_new = load(h_ref, cols, ok) + x * inv_1 * load(s1_ref, cols, ok)
-    plgpu.store(h_out.at[r, cols], h_new, mask=ok)
-    if not has_y:
-        return
-    y = h_new * inv_2 * load(s2_ref, cols, ok)
-    plgpu.store(y_out.at[r, cols], y.astype(y_out.dtype), mask=ok)
+    x, h, s1 = block_sum(cols, ok), load(h_ref, cols, ok), load(s1_ref, cols, ok)
+    s2 = load(s2_ref, cols, ok) if has_y else None
     if has_router:
         e = router_ref.shape[1]
         e_block = _next_pow2(e)
         both = ok[:, None] & (lax.broadcasted_iota(jnp.int32, (block, e_block), 1) < e)
         w = plgpu.load(router_ref.at[cols, pl.ds(0, e_block)], mask=both, other=0.0)  # [block, E]
+
+    inv_1 = _rms(x_row, d, eps)
+    inv_2 = _rms(h_row + x_row * inv_1 * s1_row, d, eps)
+    h_new = h + x * inv_1 * s1  # the slice, by the same arithmetic as the row
+    plgpu.store(h_out.at[r, cols], h_new, mask=ok)
+    if not has_y:
+        return
+    y = h_new * inv_2 * s2
+    plgpu.store(y_out.at[r, cols], y.astype(y_out.dtype), mask=ok)
+    if has_router:
         logits = jnp.sum(y[:, None] * w, axis=0)  # [E]
         plgpu.store(logits_out.at[p, r, pl.ds(0, e_block)], logits,
                     mask=lax.broadcasted_iota(jnp.int32, (e_block,), 0) < e)
 
 
 # Jitted, as every kernel call here: a model's 64 identical calls are traced and lowered once.
-@functools.partial(jax.jit, static_argnames=("eps", "y_dtype", "slices", "interpret"))
-def _residual_norm_call(h, parts, scale_1, scale_2, router, *, eps, y_dtype, slices, interpret):
+@functools.partial(jax.jit, static_argnames=("eps", "y_dtype", "slices", "warps", "interpret"))
+def _residual_norm_call(h, parts, scale_1, scale_2, router, *, eps, y_dtype, slices, warps, interpret):
     """The junction kernel: residual_norm's outputs, on a grid of rows x slices."""
     m, d = h.shape
     has_y, has_router = scale_2 is not None, router is not None
@@ -1206,6 +1208,6 @@ def _residual_norm_call(h, parts, scale_1, scale_2, router, *, eps, y_dtype, sli
                                has_router=has_router)
     out = pl.pallas_call(
         kernel, grid=(m, slices), in_specs=[_WHOLE_ARRAY] * len(inputs), out_specs=[_WHOLE_ARRAY] * len(shapes),
-        out_shape=shapes, interpret=interpret, name="residual_norm", **_compiler_params(8, 1, interpret),
+        out_shape=shapes, interpret=interpret, name="residual_norm", **_compiler_params(warps, 1, interpret),
     )(*inputs)
     return out[0], out[1] if has_y else None, out[-1] if has_router else None

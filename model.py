@@ -1021,6 +1021,11 @@ class DecoderLayer(hk.Module):
     h, the residual stream, is float32: the blocks' outputs are added unrounded. The matmul
     inputs (the outputs of rms_norm and rms_norm_2) are float32 too where the matmuls take
     them so (activation_dtype), else cast to cfg.fprop_dtype.
+
+    In the fast mode's decode steps of one row on a GPU (kernels.junction_fuses) each block's
+    output joins the residual stream in one kernel (kernels.residual_norm) that also takes
+    the next norm: rms_norm_1, the add and rms_norm_2 with the router's logits after
+    attention; rms_norm_3, the add and the next layer's rms_norm after the MoE.
     """
 
     def __init__(self, config: TransformerConfig, mesh: Optional[Mesh], layer_index: int):
@@ -1028,49 +1033,68 @@ class DecoderLayer(hk.Module):
         self.config = config
         self.mesh = mesh
 
+    @staticmethod
+    def input_norm(transformer: str, layer_index: int) -> RMSNorm:
+        """Layer `layer_index`'s input norm (`rms_norm`) of the Transformer module named
+        `transformer`, by its full name: the layer before applies it in its second junction."""
+        return RMSNorm(name=hk.experimental.force_name(f"{transformer}/decoder_layer_{layer_index}/rms_norm"))
+
     def __call__(
-        self, h: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory]
-    ) -> tuple[jax.Array, Optional[KVMemory]]:
+        self, h: jax.Array, input_mask: jax.Array, memory: Optional[KVMemory], x: Optional[jax.Array] = None,
+        next_norm: Optional[RMSNorm] = None,
+    ) -> tuple[jax.Array, Optional[KVMemory], Optional[jax.Array]]:
+        """h [B, T, D] -> (h after the layer, the updated cache, the next layer's input or None).
+
+        x: this layer's input, rms_norm(h), where the layer before made it; next_norm: the
+        next layer's rms_norm (input_norm), for the second junction to apply where it fuses.
+        """
         cfg, mesh = self.config, self.mesh
         f32 = jnp.float32
         h = h.astype(f32)
         b, t, d = h.shape
-        x = RMSNorm(name="rms_norm", dtype=activation_dtype(cfg, b * t))(h)
+        if x is None:
+            x = RMSNorm(name="rms_norm", dtype=activation_dtype(cfg, b * t))(h)
         attention = MultiHeadAttention(cfg, mesh)
         norm_1, norm_2 = RMSNorm(name="rms_norm_1", dtype=f32), RMSNorm(name="rms_norm_2", dtype=f32)
+        norm_3 = RMSNorm(name="rms_norm_3", dtype=f32)
         router = Router(cfg.num_experts, cfg.num_selected_experts, name="router")
         moe = MoELayer(cfg, router, mesh)
-        if cfg.moe_impl == "fast" and kernels.junction_fuses(b * t):
-            # A decode step on a GPU: the attention's output (as partial sums), rms_norm_1, the
-            # add, rms_norm_2 and the router's logits are one kernel.
-            parts, new_memory = attention(x, input_mask, memory, output_parts=True)  # [S, B, T, D]
-            h, x, logits = self._junction(h, parts, norm_1, norm_2, router, activation_dtype(cfg, b * t * cfg.num_selected_experts))
-            out = moe(x, input_mask, logits=logits)
-        else:
+        if not (cfg.moe_impl == "fast" and kernels.junction_fuses(b * t)):
             attn, new_memory = attention(x, input_mask, memory)
             h = h + norm_1(attn)
-            out = moe(norm_2(h), input_mask)
-        h = h + RMSNorm(name="rms_norm_3", dtype=f32)(out)
-        return constrain(h, mesh, activation_spec(cfg)), new_memory
+            h = h + norm_3(moe(norm_2(h), input_mask))
+            return constrain(h, mesh, activation_spec(cfg)), new_memory, None
+        parts, new_memory = attention(x, input_mask, memory, output_parts=True)  # [S, B, T, D]
+        h, x, logits = self._junction(h, parts, norm_1, norm_2, router,
+                                      activation_dtype(cfg, b * t * cfg.num_selected_experts))
+        out = moe(x, input_mask, logits=logits)[None]  # [1, B, T, D]
+        if next_norm is None:
+            return constrain(h + norm_3(out[0]), mesh, activation_spec(cfg)), new_memory, None
+        h, x, _ = self._junction(h, out, norm_3, next_norm, None, activation_dtype(cfg, b * t))
+        return constrain(h, mesh, activation_spec(cfg)), new_memory, x
 
-    def _junction(self, h: jax.Array, parts: jax.Array, norm_1: RMSNorm, norm_2: RMSNorm, router: Router,
-                  x_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """kernels.residual_norm per device: h [B, T, D] float32 and the attention's partial
-        sums [S, B, T, D] -> (h + norm_1(sum of parts) [B, T, D], norm_2 of it as the experts
-        take it (x_dtype) [B, T, D], the router's logits as partial sums [P, B*T, E])."""
+    def _junction(self, h: jax.Array, parts: jax.Array, norm: RMSNorm, next_norm: RMSNorm,
+                  router: Optional[Router], x_dtype: Any) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        """kernels.residual_norm per device: h [B, T, D] float32 and a block's output as
+        partial sums [S, B, T, D] -> (h + norm(sum of parts) [B, T, D], next_norm of that in
+        x_dtype [B, T, D], with a router its logits from that as partial sums [P, B*T, E])."""
         b, t, d = h.shape
-        junction = functools.partial(kernels.residual_norm, eps=norm_1.eps, y_dtype=x_dtype)
-        args = (h.reshape(b * t, d), parts.reshape(parts.shape[0], b * t, d),
-                norm_1.weight(d), norm_2.weight(d), router.weight(d))
-        if norm_1.eps != norm_2.eps:
-            raise ValueError(f"DecoderLayer: rms_norm_1 and rms_norm_2 differ in eps ({norm_1.eps}, {norm_2.eps}).")
+        if norm.eps != next_norm.eps:
+            raise ValueError(f"DecoderLayer: {norm.module_name} and {next_norm.module_name} differ in eps "
+                             f"({norm.eps}, {next_norm.eps}); one junction kernel takes one.")
+        weights = [norm.weight(d), next_norm.weight(d)] + ([router.weight(d)] if router is not None else [])
+
+        def junction(h, parts, *weights):
+            h, x, logits = kernels.residual_norm(h, parts, *weights, eps=norm.eps, y_dtype=x_dtype)
+            return (h, x) if logits is None else (h, x, logits)
+
         if self.mesh is not None and self.mesh.size > 1:  # rows split over data, as h; the rest replicated
             rows = fit_spec(P(self.config.data_axis), (b * t,), self.mesh)
             parts_rows = P(None, *rows)
-            junction = jax.shard_map(junction, mesh=self.mesh, in_specs=(rows, parts_rows, P(), P(), P()),
-                                     out_specs=(rows, rows, parts_rows), check_vma=False)
-        h_new, x, logits = junction(*args)
-        return h_new.reshape(b, t, d), x.reshape(b, t, d), logits
+            junction = jax.shard_map(junction, mesh=self.mesh, in_specs=(rows, parts_rows) + (P(),) * len(weights),
+                                     out_specs=(rows, rows, parts_rows)[:len(weights)], check_vma=False)
+        h_new, x, *logits = junction(h.reshape(b * t, d), parts.reshape(parts.shape[0], b * t, d), *weights)
+        return h_new.reshape(b, t, d), x.reshape(b, t, d), logits[0] if logits else None
 
 
 class TransformerOutput(NamedTuple):
@@ -1098,10 +1122,12 @@ class Transformer(hk.Module):
         # positions, RoPE phases and attention lengths are computed once per call, not once
         # per layer (each a kernel on a GPU), and the steps advance in one go.
         step = None if memory is None else memory.layers[0].step  # [B]
-        new_layers = []
+        new_layers, x = [], None
         for i in range(cfg.num_layers):
             layer_memory = None if memory is None else memory.layers[i]._replace(step=step)
-            h, new_memory = DecoderLayer(cfg, self.mesh, i)(h, input_mask, layer_memory)
+            next_norm = DecoderLayer.input_norm(self.module_name, i + 1) if i + 1 < cfg.num_layers else None
+            # x: the next layer's input where this layer's second junction made it.
+            h, new_memory, x = DecoderLayer(cfg, self.mesh, i)(h, input_mask, layer_memory, x, next_norm)
             new_layers.append(new_memory)
         if memory is None:
             return TransformerOutput(h, None)

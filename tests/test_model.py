@@ -255,7 +255,8 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monke
     other's, so their lengths differ) and the router's softmax, top-2 and the experts' plan
     in one kernel (kernels.route), on one device and under shard_map. At batch 1 the
     attention's output projection hands its partial sums to the junction kernel
-    (kernels.residual_norm: rms_norm_1, the add, rms_norm_2 and the router's logits)."""
+    (kernels.residual_norm: rms_norm_1, the add, rms_norm_2 and the router's logits), and the
+    MoE's output joins the stream with the next layer's input norm in another."""
     cfg, params = setup("fast")
     mesh = make_mesh(mesh_shape) if mesh_shape else None
     if mesh is not None:
@@ -269,7 +270,7 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monke
     route_kernel, junction_kernel = kernels._route_kernel, kernels._residual_norm_kernel
     monkeypatch.setattr(kernels, "_route_kernel", lambda *a, **k: routed.append(1) or route_kernel(*a, **k))
     monkeypatch.setattr(kernels, "_residual_norm_kernel",
-                        lambda *a, **k: joined.append(1) or junction_kernel(*a, **k))
+                        lambda *a, **k: joined.append(k["has_router"]) or junction_kernel(*a, **k))
     rng = np.random.RandomState(12)
     steps, batch = 3, len(lengths)
     full = random_tokens(rng, [n + steps for n in lengths], max(lengths) + steps, cfg.vocab_size)
@@ -284,10 +285,28 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monke
             got.append(np.asarray(out.logits[:, 0]))
     assert calls, "the decode steps did not use kernels.decode_attention"
     assert routed, "the decode steps did not route in one kernel (kernels.route)"
-    assert bool(joined) == (batch == 1), "the junction kernel runs in decode steps of one row only"
+    # Batch 1: both junctions (after attention with the router's logits, after the MoE with the
+    # next layer's input norm); larger batches keep XLA's kernels.
+    assert set(joined) == ({True, False} if batch == 1 else set()), joined
     want = [reference.forward(params, cfg, full[row : row + 1, : n + steps])[0][0, n - 1 : n + steps]
             for row, n in enumerate(lengths)]
     assert_close_bf16(np.stack(got, axis=1), np.stack(want))
+
+
+def test_the_junctions_read_the_same_parameter_tree():
+    """Haiku's init of a batch-1 decode step where the junction kernels run (interpreted) makes
+    the parameter tree of the plain path: the second junction reads the next layer's input
+    norm by its own name (decoder_layer_N/rms_norm), and nothing else is added or renamed."""
+    cfg = model.tiny_config(num_layers=3)
+    forward = hk.transform(lambda tokens, memory: cfg.make()(tokens, memory))
+    shapes = {}
+    for backend in ("xla", "interpret"):
+        with kernels.auto_backend(backend):
+            params = jax.eval_shape(forward.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
+                                    model.init_memory(cfg, 1, 16))
+        shapes[backend] = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
+    assert shapes["interpret"] == shapes["xla"]
+    assert "transformer/decoder_layer_2/rms_norm" in shapes["interpret"]
 
 
 def test_a_deeper_decode_step_traces_the_same_kernels(monkeypatch):
