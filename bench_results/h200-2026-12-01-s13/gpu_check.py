@@ -4,7 +4,9 @@ device's share of 8 and at full width (Grok-1's D 6144, key size 128, 48 q / 8 k
    masks the tile's other rows), bf16 and float32 x, the default tilings (split-K, the narrowed columns);
    the output projection's partial sums (partial_sums=True);
 2. residual_norm: the partial sums added, rms_norm_1, the add, rms_norm_2 (y in bf16), the router's logits
-   as partial sums; then route from them.
+   as partial sums; then route from them;
+3. grouped_matmul_gated(gather=True): the gated kernel reading each row's token itself, against dispatch +
+   the kernel (exactly) and float64 (1 and 8 tokens at the share of 8; 1 token, 2 experts at full width).
 Run from the tree's root:  python3 gpu_check.py  -> one line per check, "OK"/"BAD", exit 1 on any BAD.
 BACKEND=interpret SMALL=1 is a dry run on a CPU."""
 import os
@@ -96,6 +98,34 @@ for share in (8, 1):
         report(f"share {share}: route experts {np.asarray(experts)[0].tolist()} vs {top.tolist()}",
                0.0 if same else 1.0, 0.5)
         report(f"share {share}: route gates", rel(np.sort(np.asarray(gates)[0]), np.sort(p[0, top])), 1e-5)
+
+    # 3. the gated kernel gathering its rows.
+    f, experts = (4096, 8) if share == 8 else (32768, 2)
+    f = f if not os.environ.get("SMALL") else f // 8
+    w = rng.integers(-127, 128, (experts, f, D), dtype=np.int8)
+    v = rng.integers(-127, 128, (experts, f, D), dtype=np.int8)
+    ws, vs = ((rng.uniform(0.3, 3, (experts, 1, f)) / (127 * np.sqrt(D))).astype(BF16) for _ in range(2))
+    for m in (1, 8) if share == 8 else (1,):
+        x = rng.standard_normal((m, D)).astype(BF16)
+        idx = np.stack([rng.permutation(experts)[:2] for _ in range(m)]).astype(np.int32)
+        plan = kernels.make_plan(jnp.asarray(idx), experts, kernels.default_block_m(m * 2))
+        args = (jnp.asarray(w), jnp.asarray(ws), jnp.asarray(v), jnp.asarray(vs), plan)
+        gated = jax.jit(lambda x, *a, gather: kernels.grouped_matmul_gated(
+            x, *a, backend=BACKEND, transposed=True, out_dtype=jnp.float32, gather=gather), static_argnames="gather")
+        got = np.asarray(gated(jnp.asarray(x), *args, gather=True))
+        ref = np.asarray(gated(kernels.dispatch(jnp.asarray(x), plan), *args, gather=False))
+        rows = np.asarray(plan.row_token)
+        live = rows < m
+        te = np.repeat(np.asarray(plan.tile_expert), plan.block_m)
+        a, b = np.zeros((live.sum(), f)), np.zeros((live.sum(), f))
+        xs, tl = x.astype(np.float64)[rows[live]], te[live]
+        for e in np.unique(tl):  # one expert's float64 matrices at a time
+            a[tl == e] = xs[tl == e] @ (w[e].astype(np.float64) * ws[e].astype(np.float64).T).T
+            b[tl == e] = xs[tl == e] @ (v[e].astype(np.float64) * vs[e].astype(np.float64).T).T
+        want = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3))) * b
+        report(f"share {share}: gated gather, {m} tokens, vs float64", rel(got[live], want), 1e-4)
+        report(f"share {share}: gated gather vs dispatch + gated (pad rows zero: {not got[~live].any()})",
+               0.0 if np.array_equal(got, ref) and not got[~live].any() else 1.0, 0.5)
 
 print(f"{bad} BAD" if bad else "all OK", flush=True)
 sys.exit(1 if bad else 0)
