@@ -19,7 +19,6 @@ The MoE runs in four steps, each a function below, in data-flow order:
     ys = grouped_matmul(h, W1, W1s, plan)         # [M_pad, D]
     out = combine(ys, gates, plan)                # sum_k gate * row: [M, D]
 
-(grouped_matmul_gated(x, ..., gather=True) folds dispatch into the gated kernel.)
 Rows are padded per expert to a multiple of `block_m`; each tile of `block_m` rows belongs to
 one expert, and tiles of experts nobody chose do not exist, so weights of unchosen experts
 are never read (decode at batch 1 reads 2 of 8 experts).
@@ -497,7 +496,7 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, transposed, col_blocks=None, hi_lo=False, num_rows=None, gather=False):
+                gated, transposed, col_blocks=None, hi_lo=False, num_rows=None):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
     x_ref: [M_pad, K] bf16, or float32 with hi_lo (each x chunk is split into bf16 hi + lo
@@ -512,12 +511,7 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     num_rows: x and the output (then the whole array, [M, N] or [split, M, N]) hold only
     this many rows, fewer than the tiles': the rows past them are masked off on load and on
     store, so nobody pads x or slices the result (a decode step's dense projections).
-    gather: x_ref is the tokens [M, K] and refs begin with the plan's row_token [M_pad]: the
-    kernel reads each padded row's token itself (pad rows: zeros), so no dispatch kernel
-    writes the [M_pad, K] rows first.
     """
-    if gather:
-        row_token_ref, refs = refs[0], refs[1:]
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
     o_ref = refs[2 * n_mats]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -525,10 +519,6 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     e_safe = jnp.maximum(e, 0)
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
     real = None if num_rows is None else (i * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < num_rows
-    if gather:
-        tokens = row_token_ref[rows]  # [bm]; x_ref.shape[0] for a pad row
-        present = (tokens < x_ref.shape[0])[:, None]
-        tokens = jnp.minimum(tokens, x_ref.shape[0] - 1)  # a pad row reads a real one, then zeros
 
     def store(value):
         """This program's [bm, bn] result into its place in the output."""
@@ -552,9 +542,7 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
 
         def chunk(c, part, seg_start):
             k0 = pl.multiple_of(seg_start + c * bk, bk)
-            if gather:
-                x = jnp.where(present, x_ref[tokens, pl.ds(k0, bk)], 0)  # [bm, bk]
-            elif real is None:
+            if real is None:
                 x = x_ref[rows, pl.ds(k0, bk)]  # [bm, bk] bf16 (float32 with hi_lo)
             else:
                 x = plgpu.load(x_ref.at[rows, pl.ds(k0, bk)], mask=real, other=0)
@@ -677,7 +665,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
                    out_dtype, name: Optional[str] = None, transposed: bool = False,
                    side_by_side: bool = False, block_m: Optional[int] = None,
-                   partial_sums: bool = False, row_token: Optional[jax.Array] = None) -> jax.Array:
+                   partial_sums: bool = False) -> jax.Array:
     """xs [M_pad, K] times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
 
     A float32 xs is used unrounded (split into bf16 hi + lo in the kernel); other dtypes
@@ -687,12 +675,9 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     block_m): the kernel masks the rest off, and the result has xs's M rows.
     partial_sums (not gated): the float32 sums of the K slices, [S, M_pad, N], are returned
     as they are, for the next kernel to add.
-    row_token (the plan's): xs is the tokens [M, K], and the kernel gathers the padded rows.
     """
     num_rows, k_dim = xs.shape
     m_pad = tile_expert.shape[0] * block_m if block_m else num_rows
-    if row_token is not None:
-        m_pad = num_rows = row_token.shape[0]  # the output's rows: the padded ones
     masked = num_rows < m_pad
     w0, s0 = mats[0]
     widths = [w.shape[1] if transposed else w.shape[2] for w, _ in mats]
@@ -716,7 +701,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
         dequant=dequant, gated=gated, transposed=transposed, hi_lo=hi_lo,
         col_blocks=tuple(n // bn for n in widths) if side_by_side else None,
-        num_rows=num_rows if masked else None, gather=row_token is not None)
+        num_rows=num_rows if masked else None)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((num_rows, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -727,8 +712,6 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         out_spec = _WHOLE_ARRAY  # the kernel places its block and masks the rows past num_rows
     params = _compiler_params(cfg.num_warps, cfg.num_stages, interpret)
     flat = [a for pair in mats for a in pair]
-    if row_token is not None:
-        flat = [row_token.astype(jnp.int32)] + flat
     out = pl.pallas_call(
         kernel,
         grid=(n_tiles, n_dim // bn, split),
@@ -831,15 +814,12 @@ def uses_pallas(backend: str = "auto") -> bool:
     return _resolve_backend(backend) != "xla"
 
 
-def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name, transposed, gather=False):
+def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name, transposed):
     for t, (w, s) in enumerate(mats):
         k_dim, n_dim = _check_weight(f"{name} matrix {t}", w, s, expert_dim=True, transposed=transposed)
         if k_dim != xs.shape[-1]:
             raise ValueError(f"{name}: xs {tuple(xs.shape)} does not match weight {tuple(w.shape)} (K).")
-    if gather:
-        if xs.ndim != 2:
-            raise ValueError(f"{name}: with gather=True x must be the tokens [M, K], found {tuple(xs.shape)}.")
-    elif xs.ndim != 2 or xs.shape[0] != plan.num_padded_rows:
+    if xs.ndim != 2 or xs.shape[0] != plan.num_padded_rows:
         raise ValueError(
             f"{name}: xs must be [M_pad={plan.num_padded_rows}, K] from dispatch(), found {tuple(xs.shape)}."
         )
@@ -851,15 +831,11 @@ def _grouped(xs, mats, plan, *, gated, backend, config, out_dtype, name, transpo
         if gated:
             cfg = cfg._replace(split_k=1)  # the gelu needs whole sums
         interpret = resolved == "interpret"
-        rows = plan.num_padded_rows
-        biggest = max(w0.size, xs.size, rows * k_dim, rows * n_dim * max(1, cfg.split_k))
-        if _fits_pallas(backend, rows, plan.tile_expert.shape[0], k_dim, n_dim, s0.shape[-2], cfg,
+        biggest = max(w0.size, xs.size, xs.shape[0] * n_dim * max(1, cfg.split_k))
+        if _fits_pallas(backend, xs.shape[0], plan.tile_expert.shape[0], k_dim, n_dim, s0.shape[-2], cfg,
                         interpret, biggest):
-            return _pallas_matmul(xs, mats, plan.tile_expert, gated=gated, cfg=cfg, interpret=interpret,
-                                  out_dtype=out_dtype, transposed=transposed,
-                                  row_token=plan.row_token if gather else None)
-    if gather:
-        xs = dispatch(xs, plan)
+            return _pallas_matmul(xs, mats, plan.tile_expert, gated=gated, cfg=cfg,
+                                  interpret=interpret, out_dtype=out_dtype, transposed=transposed)
     return _xla_grouped(xs, mats, plan, gated=gated, out_dtype=out_dtype, transposed=transposed)
 
 
@@ -881,17 +857,15 @@ def grouped_matmul(xs: jax.Array, weight: jax.Array, scales: jax.Array, plan: Mo
 def grouped_matmul_gated(xs: jax.Array, w: jax.Array, w_scales: jax.Array, v: jax.Array,
                          v_scales: jax.Array, plan: MoEPlan, *, backend: str = "auto",
                          config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
-                         transposed: bool = False, gather: bool = False) -> jax.Array:
+                         transposed: bool = False) -> jax.Array:
     """Fused expert input layer: gelu_tanh(xs @ W) * (xs @ V) -> [M_pad, F], reading xs once.
 
     W, V int8 [E, K, F] ([E, F, K] when transposed) with scales [E, nb, F]; both products
     are summed in float32 and scaled before the tanh-approximated gelu. xs: bf16, or
-    float32 used unrounded (see the module docstring). gather: xs is the tokens [M, K], not
-    dispatch(tokens, plan); the Pallas kernel reads each row's token itself (one kernel of a
-    decode step fewer), the XLA path dispatches first.
+    float32 used unrounded (see the module docstring).
     """
-    return _grouped(xs, [(w, w_scales), (v, v_scales)], plan, gated=True, backend=backend, config=config,
-                    out_dtype=out_dtype, name="grouped_matmul_gated", transposed=transposed, gather=gather)
+    return _grouped(xs, [(w, w_scales), (v, v_scales)], plan, gated=True, backend=backend,
+                    config=config, out_dtype=out_dtype, name="grouped_matmul_gated", transposed=transposed)
 
 
 def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: str = "auto",
@@ -982,8 +956,8 @@ def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
     num_experts = linear[0].shape[0]
     plan = make_plan(expert_idx, num_experts, block_m or default_block_m(expert_idx.size))
     gated_cfg, down_cfg = configs or (None, None)
-    h = grouped_matmul_gated(x, *linear, *linear_v, plan, backend=backend, config=gated_cfg, transposed=transposed,
-                             gather=True)  # [M_pad, F]
+    xs = dispatch(x, plan)  # [M_pad, D]
+    h = grouped_matmul_gated(xs, *linear, *linear_v, plan, backend=backend, config=gated_cfg, transposed=transposed)
     ys = grouped_matmul(h, *linear_1, plan, backend=backend, config=down_cfg, transposed=transposed)  # [M_pad, D]
     return combine(ys, gates, plan)
 
@@ -1104,10 +1078,7 @@ def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, 
 # reduction kernels were faster than a program per row (1 x H200, BENCHMARKS.md session 9).
 JUNCTION_MAX_ROWS = 1
 # Programs per row: each computes the whole row's norms (the row is 24 KB at Grok-1's width)
-# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits; warps each. A
-# power of two: the route kernel takes the logits' slices as one Triton block. One device's
-# share of 8 on an H200 (session 13), the two junctions alone: 8 slices of 8 warps 2.44 +
-# 1.64 us; 4 to 48 slices of 4 to 16 warps 2.31-4.19 + 1.64-2.08 us; 2 warps 2.7-49 us.
+# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits; warps each.
 JUNCTION_SLICES = 8
 JUNCTION_WARPS = 8
 
@@ -1166,7 +1137,7 @@ def residual_norm(h: jax.Array, parts: jax.Array, scale_1: jax.Array, scale_2: O
         y = h_new * _rms(h_new, d, eps) * scale_2
         logits = None if router is None else jnp.dot(y, router, precision=lax.Precision.HIGHEST)[None]
         return h_new, y.astype(y_dtype), logits
-    slices = JUNCTION_SLICES if d % JUNCTION_SLICES == 0 and JUNCTION_SLICES == _next_pow2(JUNCTION_SLICES) else 1
+    slices = JUNCTION_SLICES if d % JUNCTION_SLICES == 0 else 1
     return _residual_norm_call(h, parts, scale_1, scale_2, router, eps=float(eps), y_dtype=jnp.dtype(y_dtype),
                                slices=slices, warps=JUNCTION_WARPS, interpret=resolved == "interpret")
 

@@ -887,14 +887,14 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
     """
     if plan is None:
         plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size), pads)
+    xs = kernels.dispatch(x, plan)  # [M_pad, D]
     (wi, si), (wv, sv), (wo, so) = _unpack(w_in), _unpack(w_v), _unpack(w_out)
     transposed = _layouts_agree(w_in, w_v, w_out)
     grouped = functools.partial(kernels.grouped_matmul, plan=plan, backend=backend, transposed=transposed)
-    if data_axis is None:  # the gated kernel reads each padded row's token itself (no dispatch)
-        h = kernels.grouped_matmul_gated(x, wi, si, wv, sv, plan, backend=backend, out_dtype=x.dtype,
-                                         transposed=transposed, gather=True)  # [M_pad, F]
+    if data_axis is None:
+        h = kernels.grouped_matmul_gated(xs, wi, si, wv, sv, plan, backend=backend, out_dtype=x.dtype,
+                                         transposed=transposed)  # [M_pad, F]
     else:  # the contraction over D is split over the data axis: sum before the gelu
-        xs = kernels.dispatch(x, plan)  # [M_pad, D]
         a = grouped(xs, wi, si, out_dtype=jnp.float32)
         b = grouped(xs, wv, sv, out_dtype=jnp.float32)
         a, b = jax.lax.psum((a, b), data_axis)
