@@ -1078,7 +1078,10 @@ def _decode_attention_call(q, keys, values, lengths, *, scale, cap, bs, splits, 
 # reduction kernels were faster than a program per row (1 x H200, BENCHMARKS.md session 9).
 JUNCTION_MAX_ROWS = 1
 # Programs per row: each computes the whole row's norms (the row is 24 KB at Grok-1's width)
-# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits; warps each.
+# and writes its 1/JUNCTION_SLICES of the outputs and of the router's logits; warps each. A
+# power of two: the route kernel takes the logits' slices as one Triton block. One device's
+# share of 8 on an H200 (session 13), the two junctions alone: 8 slices of 8 warps 2.44 +
+# 1.64 us; 4 to 48 slices of 4 to 16 warps 2.31-4.19 + 1.64-2.08 us; 2 warps 2.7-49 us.
 JUNCTION_SLICES = 8
 JUNCTION_WARPS = 8
 
@@ -1137,7 +1140,7 @@ def residual_norm(h: jax.Array, parts: jax.Array, scale_1: jax.Array, scale_2: O
         y = h_new * _rms(h_new, d, eps) * scale_2
         logits = None if router is None else jnp.dot(y, router, precision=lax.Precision.HIGHEST)[None]
         return h_new, y.astype(y_dtype), logits
-    slices = JUNCTION_SLICES if d % JUNCTION_SLICES == 0 else 1
+    slices = JUNCTION_SLICES if d % JUNCTION_SLICES == 0 and JUNCTION_SLICES == _next_pow2(JUNCTION_SLICES) else 1
     return _residual_norm_call(h, parts, scale_1, scale_2, router, eps=float(eps), y_dtype=jnp.dtype(y_dtype),
                                slices=slices, warps=JUNCTION_WARPS, interpret=resolved == "interpret")
 
