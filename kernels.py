@@ -496,7 +496,7 @@ def _gelu_tanh(a: jax.Array) -> jax.Array:
 
 
 def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, split, dequant,
-                gated, transposed, col_blocks=None, hi_lo=False, num_rows=None):
+                gated, transposed, col_blocks=None, hi_lo=False, num_rows=None, one_token=False):
     """One program: rows of tile i, columns block j, K slice s; loops over K in bk steps.
 
     x_ref: [M_pad, K] bf16, or float32 with hi_lo (each x chunk is split into bf16 hi + lo
@@ -511,14 +511,22 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     num_rows: x and the output (then the whole array, [M, N] or [split, M, N]) hold only
     this many rows, fewer than the tiles': the rows past them are masked off on load and on
     store, so nobody pads x or slices the result (a decode step's dense projections).
+    one_token: tile i is the token's i-th expert and holds just its row (moe_one_token).
+    Gated, every tile reads x [1, K] and writes row i of [T, N]; else tile i reads row i of
+    x [T, K] and writes its K slice s, times the gate gates[i] (a ref after the matrices),
+    to row 0 of part i * split + s of [T * split, 1, N].
     """
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
-    o_ref = refs[2 * n_mats]
+    gate_ref = refs[2 * n_mats] if one_token and not gated else None
+    o_ref = refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = tile_expert_ref[i]
     e_safe = jnp.maximum(e, 0)
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
     real = None if num_rows is None else (i * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < num_rows
+    if one_token:  # one real row per tile, the first of its block
+        rows = pl.ds(0 if gated else i, bm)
+        real = lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < 1
 
     def store(value):
         """This program's [bm, bn] result into its place in the output."""
@@ -526,8 +534,14 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
             o_ref[...] = value.astype(o_ref.dtype)
             return
         cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-        plgpu.store(o_ref.at[rows, cols] if split == 1 else o_ref.at[s, rows, cols],
-                    value.astype(o_ref.dtype), mask=real)
+        if one_token and gated:
+            target = o_ref.at[pl.ds(i, bm), cols]
+        elif one_token:
+            target = o_ref.at[i * split + s, pl.ds(0, bm), cols]
+            value = value * gate_ref[i]
+        else:
+            target = o_ref.at[rows, cols] if split == 1 else o_ref.at[s, rows, cols]
+        plgpu.store(target, value.astype(o_ref.dtype), mask=real)
 
     kb = k_dim // nb  # rows per scale block
     ks = k_dim // split  # rows per K slice
@@ -660,12 +674,13 @@ def _fits_pallas(backend: str, xs_rows: int, n_tiles: int, k_dim: int, n_dim: in
 # Jitted so that identical kernel calls (the same layer, 64 times) are traced and lowered
 # once: a model's lowering then grows with its distinct kernels, not with its depth.
 @functools.partial(jax.jit, static_argnames=("gated", "cfg", "interpret", "out_dtype", "name", "transposed",
-                                             "side_by_side", "block_m", "partial_sums"))
+                                             "side_by_side", "block_m", "partial_sums", "one_token"))
 def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
                    tile_expert: jax.Array, *, gated: bool, cfg: KernelConfig, interpret: bool,
                    out_dtype, name: Optional[str] = None, transposed: bool = False,
                    side_by_side: bool = False, block_m: Optional[int] = None,
-                   partial_sums: bool = False) -> jax.Array:
+                   partial_sums: bool = False, one_token: bool = False,
+                   gates: Optional[jax.Array] = None) -> jax.Array:
     """xs [M_pad, K] times per-tile expert matrices -> [M_pad, N] (gated: gelu(a) * b).
 
     A float32 xs is used unrounded (split into bf16 hi + lo in the kernel); other dtypes
@@ -675,6 +690,9 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     block_m): the kernel masks the rest off, and the result has xs's M rows.
     partial_sums (not gated): the float32 sums of the K slices, [S, M_pad, N], are returned
     as they are, for the next kernel to add.
+    one_token: the tiles are one token's experts (tile_expert; _moe_kernel's one_token),
+    with block_m: gated, xs [1, K] -> [T, N]; else xs [T, K] and gates [T] float32 -> the
+    gate-weighted float32 sums [T * S, 1, N] of each tile's K slices.
     """
     num_rows, k_dim = xs.shape
     m_pad = tile_expert.shape[0] * block_m if block_m else num_rows
@@ -701,8 +719,12 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         _moe_kernel, n_mats=len(mats), bm=bm, bn=bn, bk=bk, k_dim=k_dim, nb=nb, split=split,
         dequant=dequant, gated=gated, transposed=transposed, hi_lo=hi_lo,
         col_blocks=tuple(n // bn for n in widths) if side_by_side else None,
-        num_rows=num_rows if masked else None)
-    if split == 1:
+        num_rows=num_rows if masked else None, one_token=one_token)
+    if one_token:
+        out_shape = (jax.ShapeDtypeStruct((n_tiles, n_dim), out_dtype) if gated
+                     else jax.ShapeDtypeStruct((n_tiles * split, 1, n_dim), jnp.float32))
+        out_spec = _WHOLE_ARRAY
+    elif split == 1:
         out_shape = jax.ShapeDtypeStruct((num_rows, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
     else:
@@ -712,6 +734,8 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         out_spec = _WHOLE_ARRAY  # the kernel places its block and masks the rows past num_rows
     params = _compiler_params(cfg.num_warps, cfg.num_stages, interpret)
     flat = [a for pair in mats for a in pair]
+    if one_token and not gated:
+        flat.append(gates.astype(jnp.float32))
     out = pl.pallas_call(
         kernel,
         grid=(n_tiles, n_dim // bn, split),
@@ -722,6 +746,8 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         name=name or ("int8_gated_matmul" if gated else "int8_grouped_matmul"),
         **params,
     )(tile_expert.astype(jnp.int32), xs if hi_lo else xs.astype(jnp.bfloat16), *flat)
+    if one_token:
+        return out
     if partial_sums:
         return out if split > 1 else out[None].astype(jnp.float32)
     if split > 1:
@@ -960,6 +986,57 @@ def sparse_moe(x: jax.Array, expert_idx: jax.Array, gates: jax.Array,
     h = grouped_matmul_gated(xs, *linear, *linear_v, plan, backend=backend, config=gated_cfg, transposed=transposed)
     ys = grouped_matmul(h, *linear_1, plan, backend=backend, config=down_cfg, transposed=transposed)  # [M_pad, D]
     return combine(ys, gates, plan)
+
+
+def moe_one_token(x: jax.Array, gates: jax.Array, experts: jax.Array, linear: tuple[jax.Array, jax.Array],
+                  linear_v: tuple[jax.Array, jax.Array], linear_1: tuple[jax.Array, jax.Array], *,
+                  backend: str = "auto", transposed: bool = False,
+                  configs: Optional[tuple[Optional[KernelConfig], Optional[KernelConfig]]] = None) -> jax.Array:
+    """One token's mixture of experts without a plan (a decode step at batch 1).
+
+    x [1, D] (bf16, or float32 used unrounded), gates [k] and experts int32 [k] (its
+    choices), linear / linear_v [E, D, F] and linear_1 [E, F, D] as (int8 weight, scales)
+    ([E, N, K] when transposed) -> float32 [S, 1, D], partial sums whose sum is
+        sum_j gates[j] * (gelu_tanh(x W_j) * (x V_j)) W1_j,   W_j: expert experts[j]'s,
+    the hidden rows in x's dtype, as sparse_moe's. On a Pallas backend two kernels whose
+    tile j is expert j: the gated one reads x's row for every tile (no dispatch), and each
+    program of the output one weights its K slice of one expert by that expert's gate,
+    leaving S = k x split_k sums for the next kernel to add (kernels.residual_norm; no
+    combine). Elsewhere make_plan, dispatch and combine in plain XLA (S = 1).
+    """
+    if x.ndim != 2 or x.shape[0] != 1 or experts.ndim != 1 or gates.shape != experts.shape:
+        raise ValueError(f"moe_one_token: x {tuple(x.shape)}, gates {tuple(gates.shape)}, experts "
+                         f"{tuple(experts.shape)}; need x [1, D] and gates, experts [k].")
+    (wi, si), (wv, sv), (wo, so) = linear, linear_v, linear_1
+    d_in, f = _check_weight("moe_one_token linear", wi, si, expert_dim=True, transposed=transposed)
+    _check_weight("moe_one_token linear_v", wv, sv, expert_dim=True, transposed=transposed)
+    f_out, d_out = _check_weight("moe_one_token linear_1", wo, so, expert_dim=True, transposed=transposed)
+    if d_in != x.shape[1] or f_out != f or wv.shape != wi.shape:
+        raise ValueError(f"moe_one_token: x {tuple(x.shape)}, linear {tuple(wi.shape)}, linear_v "
+                         f"{tuple(wv.shape)} and linear_1 {tuple(wo.shape)} do not chain (D and F).")
+    k, bm = experts.shape[0], default_block_m(experts.shape[0])
+    experts, gates = experts.astype(jnp.int32), gates.astype(jnp.float32)
+    h_dtype = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16
+    resolved = _resolve_backend(backend)
+    if resolved != "xla":
+        interpret = resolved == "interpret"
+        gated_cfg, down_cfg = configs or (None, None)
+        gated_cfg = (gated_cfg or default_config("gated", bm, k, d_in, f, transposed))._replace(split_k=1)
+        down_cfg = down_cfg or default_config("down", bm, k, f, d_out, transposed)
+        fits = (_fits_pallas(backend, k * bm, k, d_in, f, si.shape[-2], gated_cfg, interpret, wi.size)
+                and _fits_pallas(backend, k * bm, k, f, d_out, so.shape[-2], down_cfg, interpret,
+                                 max(wo.size, k * d_out * max(1, down_cfg.split_k))))
+        if fits:
+            common = dict(interpret=interpret, transposed=transposed, block_m=bm, one_token=True)
+            h = _pallas_matmul(x, [(wi, si), (wv, sv)], experts, gated=True, cfg=gated_cfg, out_dtype=h_dtype,
+                               **common)  # [k, F]
+            return _pallas_matmul(h, [(wo, so)], experts, gated=False, cfg=down_cfg, out_dtype=jnp.float32,
+                                  gates=gates, **common)  # [k * split, 1, D]
+    plan = make_plan(experts[None], wi.shape[0], bm)
+    xs = dispatch(x, plan)  # [M_pad, D]
+    h = _xla_grouped(xs, [(wi, si), (wv, sv)], plan, gated=True, out_dtype=h_dtype, transposed=transposed)
+    y = _xla_grouped(h, [(wo, so)], plan, gated=False, out_dtype=jnp.float32, transposed=transposed)
+    return combine(y, gates[None], plan, out_dtype=jnp.float32)[None]
 
 
 # ---------------------------------------------------------------------------------------

@@ -875,7 +875,7 @@ def _layouts_agree(*ws: Any) -> bool:
 
 def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str = "auto",
              data_axis: Any = None, model_axis: Any = None, pads: bool = False,
-             plan: Optional[kernels.MoEPlan] = None) -> jax.Array:
+             plan: Optional[kernels.MoEPlan] = None, partial_sums: bool = False) -> jax.Array:
     """Only the selected experts, int8 weights dequantized inside the matmuls.
 
     x [N, D] (D may be this device's shard), gates/experts [N, k] -> [N, D] float32 (the
@@ -884,7 +884,25 @@ def moe_fast(x, gates, experts, w_in, w_v, w_out, num_experts: int, backend: str
     reduced over `data_axis`, the output projection's over `model_axis`. pads: `experts`
     may hold num_experts, "no expert" (kernels.make_plan); those rows cost nothing and
     give zeros. plan: the experts' plan if made already (kernels.route), else made here.
+    partial_sums: [S, N, D] float32 whose sum is the result, for the next kernel to add.
+
+    One token (a decode step at batch 1) on a Pallas backend takes kernels.moe_one_token:
+    no plan, dispatch or combine.
     """
+    if x.shape[0] == 1 and data_axis is None and not pads and kernels.uses_pallas(backend):
+        parts = kernels.moe_one_token(x, gates[0], experts[0], _unpack(w_in), _unpack(w_v), _unpack(w_out),
+                                      backend=backend, transposed=_layouts_agree(w_in, w_v, w_out))  # [S, 1, D]
+        if model_axis is not None:  # the all-reduce carries one row
+            parts = jax.lax.psum(jnp.sum(parts, axis=0), model_axis)[None]
+        return parts if partial_sums else jnp.sum(parts, axis=0)
+    out = _moe_planned(x, gates, experts, w_in, w_v, w_out, num_experts, backend, data_axis, model_axis,
+                       pads, plan)
+    return out[None] if partial_sums else out
+
+
+def _moe_planned(x, gates, experts, w_in, w_v, w_out, num_experts, backend, data_axis, model_axis, pads,
+                 plan) -> jax.Array:
+    """moe_fast through a plan: rows grouped by expert and padded to whole tiles -> [N, D]."""
     if plan is None:
         plan = kernels.make_plan(experts, num_experts, kernels.default_block_m(experts.size), pads)
     xs = kernels.dispatch(x, plan)  # [M_pad, D]
@@ -918,7 +936,7 @@ class MoELayer(hk.Module):
         self.mesh = mesh
 
     def __call__(self, x: jax.Array, input_mask: Optional[jax.Array] = None,
-                 logits: Optional[jax.Array] = None) -> jax.Array:
+                 logits: Optional[jax.Array] = None, output_parts: bool = False) -> jax.Array:
         """x [B, T, D] (float32: the router sees it unrounded), input_mask [B, T] (False: a pad
         position) -> [B, T, D] float32. In a prefill (T > 1) pad positions go to no expert
         and get zeros: nothing reads them (attention masks their keys), and the fast path
@@ -927,7 +945,8 @@ class MoELayer(hk.Module):
         at decode sizes on a GPU the router's softmax, top-k and the experts' plan are one
         kernel (kernels.route). logits: the router's logits made already, [P, B*T, E] partial
         sums (kernels.residual_norm's; the fast mode of a decode step), x then the experts'
-        input as they take it."""
+        input as they take it. output_parts: [S, B, T, D] float32 partial sums of the output
+        instead (moe_fast's), for kernels.residual_norm to add."""
         cfg = self.config
         b, t, d = x.shape
         e, f, k = cfg.num_experts, cfg.ffn_size, cfg.num_selected_experts
@@ -953,17 +972,19 @@ class MoELayer(hk.Module):
         xf = x.reshape(b * t, d)
 
         if cfg.moe_impl == "reference":
-            out = moe_reference(xf, *routing, w_in, w_v, w_out, e)
+            out = moe_reference(xf, *routing, w_in, w_v, w_out, e)[None]
         elif self.mesh is None or self.mesh.size == 1:
             gates, experts, plan = _gates_experts_plan(routing, k)
-            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e, pads=pads, plan=plan)
+            out = moe_fast(xf, gates, experts, w_in, w_v, w_out, e, pads=pads, plan=plan, partial_sums=True)
         else:
             out = self._sharded_fast(xf, routing, w_in, w_v, w_out, pads)
-        return out.reshape(b, t, d)
+        out = out.reshape(-1, b, t, d)  # [S, B, T, D]
+        return out if output_parts else jnp.sum(out, axis=0)
 
     def _sharded_fast(self, x, routing: tuple, w_in, w_v, w_out, pads: bool) -> jax.Array:
         """The fast path per device: tokens replicated, experts' D over data and F over model.
-        routing (replicated): (logits,) or (gates, experts), as _gates_experts_plan takes it."""
+        routing (replicated): (logits,) or (gates, experts), as _gates_experts_plan takes it.
+        Returns moe_fast's partial sums [S, N, D]."""
         cfg, mesh = self.config, self.mesh
         d, m = cfg.data_axis, cfg.model_axis
         spec_in, spec_out = P(None, d, m), P(None, m, d)
@@ -976,13 +997,14 @@ class MoELayer(hk.Module):
             gates, experts, plan = _gates_experts_plan(routing, cfg.num_selected_experts)
             return moe_fast(x, gates, experts, w_in, w_v, w_out, cfg.num_experts, backend="auto",
                             data_axis=d if _axis_size(mesh, d) > 1 else None,
-                            model_axis=m if _axis_size(mesh, m) > 1 else None, pads=pads, plan=plan)
+                            model_axis=m if _axis_size(mesh, m) > 1 else None, pads=pads, plan=plan,
+                            partial_sums=True)
 
         return jax.shard_map(
             body, mesh=mesh,
             in_specs=(P(None, d), wspec(w_in, spec_in), wspec(w_v, spec_in), wspec(w_out, spec_out))
             + (P(),) * len(routing),
-            out_specs=P(None, d), check_vma=False,
+            out_specs=P(None, None, d), check_vma=False,
         )(x, w_in, w_v, w_out, *routing)
 
 
@@ -1067,9 +1089,9 @@ class DecoderLayer(hk.Module):
         parts, new_memory = attention(x, input_mask, memory, output_parts=True)  # [S, B, T, D]
         h, x, logits = self._junction(h, parts, norm_1, norm_2, router,
                                       activation_dtype(cfg, b * t * cfg.num_selected_experts))
-        out = moe(x, input_mask, logits=logits)[None]  # [1, B, T, D]
+        out = moe(x, input_mask, logits=logits, output_parts=True)  # [S, B, T, D]
         if next_norm is None:
-            return constrain(h + norm_3(out[0]), mesh, activation_spec(cfg)), new_memory, None
+            return constrain(h + norm_3(jnp.sum(out, axis=0)), mesh, activation_spec(cfg)), new_memory, None
         h, x, _ = self._junction(h, out, norm_3, next_norm, None, activation_dtype(cfg, b * t))
         return constrain(h, mesh, activation_spec(cfg)), new_memory, x
 
