@@ -51,6 +51,7 @@ import itertools
 import math
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -916,7 +917,7 @@ def int8_matmul(x: jax.Array, weight: jax.Array, scales: jax.Array, *, backend: 
 
 def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *, backend: str = "auto",
                  config: Optional[KernelConfig] = None, out_dtype=jnp.bfloat16,
-                 transposed: bool = False, partial_sums: bool = False) -> list[jax.Array]:
+                 transposed: bool = False, partial_sums: bool = False, joined: bool = False) -> list[jax.Array]:
     """x [..., K] times several int8 weights (weight, scales) as in int8_matmul -> one
     [..., N_t] per weight.
 
@@ -924,7 +925,8 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
     and one split-K sum instead of three of each); they must share K and the number of
     scale blocks. partial_sums: return float32 [S, ..., N_t], the products of S slices of K
     whose sum is the result (S = 1 off the Pallas path), so that the kernel that takes them
-    adds them (kernels.residual_norm) and no kernel of its own does.
+    adds them (kernels.residual_norm) and no kernel of its own does. joined: one result, the
+    products side by side [..., N_1 + N_2 + ...], as the kernel writes them (no slices).
     """
     *lead, k_dim = x.shape
     widths = []
@@ -960,11 +962,16 @@ def int8_matmuls(x: jax.Array, weights: Sequence[tuple[jax.Array, jax.Array]], *
                                name="int8_dense_matmul", transposed=transposed, side_by_side=True,
                                block_m=block_m, partial_sums=partial_sums)
             ends = list(itertools.accumulate(widths))
+            if joined:
+                y = y[..., :m, :]  # no-op but where the rows were padded
+                return [y.reshape(-1, *lead, ends[-1]) if partial_sums else y.reshape(*lead, ends[-1])]
             if partial_sums:
                 return [y[:, :m, e - n:e].reshape(-1, *lead, n) for e, n in zip(ends, widths)]
             return [y[:m, e - n:e].reshape(*lead, n) for e, n in zip(ends, widths)]
     ys = [_block_scaled_dot(x2, w, s, transposed).astype(out_dtype).reshape(*lead, n)
           for (w, s), n in zip(weights, widths)]
+    if joined:
+        ys = [jnp.concatenate(ys, axis=-1)]
     return [y[None] for y in ys] if partial_sums else ys
 
 
@@ -1083,8 +1090,122 @@ def _decode_attention_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, l_ref, *, bs, 
     l_ref[...] = l
 
 
+def rope_frequencies(key_size: int, base: float = 10000.0) -> np.ndarray:
+    """RoPE's inverse frequencies 1 / base^(2i / K), i < K/2: float32 [K/2], made on the host
+    (constants: traced, their `pow` was a kernel of its own in every decode step, 0.9 us on
+    an H200, BENCHMARKS.md session 11)."""
+    return (1.0 / base ** (np.arange(0, key_size, 2, dtype=np.float64) / key_size)).astype(np.float32)
+
+
+def rotate_half(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotate-half RoPE in float32: x [..., K], angles [..., K/2] (broadcast against x's
+    leading axes) -> [x1 cos - x2 sin, x2 cos + x1 sin] with x1, x2 x's halves."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_rows(heads_per_group: int, backend: str = "auto") -> int:
+    """Query rows per KV head that decode_attention's kernel takes: the heads padded to 16
+    (Triton's dot needs every side >= 16) on a GPU, as they are interpreted."""
+    return heads_per_group if _resolve_backend(backend) == "interpret" else max(heads_per_group, _ATTN_ROWS)
+
+
+def decode_qkv(parts: jax.Array, keys: jax.Array, values: jax.Array, step: jax.Array, *, q_heads: int,
+               base: float = 10000.0, backend: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A decode step's q, k and v from their projection's partial sums: added, rotated (RoPE)
+    and the new key and value written into the cache.
+
+    parts [S, B, (H + 2G) K] float32: S partial sums of q | k | v side by side
+    (int8_matmuls(partial_sums=True, joined=True)); keys, values [B, L, G, K], the cache;
+    step [B] int32, each row's position. Returns
+      q [B, G, R, K] float32: query head g * H/G + r in row r of group g, rotated at
+        position step, the rows past H/G zero (R = attention_rows(H/G); decode_attention
+        with heads=H/G takes it as it is);
+      keys, values: the cache with the rotated key and the value, in the cache's dtype, at
+        position min(step, L - 1) (dynamic_update_slice's clamp).
+    On a Pallas backend one kernel of B x G programs that writes one position of the cache
+    in place (the cache is aliased to its output): it replaces the split-K sum, the slices,
+    q's RoPE and pad and the two cache updates (five XLA kernels per layer). Elsewhere
+    plain XLA.
+    """
+    n_parts, bsz, width = parts.shape
+    _, length, groups, k_dim = keys.shape
+    if (values.shape != keys.shape or step.shape != (bsz,) or keys.shape[0] != bsz
+            or width != (q_heads + 2 * groups) * k_dim or q_heads % groups or k_dim % 2):
+        raise ValueError(f"decode_qkv: parts {tuple(parts.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}, step {tuple(step.shape)}, q_heads={q_heads}; need parts "
+                         "[S, B, (H + 2G) K], keys = values [B, L, G, K] with an even K, step [B] and H a "
+                         "multiple of G.")
+    hg = q_heads // groups
+    rows = attention_rows(hg, backend)
+    freq = rope_frequencies(k_dim, base)
+    parts = parts.astype(jnp.float32).reshape(n_parts, bsz, q_heads + 2 * groups, k_dim)
+    step = step.astype(jnp.int32)
+    resolved = _resolve_backend(backend)
+    if resolved == "xla":
+        total = jnp.sum(parts, axis=0)  # [B, H + 2G, K]
+        angles = step.astype(jnp.float32)[:, None, None] * freq  # [B, 1, K/2]
+        q = rotate_half(total[:, :q_heads], angles).reshape(bsz, groups, hg, k_dim)
+        key = rotate_half(total[:, q_heads:q_heads + groups], angles)  # [B, G, K]
+        write = jax.vmap(lambda c, n, p: lax.dynamic_update_slice_in_dim(c, n[None].astype(c.dtype), p, axis=0))
+        return (jnp.pad(q, ((0, 0), (0, 0), (0, rows - hg), (0, 0))), write(keys, key, step),
+                write(values, total[:, q_heads + groups:], step))
+    return _decode_qkv_call(step, parts.reshape(n_parts * bsz, q_heads + 2 * groups, k_dim), jnp.asarray(freq),
+                            keys, values, heads=q_heads, rows=rows,
+                            interpret=resolved == "interpret")
+
+
+def _decode_qkv_kernel(step_ref, parts_ref, freq_ref, _keys_in, _values_in, q_ref, k_ref, v_ref, *,
+                       heads: int, rows: int):
+    """One program: row b, KV head g. parts [S * B, H + 2G, K] (part s of row b at s * B + b);
+    writes q's group g [R, K] and position step[b] of the cache's head g (the cache arrives
+    aliased to k_ref, v_ref)."""
+    b, g = pl.program_id(0), pl.program_id(1)
+    bsz, groups, half = k_ref.shape[0], k_ref.shape[2], freq_ref.shape[0]
+    n_parts = parts_ref.shape[0] // bsz
+    hg = heads // groups
+    pos = step_ref[b]
+    slot = jnp.clip(pos, 0, k_ref.shape[1] - 1)
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    q_rows, q_ok = pl.ds(g * hg, rows), lax.broadcasted_iota(jnp.int32, (rows, half), 0) < hg
+
+    def summed(index, mask=None):  # the S partial sums of one block, added in order
+        out = plgpu.load(parts_ref.at[(b,) + index], mask=mask, other=0.0)
+        for s in range(1, n_parts):
+            out = out + plgpu.load(parts_ref.at[(s * bsz + b,) + index], mask=mask, other=0.0)
+        return out
+
+    # Every load first: q's two halves (its group's heads), the key's, the value.
+    q1, q2 = summed((q_rows, lo), q_ok), summed((q_rows, hi), q_ok)
+    k1, k2 = summed((heads + g, lo)), summed((heads + g, hi))
+    v = summed((heads + groups + g, pl.ds(0, 2 * half)))
+    angles = pos.astype(jnp.float32) * freq_ref[...]  # [K/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    plgpu.store(q_ref.at[b, g, pl.ds(0, rows), lo], q1 * cos[None, :] - q2 * sin[None, :])
+    plgpu.store(q_ref.at[b, g, pl.ds(0, rows), hi], q2 * cos[None, :] + q1 * sin[None, :])
+    plgpu.store(k_ref.at[b, slot, g, lo], (k1 * cos - k2 * sin).astype(k_ref.dtype))
+    plgpu.store(k_ref.at[b, slot, g, hi], (k2 * cos + k1 * sin).astype(k_ref.dtype))
+    plgpu.store(v_ref.at[b, slot, g, pl.ds(0, 2 * half)], v.astype(v_ref.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("heads", "rows", "interpret"))
+def _decode_qkv_call(step, parts, freq, keys, values, *, heads, rows, interpret):
+    """The decode_qkv kernel: (q [B, G, R, K] float32, keys, values), the cache in place."""
+    bsz, _, groups, k_dim = keys.shape
+    kernel = functools.partial(_decode_qkv_kernel, heads=heads, rows=rows)
+    return pl.pallas_call(
+        kernel, grid=(bsz, groups), in_specs=[_WHOLE_ARRAY] * 5, out_specs=[_WHOLE_ARRAY] * 3,
+        out_shape=[jax.ShapeDtypeStruct((bsz, groups, rows, k_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(keys.shape, keys.dtype), jax.ShapeDtypeStruct(values.shape, values.dtype)],
+        input_output_aliases={3: 1, 4: 2}, interpret=interpret, name="decode_qkv",
+        **_compiler_params(4, 1, interpret),
+    )(step, parts, freq, keys, values)
+
+
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array, *,
-                     scale: float, cap: float, backend: str = "auto", splits: Optional[int] = None) -> jax.Array:
+                     scale: float, cap: float, backend: str = "auto", splits: Optional[int] = None,
+                     heads: Optional[int] = None) -> jax.Array:
     """Attention of one query token per sequence over the first lengths[b] cache positions.
 
     q [B, G, Hg, K] (query heads grouped by their KV head; float32 or bf16), keys/values
@@ -1093,6 +1214,8 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: 
     visible keys, the weighted sum in float32 (q and the probabilities enter the MMAs as
     bf16 hi/lo pairs, so only the cache is bf16). Reads only the used keys: the cost follows
     the tokens in the cache, not its capacity. A row with no visible key gives zeros.
+    heads: q's rows are already padded (decode_qkv's q, zero past `heads`): only the first
+    `heads` of each group are returned, [B, G, heads, K].
 
     Pallas only ("pallas", "interpret", or "auto" where it resolves to one of them): the
     model uses its own XLA attention elsewhere.
@@ -1102,8 +1225,9 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: 
         raise ValueError("decode_attention is a Pallas kernel; on this backend use the model's XLA attention "
                          "(or backend='interpret').")
     bsz, seq, groups, k_dim = keys.shape
-    hg = q.shape[2]
-    if q.shape != (bsz, groups, hg, k_dim) or values.shape != keys.shape or lengths.shape != (bsz,):
+    hq = q.shape[2]
+    hg = heads or hq
+    if q.shape != (bsz, groups, hq, k_dim) or hg > hq or values.shape != keys.shape or lengths.shape != (bsz,):
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
                          f"{tuple(values.shape)}, lengths {tuple(lengths.shape)}; need q [B, G, Hg, K], "
                          "keys = values [B, S, G, K], lengths [B].")
@@ -1112,14 +1236,14 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, lengths: 
                          "needs 0 < cap <= 40 (exp(-2 cap) must stay a normal float32).")
     interpret = resolved == "interpret"
     bs = _pow2_divisor(seq, _ATTN_BLOCK)
-    if not interpret and (bs < 16 or k_dim & (k_dim - 1) or k_dim < 16 or hg > _ATTN_ROWS):
+    if not interpret and (bs < 16 or k_dim & (k_dim - 1) or k_dim < 16 or hq > _ATTN_ROWS):
         raise ValueError(f"decode_attention: cannot tile cache length {seq} (needs a multiple of 16), "
-                         f"key size {k_dim} (a power of two >= 16) or {hg} query heads per KV head "
+                         f"key size {k_dim} (a power of two >= 16) or {hq} query heads per KV head "
                          f"(at most {_ATTN_ROWS}).")
     if splits is None:  # about two programs per SM, no split shorter than a block at full cache
         splits = max(1, min(seq // bs, -(-2 * _NUM_SMS // (bsz * groups))))
-    rows = hg if interpret else _ATTN_ROWS
-    qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - hg), (0, 0)))  # [B, G, R, K]
+    rows = attention_rows(hq, backend)
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, rows - hq), (0, 0)))  # [B, G, R, K]; as it is from decode_qkv
     return _decode_attention_call(qp, keys, values, lengths.astype(jnp.int32), scale=float(scale),
                                   cap=float(cap), bs=bs, splits=splits, interpret=interpret)[:, :, :hg]
 

@@ -592,16 +592,8 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array, split_axis: int) -> jax.Ar
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
     """Rotate-half RoPE over the whole head. x [B, T, N, K], positions [B, T] -> [B, T, N, K]."""
-    k = x.shape[-1]
-    # The frequencies are constants, made on the host: traced, their `pow` was a kernel of
-    # its own in every decode step (0.9 us on an H200, BENCHMARKS.md session 11).
-    inv_freq = (1.0 / base ** (np.arange(0, k, 2, dtype=np.float64) / k)).astype(np.float32)  # [K/2]
-    phase = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, K/2]
-    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, K]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+    angles = positions.astype(jnp.float32)[:, :, None] * kernels.rope_frequencies(x.shape[-1], base)  # [B, T, K/2]
+    return kernels.rotate_half(x, angles[:, :, None, :]).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -713,8 +705,14 @@ class MultiHeadAttention(hk.Module):
         # the KV cache stores them; q stays float32 (_attend decides).
         f32 = jnp.float32
         qkv_spec, out_spec = P(data, model), P(model, data)  # the release's weight layouts
-        q, key, value = linears(x, [Linear(n, impl, self.mesh, qkv_spec, name=name, out_dtype=f32)
-                                    for name, n in (("query", h * k), ("key", g * k), ("value", g * k))])
+        projections = [Linear(n, impl, self.mesh, qkv_spec, name=name, out_dtype=f32)
+                       for name, n in (("query", h * k), ("key", g * k), ("value", g * k))]
+        linear = Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)
+        if memory is not None and t == 1 and self._decodes_in_kernels(x, projections):
+            out, new_memory = self._decode_in_kernels(x, memory, input_mask, projections)
+            out = out.reshape(b, t, h * k)
+            return (linear.partial_sums(out) if output_parts else linear(out)), new_memory
+        q, key, value = linears(x, projections)
         q = q.reshape(b, t, h, k)  # [B, T, H, K]
         key, value = key.reshape(b, t, g, k), value.reshape(b, t, g, k)  # [B, T, G, K]
 
@@ -750,8 +748,56 @@ class MultiHeadAttention(hk.Module):
                 out = jax.lax.switch(branch, attend, q, keys, values, input_mask, step)  # one branch: a call
         out = constrain(out.reshape(b, t, h * k), self.mesh, P(data, None, model))
         # float32 out: it goes through rms_norm_1 into the float32 residual stream.
-        linear = Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)
         return (linear.partial_sums(out) if output_parts else linear(out)), new_memory
+
+    def _decodes_in_kernels(self, x: jax.Array, projections: Sequence[Linear]) -> bool:
+        """Whether a decode step's attention runs as _decode_in_kernels: the fast mode on a
+        Pallas backend, int8 q, k and v of one layout, and per device whole rows of x and
+        whole KV heads (a data axis of 1, a model axis that divides the KV heads)."""
+        cfg, mesh = self.config, self.mesh
+        ws = [p.weight(x.shape[-1]) for p in projections]
+        if (cfg.moe_impl != "fast" or not kernels.uses_pallas()
+                or not all(isinstance(w, QuantizedWeight8bit) for w in ws) or len({is_transposed(w) for w in ws}) > 1):
+            return False
+        if mesh is None or mesh.size == 1:
+            return True
+        return _axis_size(mesh, cfg.data_axis) == 1 and cfg.num_kv_heads % _axis_size(mesh, cfg.model_axis) == 0
+
+    def _decode_in_kernels(self, x: jax.Array, memory: KVMemory, input_mask: jax.Array,
+                           projections: Sequence[Linear]) -> tuple[jax.Array, KVMemory]:
+        """A decode step's attention in three kernels per device: q, k and v in one int8 launch
+        whose partial sums kernels.decode_qkv adds, rotates and writes into the cache (in
+        place), then kernels.decode_attention over each row's own keys, [0, step] (step itself
+        only if this token is real), so the cost follows the tokens, not the capacity.
+        x [B, 1, D] -> ([B, 1, G, H/G, K] as _attend's dtype, the updated cache)."""
+        cfg, mesh = self.config, self.mesh
+        b, _, d = x.shape
+        h, g = cfg.num_q_heads, cfg.num_kv_heads
+        ws = [p.weight(d) for p in projections]
+        lengths = memory.step + input_mask[:, 0].astype(jnp.int32)  # [B]
+
+        def attend(x, ws, keys, values, step, lengths):  # per device: its KV heads, their query heads
+            local_h = h * keys.shape[2] // g
+            [parts] = kernels.int8_matmuls(x.reshape(x.shape[0], d), [(w.weight, w.scales) for w in ws],
+                                           transposed=is_transposed(ws[0]), partial_sums=True, joined=True)
+            q, keys, values = kernels.decode_qkv(parts, keys, values, step, q_heads=local_h)  # [S, B, (H+2G)K] in
+            out = kernels.decode_attention(q, keys, values, lengths, scale=cfg.attn_output_multiplier,
+                                           cap=ATTN_LOGIT_CAP, heads=local_h // keys.shape[2])
+            return out, keys, values
+
+        if mesh is not None and mesh.size > 1:
+            data, model = cfg.data_axis, cfg.model_axis
+            cache_spec = fit_spec(P(data, None, model), memory.k.shape, mesh)
+            rows = fit_spec(P(data), (b,), mesh)
+            attend = jax.shard_map(
+                attend, mesh=mesh, check_vma=False,
+                in_specs=(rows, [weight_in_specs(w, P(data, model), mesh) for w in ws], cache_spec, cache_spec,
+                          rows, rows),
+                out_specs=(fit_spec(P(data, model), (b, g), mesh), cache_spec, cache_spec))
+        out, keys, values = attend(x, ws, memory.k, memory.v, memory.step, lengths)  # out [B, G, H/G, K]
+        # float32 where _attend keeps it (decode sizes): the output projection takes it unrounded.
+        out = out[:, None].astype(activation_dtype(cfg, b))
+        return out, KVMemory(k=keys, v=values, step=memory.step)
 
     def _decode_attention(self, q: jax.Array, keys: jax.Array, values: jax.Array, lengths: jax.Array) -> jax.Array:
         """kernels.decode_attention per device: q [B, G, H/G, K] float32, the cache [B, S, G, K],

@@ -440,6 +440,43 @@ def test_int8_matmuls_hand_back_float32_partial_sums(backend, split_k):
     assert rel_err(f64(parts).sum(0).reshape(1, F), f64(x).reshape(1, D) @ dequant_np(w, s)) < 1e-6
 
 
+def rope_np(x: np.ndarray, pos: float, base: float = 10000.0) -> np.ndarray:
+    """SPEC's rotate-half RoPE in float64 at one position: x [..., K]; frequencies
+    base^(-2i/K), pair (i, i + K/2) rotated by pos * frequency i."""
+    k = x.shape[-1]
+    angle = pos * base ** (-np.arange(0, k, 2) / k)
+    x1, x2 = x[..., : k // 2], x[..., k // 2 :]
+    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_qkv_adds_rotates_and_writes_one_position(backend):
+    """decode_qkv against float64: q (its group's heads, rotated at each row's step) from the
+    sum of the partial sums, the rotated key and the value written at step (the last position,
+    and a step past the cache clamped to it as dynamic_update_slice does), every other cache
+    entry untouched."""
+    rng = np.random.default_rng(3)
+    s, b, g, h, k, length = 3, 3, 2, 6, 16, 8
+    parts = rng.standard_normal((s, b, (h + 2 * g) * k)).astype(np.float32)
+    keys, values = bf16(rng.standard_normal((b, length, g, k))), bf16(rng.standard_normal((b, length, g, k)))
+    step = np.array([3, 7, 11], np.int32)
+    q, new_k, new_v = jax.jit(functools.partial(kernels.decode_qkv, q_heads=h, backend=backend))(
+        jnp.asarray(parts), keys, values, jnp.asarray(step))
+    rows = kernels.attention_rows(h // g, backend)
+    assert q.shape == (b, g, rows, k) and q.dtype == jnp.float32 and new_k.dtype == keys.dtype
+    total = f64(parts).sum(0).reshape(b, h + 2 * g, k)
+    want_k, want_v = f64(keys).copy(), f64(values).copy()
+    for row in range(b):
+        want_q = rope_np(total[row, :h], step[row]).reshape(g, h // g, k)
+        assert rel_err(q[row, :, : h // g], want_q) < 1e-5
+        assert not f64(q[row, :, h // g :]).any()
+        slot = min(step[row], length - 1)
+        want_k[row, slot] = f64(bf16(rope_np(total[row, h : h + g], step[row])))
+        want_v[row, slot] = f64(bf16(total[row, h + g :]))
+    np.testing.assert_array_equal(f64(new_k), want_k)
+    np.testing.assert_array_equal(f64(new_v), want_v)
+
+
 def attention_np(q, keys, values, lengths, scale, cap):
     """float64 decode attention from SPEC: logits q.k * scale, capped cap * tanh(x / cap),
     softmax over the keys [0, length), weighted sum of values; zeros where nothing is visible.

@@ -256,9 +256,10 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monke
     in one kernel (kernels.route), on one device and under shard_map. At batch 1 the
     attention's output projection hands its partial sums to the junction kernel
     (kernels.residual_norm: rms_norm_1, the add, rms_norm_2 and the router's logits), and the
-    MoE's output joins the stream with the next layer's input norm in another; the MoE takes
-    its one token through its two experts without a plan (kernels.moe_one_token) where the
-    data axis is 1."""
+    MoE's output joins the stream with the next layer's input norm in another. Where the data
+    axis is 1, kernels.decode_qkv adds, rotates and caches q, k and v at any batch, and at
+    batch 1 the MoE takes its token through its two experts without a plan
+    (kernels.moe_one_token)."""
     cfg, params = setup("fast")
     mesh = make_mesh(mesh_shape) if mesh_shape else None
     if mesh is not None:
@@ -271,6 +272,8 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monke
     routed, joined = [], []
     route_kernel, junction_kernel = kernels._route_kernel, kernels._residual_norm_kernel
     monkeypatch.setattr(kernels, "_route_kernel", lambda *a, **k: routed.append(1) or route_kernel(*a, **k))
+    qkv, decode_qkv = [], kernels.decode_qkv
+    monkeypatch.setattr(kernels, "decode_qkv", lambda *a, **k: qkv.append(1) or decode_qkv(*a, **k))
     one_token, moe_one_token = [], kernels.moe_one_token
     monkeypatch.setattr(kernels, "moe_one_token", lambda *a, **k: one_token.append(1) or moe_one_token(*a, **k))
     monkeypatch.setattr(kernels, "_residual_norm_kernel",
@@ -292,7 +295,9 @@ def test_pallas_decode_path_matches_float64_reference(mesh_shape, lengths, monke
     # Batch 1: both junctions (after attention with the router's logits, after the MoE with the
     # next layer's input norm); larger batches keep XLA's kernels.
     assert set(joined) == ({True, False} if batch == 1 else set()), joined
-    assert bool(one_token) == (batch == 1 and (mesh_shape or (1,))[0] == 1)
+    whole_rows = (mesh_shape or (1,))[0] == 1  # a data axis of 1
+    assert bool(qkv) == whole_rows, "q, k and v go through kernels.decode_qkv where each device has whole rows"
+    assert bool(one_token) == (batch == 1 and whole_rows)
     want = [reference.forward(params, cfg, full[row : row + 1, : n + steps])[0][0, n - 1 : n + steps]
             for row, n in enumerate(lengths)]
     assert_close_bf16(np.stack(got, axis=1), np.stack(want))
