@@ -465,16 +465,16 @@ def test_decode_qkv_adds_rotates_and_writes_one_position(backend):
     rows = kernels.attention_rows(h // g, backend)
     assert q.shape == (b, g, rows, k) and q.dtype == jnp.float32 and new_k.dtype == keys.dtype
     total = f64(parts).sum(0).reshape(b, h + 2 * g, k)
-    want_k, want_v = f64(keys).copy(), f64(values).copy()
     for row in range(b):
         want_q = rope_np(total[row, :h], step[row]).reshape(g, h // g, k)
         assert rel_err(q[row, :, : h // g], want_q) < 1e-5
         assert not f64(q[row, :, h // g :]).any()
-        slot = min(step[row], length - 1)
-        want_k[row, slot] = f64(bf16(rope_np(total[row, h : h + g], step[row])))
-        want_v[row, slot] = f64(bf16(total[row, h + g :]))
-    np.testing.assert_array_equal(f64(new_k), want_k)
-    np.testing.assert_array_equal(f64(new_v), want_v)
+        slot, others = min(step[row], length - 1), np.arange(length) != min(step[row], length - 1)
+        # the written key and value within bf16 rounding (2^-8), every other entry exactly as it was
+        np.testing.assert_allclose(f64(new_k[row, slot]), rope_np(total[row, h : h + g], step[row]), rtol=2**-8)
+        np.testing.assert_allclose(f64(new_v[row, slot]), total[row, h + g :], rtol=2**-8)
+        np.testing.assert_array_equal(f64(new_k[row, others]), f64(keys[row, others]))
+        np.testing.assert_array_equal(f64(new_v[row, others]), f64(values[row, others]))
 
 
 def attention_np(q, keys, values, lengths, scale, cap):
