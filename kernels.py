@@ -1171,9 +1171,10 @@ def _decode_qkv_kernel(step_ref, parts_ref, freq_ref, _keys_in, _values_in, q_re
     q_rows, q_ok = pl.ds(g * hg, rows), lax.broadcasted_iota(jnp.int32, (rows, half), 0) < hg
 
     def summed(index, mask=None):  # the S partial sums of one block, added in order
-        out = plgpu.load(parts_ref.at[(b,) + index], mask=mask, other=0.0)
+        masked = {} if mask is None else dict(mask=mask, other=0.0)
+        out = plgpu.load(parts_ref.at[(b,) + index], **masked)
         for s in range(1, n_parts):
-            out = out + plgpu.load(parts_ref.at[(s * bsz + b,) + index], mask=mask, other=0.0)
+            out = out + plgpu.load(parts_ref.at[(s * bsz + b,) + index], **masked)
         return out
 
     # Every load first: q's two halves (its group's heads), the key's, the value.
