@@ -512,19 +512,21 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     num_rows: x and the output (then the whole array, [M, N] or [split, M, N]) hold only
     this many rows, fewer than the tiles': the rows past them are masked off on load and on
     store, so nobody pads x or slices the result (a decode step's dense projections).
-    one_token: tile t is the token's t-th expert and holds just its row (moe_one_token).
-    Gated, every tile reads x [1, K] and writes row t of [T, N]. Else the grid has one tile,
-    and each program walks its K slice s of every expert t, x's row t, and writes the sum of
-    the products times the gates (gates[t]: a ref after the matrices) to part s, [S, 1, N].
+    one_token: tile i is the token's i-th expert and holds just its row (moe_one_token).
+    Gated, every tile reads x [1, K] and writes row i of [T, N]; else tile i reads row i of
+    x [T, K] and writes its K slice s, times the gate gates[i] (a ref after the matrices),
+    to row 0 of part i * split + s of [T * split, 1, N].
     """
     mats = [(refs[2 * t], refs[2 * t + 1]) for t in range(n_mats)]
     gate_ref = refs[2 * n_mats] if one_token and not gated else None
     o_ref = refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = tile_expert_ref[i]
+    e_safe = jnp.maximum(e, 0)
     rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
     real = None if num_rows is None else (i * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)) < num_rows
     if one_token:  # one real row per tile, the first of its block
-        rows = pl.ds(0, bm)
+        rows = pl.ds(0 if gated else i, bm)
         real = lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < 1
 
     def store(value):
@@ -536,7 +538,8 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
         if one_token and gated:
             target = o_ref.at[pl.ds(i, bm), cols]
         elif one_token:
-            target = o_ref.at[s, rows, cols]
+            target = o_ref.at[i * split + s, pl.ds(0, bm), cols]
+            value = value * gate_ref[i]
         else:
             target = o_ref.at[rows, cols] if split == 1 else o_ref.at[s, rows, cols]
         plgpu.store(target, value.astype(o_ref.dtype), mask=real)
@@ -547,9 +550,8 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
     n_seg, n_chunk = ks // seg, seg // bk
     k_base = s * ks
 
-    def accumulate(mats, j, e, rows):
-        """The float32 sums of x's `rows` times columns block j of expert e's matrices in mats."""
-        e_safe = jnp.maximum(e, 0)
+    def accumulate(mats, j):
+        """The float32 sums of x's tile times columns block j of each matrix in mats."""
         cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
         zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in mats)
 
@@ -591,22 +593,15 @@ def _moe_kernel(tile_expert_ref, x_ref, *refs, n_mats, bm, bn, bk, k_dim, nb, sp
 
         return lax.fori_loop(0, n_seg * valid, segment, zeros)
 
-    if one_token and not gated:  # every expert's slice s, weighted by its gate
-        # x's row t starts a block of bm rows (the rest masked off). The start is traced (i is 0
-        # here): Pallas rejects a constant start whose block reaches past x's k rows.
-        store(sum(gate_ref[t] * accumulate(mats, j, tile_expert_ref[t], pl.ds(i + t, bm))[0]
-                  for t in range(gate_ref.shape[0])))
-        return
-    e = tile_expert_ref[i]
     if col_blocks is None:
-        acc = accumulate(mats, j, e, rows)
+        acc = accumulate(mats, j)
         store(_gelu_tanh(acc[0]) * acc[1] if gated else acc[0])
         return
     begin = 0
     for mat, blocks in zip(mats, col_blocks):  # one branch runs: the matrix of block j
         @pl.when((j >= begin) & (j < begin + blocks))
         def _(mat=mat, begin=begin):
-            store(accumulate([mat], j - begin, e, rows)[0])
+            store(accumulate([mat], j - begin)[0])
         begin += blocks
 
 
@@ -698,7 +693,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
     as they are, for the next kernel to add.
     one_token: the tiles are one token's experts (tile_expert; _moe_kernel's one_token),
     with block_m: gated, xs [1, K] -> [T, N]; else xs [T, K] and gates [T] float32 -> the
-    float32 sums [S, 1, N] over the experts of their K slice s times their gate.
+    gate-weighted float32 sums [T * S, 1, N] of each tile's K slices.
     """
     num_rows, k_dim = xs.shape
     m_pad = tile_expert.shape[0] * block_m if block_m else num_rows
@@ -726,13 +721,10 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         dequant=dequant, gated=gated, transposed=transposed, hi_lo=hi_lo,
         col_blocks=tuple(n // bn for n in widths) if side_by_side else None,
         num_rows=num_rows if masked else None, one_token=one_token)
-    grid = (n_tiles, n_dim // bn, split)
     if one_token:
         out_shape = (jax.ShapeDtypeStruct((n_tiles, n_dim), out_dtype) if gated
-                     else jax.ShapeDtypeStruct((split, 1, n_dim), jnp.float32))
+                     else jax.ShapeDtypeStruct((n_tiles * split, 1, n_dim), jnp.float32))
         out_spec = _WHOLE_ARRAY
-        if not gated:
-            grid = (1, n_dim // bn, split)
     elif split == 1:
         out_shape = jax.ShapeDtypeStruct((num_rows, n_dim), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
@@ -747,7 +739,7 @@ def _pallas_matmul(xs: jax.Array, mats: Sequence[tuple[jax.Array, jax.Array]],
         flat.append(gates.astype(jnp.float32))
     out = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(n_tiles, n_dim // bn, split),
         in_specs=[_WHOLE_ARRAY] * (2 + len(flat)),
         out_specs=out_spec,
         out_shape=out_shape,
@@ -1013,10 +1005,10 @@ def moe_one_token(x: jax.Array, gates: jax.Array, experts: jax.Array, linear: tu
     choices), linear / linear_v [E, D, F] and linear_1 [E, F, D] as (int8 weight, scales)
     ([E, N, K] when transposed) -> float32 [S, 1, D], partial sums whose sum is
         sum_j gates[j] * (gelu_tanh(x W_j) * (x V_j)) W1_j,   W_j: expert experts[j]'s,
-    the hidden rows in x's dtype, as sparse_moe's. On a Pallas backend two kernels: the
-    gated one's tile j is expert j and reads x's row (no dispatch); each program of the
-    output one walks its K slice of every expert and adds them weighted by their gates,
-    leaving S = split_k sums for the next kernel to add (kernels.residual_norm; no
+    the hidden rows in x's dtype, as sparse_moe's. On a Pallas backend two kernels whose
+    tile j is expert j: the gated one reads x's row for every tile (no dispatch), and each
+    program of the output one weights its K slice of one expert by that expert's gate,
+    leaving S = k x split_k sums for the next kernel to add (kernels.residual_norm; no
     combine). Elsewhere make_plan, dispatch and combine in plain XLA (S = 1).
     """
     if x.ndim != 2 or x.shape[0] != 1 or experts.ndim != 1 or gates.shape != experts.shape:
@@ -1037,7 +1029,7 @@ def moe_one_token(x: jax.Array, gates: jax.Array, experts: jax.Array, linear: tu
         interpret = resolved == "interpret"
         gated_cfg, down_cfg = configs or (None, None)
         gated_cfg = (gated_cfg or default_config("gated", bm, k, d_in, f, transposed))._replace(split_k=1)
-        down_cfg = down_cfg or default_config("down", bm, 1, f, d_out, transposed)  # one tile: all k experts
+        down_cfg = down_cfg or default_config("down", bm, k, f, d_out, transposed)
         fits = (_fits_pallas(backend, k * bm, k, d_in, f, si.shape[-2], gated_cfg, interpret, wi.size)
                 and _fits_pallas(backend, k * bm, k, f, d_out, so.shape[-2], down_cfg, interpret,
                                  max(wo.size, k * d_out * max(1, down_cfg.split_k))))
@@ -1046,7 +1038,7 @@ def moe_one_token(x: jax.Array, gates: jax.Array, experts: jax.Array, linear: tu
             h = _pallas_matmul(x, [(wi, si), (wv, sv)], experts, gated=True, cfg=gated_cfg, out_dtype=h_dtype,
                                **common)  # [k, F]
             return _pallas_matmul(h, [(wo, so)], experts, gated=False, cfg=down_cfg, out_dtype=jnp.float32,
-                                  gates=gates, **common)  # [split, 1, D]
+                                  gates=gates, **common)  # [k * split, 1, D]
     plan = make_plan(experts[None], wi.shape[0], bm)
     xs = dispatch(x, plan)  # [M_pad, D]
     h = _xla_grouped(xs, [(wi, si), (wv, sv)], plan, gated=True, out_dtype=h_dtype, transposed=transposed)

@@ -287,26 +287,27 @@ def test_sparse_moe_end_to_end(backend, nb, m, case):
 @pytest.mark.parametrize("nb,transposed,dtype,split_k", [(1, False, "bfloat16", 1), (8, True, "float32", 1),
                                                           (8, False, "float32", 4), (1, True, "bfloat16", 2)])
 def test_moe_one_token_weights_each_expert_by_its_gate(backend, nb, transposed, dtype, split_k):
-    """One token, no plan: the output kernel's S = split_k parts [S, 1, D] add up to the gated
-    sum of the two experts (float64 reference), and with one gate zeroed to the other expert
-    alone times its gate; a float32 x and its hidden rows stay unrounded (1e-4), bf16 ones are
-    rounded (1e-2)."""
+    """One token, no plan: the output kernel's parts [k * S, 1, D] are, S at a time, each chosen
+    expert's output times its gate (float64 reference); a float32 x and its hidden rows stay
+    unrounded (1e-4), bf16 ones are rounded (1e-2)."""
     rng = np.random.default_rng(nb + split_k)
-    experts = np.array([5, 2], np.int32)
+    experts, gates = np.array([5, 2], np.int32), np.array([0.45, 0.3], np.float32)
     x = rng.standard_normal((1, D)).astype(np.float32)
     x = jnp.asarray(x) if dtype == "float32" else bf16(x)
     mats = [quantized(rng, (E, D, F), nb), quantized(rng, (E, D, F), nb), quantized(rng, (E, F, D), nb)]
     layout = (lambda a: jnp.swapaxes(a, -1, -2)) if transposed else (lambda a: a)
     configs = (None, kernels.KernelConfig(block_n=32, block_k=16, split_k=split_k))
     run = jax.jit(functools.partial(kernels.moe_one_token, backend=backend, transposed=transposed, configs=configs))
+    parts = run(x, jnp.asarray(gates), jnp.asarray(experts), *[(layout(w), s) for w, s in mats])
+    s = 1 if backend == "xla" else split_k
+    assert parts.dtype == jnp.float32 and parts.shape == ((1 if backend == "xla" else 2 * s), 1, D)
     tol = 1e-4 if dtype == "float32" else 1e-2
-    for gates in ([0.45, 0.3], [0.45, 0.0], [0.0, 0.3]):
-        gates = np.array(gates, np.float32)
-        parts = run(x, jnp.asarray(gates), jnp.asarray(experts), *[(layout(w), s) for w, s in mats])
-        assert parts.dtype == jnp.float32 and parts.shape == (1 if backend == "xla" else split_k, 1, D)
-        used = gates > 0
-        want = moe_np(f64(x), experts[None, used], gates[None, used], *mats[0], *mats[1], *mats[2])
-        assert rel_err(np.sum(f64(parts), axis=0), want) < tol
+    if backend != "xla":
+        for j in range(2):
+            alone = moe_np(f64(x), experts[None, j:j + 1], gates[None, j:j + 1], *mats[0], *mats[1], *mats[2])
+            assert rel_err(np.sum(f64(parts[j * s:(j + 1) * s]), axis=0), alone) < tol
+    want = moe_np(f64(x), experts[None], gates[None], *mats[0], *mats[1], *mats[2])
+    assert rel_err(np.sum(f64(parts), axis=0), want) < tol
 
 
 def test_gated_decode_tiling_narrows_only_when_few_programs():

@@ -1,5 +1,6 @@
 """Session 14: run bench.py with the one-token output kernel's tiling patched (kernels.moe_one_token asks
-default_config("down", 16, 1, F, D) for it: one tile, all experts per program).
+default_config("down", 16, 1, F, D) for it: one tile, all experts per program; commit 393a7a1, reverted
+after call B).
 python3 down_probe.py BLOCK_N SPLIT_K -- <bench.py arguments>  (from a tree's root, PYTHONPATH=.)"""
 import sys
 

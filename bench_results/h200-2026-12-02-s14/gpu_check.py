@@ -79,12 +79,16 @@ for share in (8, 1):
         parts = jax.jit(lambda x, g, e, a, b, c: kernels.moe_one_token(x, g, e, a, b, c, backend=BACKEND,
                                                                      transposed=True))(
             j(x), j(gates), j(experts), *[(j(w), j(s)) for w, s in (w_in, w_v, w_out)])
-        x64, total = x.astype(np.float64)[0], 0.0
+        x64, per = x.astype(np.float64)[0], parts.shape[0] // 2
+        total, errs = 0.0, []
         for t, e in enumerate(experts):
             h = gelu(x64 @ deq(w_in[0][e], w_in[1][e])) * (x64 @ deq(w_v[0][e], w_v[1][e]))
-            total = total + gates[t] * (h @ deq(w_out[0][e], w_out[1][e]))
+            y = gates[t] * (h @ deq(w_out[0][e], w_out[1][e]))
+            errs.append(rel(np.asarray(parts[t * per:(t + 1) * per]).sum(0)[0], y))
+            total = total + y
         tol = 1e-4 if dtype == np.float32 else 1e-2
-        report(f"share {share}: moe_one_token, {np.dtype(dtype).name} x, {parts.shape[0]} parts", rel(np.asarray(parts).sum(0)[0], total), tol)
+        report(f"share {share}: moe_one_token, {np.dtype(dtype).name} x, {parts.shape[0]} parts, per expert", max(errs), tol)
+        report(f"share {share}: moe_one_token, {np.dtype(dtype).name} x, the sum", rel(np.asarray(parts).sum(0)[0], total), tol)
 
     # 2. q/k/v as joined partial sums; 3. decode_qkv from them, then decode_attention.
     h, g = QH // share, KVH // share
