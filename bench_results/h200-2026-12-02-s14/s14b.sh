@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 14, call B (one H200, ~8 min): main before this session (adc62fe, "base"), call A's head (d2c88f2,
 # "qkv": one-token MoE + decode_qkv) and the head with the one-token output kernel summing its experts
-# ("fold").
+# ("fold"). The script as run called down_probe2.py / down_probe.py without the TILES argument; merged since.
 # 1. gpu_check.py in fold's tree;
 # 2. the one-token output kernel's tiling (block_n, split_k) at the share of 8: bench.py profile (4 layers,
 #    batch 1) through down_probe.py; the best by a layer's kernels becomes tree "tuned" if it is not the default;
@@ -30,7 +30,7 @@ best="" best_us=999
 for cfg in "128 4" "128 2" "64 2" "64 4" "32 2" "32 4" "64 1"; do
   set -- $cfg
   (cd /tmp/fold && XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout 60 env PYTHONPATH=.:/tmp/site python3 \
-      $S14/down_probe.py $1 $2 -- profile --share 8 --layers 4 --batch 1 --json $R/profile-down-$1-$2.json) \
+      $S14/down_probe.py 1 $1 $2 -- profile --share 8 --layers 4 --batch 1 --json $R/profile-down-$1-$2.json) \
       > $R/profile-down-$1-$2.log 2>&1
   us=$(grep -o "a layer's kernels: [0-9.]*" $R/profile-down-$1-$2.log | grep -o "[0-9.]*$")
   log "down $1 cols x $2 slices: exit $?; a layer's kernels ${us:-?} us; $(grep -E 'int8_grouped_matmul|residual_norm' $R/profile-down-$1-$2.log | tr -s ' ' | tr '\n' ';')"
@@ -42,7 +42,7 @@ summ() { grep "^{'kind': 'decode'" $1 | python3 -c "import sys, ast; print([(d['
 model() {  # tree share layers name [extra bench.py args]
   local opt="" t=$1 s=$2 n=$3 name=$4 dir=$1 run=bench.py; shift 4
   [ $s != 0 ] && opt="--share $s"
-  [ $t = tuned ] && { dir=fold; run="$S14/down_probe.py $best --"; }
+  [ $t = tuned ] && { dir=fold; run="$S14/down_probe.py 1 $best --"; }
   (cd /tmp/$dir && XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 timeout $(( $(left) - 20 )) env PYTHONPATH=.:/tmp/site \
       python3 $run model $opt --layers $n --batches 1,8 --modes fast --prefill 0 --context 1024 --iters 10 \
       --compile-layers 0 --json $R/m-s$s-$name-$t-L$n.json "$@") > $R/m-s$s-$name-$t-L$n.log 2>&1
