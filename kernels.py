@@ -21,7 +21,13 @@ The MoE runs in four steps, each a function below, in data-flow order:
 
 Rows are padded per expert to a multiple of `block_m`; each tile of `block_m` rows belongs to
 one expert, and tiles of experts nobody chose do not exist, so weights of unchosen experts
-are never read (decode at batch 1 reads 2 of 8 experts).
+are never read (decode at batch 1 reads 2 of 8 experts). One token (a decode step at batch
+1) needs no plan: moe_one_token runs the two matmuls with its experts as the tiles.
+
+A decode step's attention: int8_matmuls (q, k and v as partial sums side by side) ->
+decode_qkv (added, RoPE, the new key and value into the cache) -> decode_attention (each
+row's own keys). At batch 1 residual_norm joins each block's output to the residual stream
+with the next norm, and route makes the MoE's routing in one kernel.
 
 Backends (the `backend` argument):
 - "pallas": Pallas kernels lowered through Triton, for NVIDIA GPUs.
