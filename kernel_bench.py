@@ -14,7 +14,8 @@ In one run, on random data at Grok-1 width (D=6144, F=32768, 8 experts, top-2):
    dequantized weights (relative L2 error < 1e-2, no NaN), for decode and prefill sizes;
 3. one MoE layer at M = 1, 8, 32 (decode) and 1024 (prefill) tokens for the release's
    algorithm (dequantize all 8 experts, run every expert on every token), the "xla"
-   backend and the "pallas" backend, with % of roofline: for decode the bytes of the
+   backend and the "pallas" backend, and at M = 1 "one-token" (kernels.moe_one_token, the
+   model's path at batch 1: no plan, its partial sums added), with % of roofline: for decode the bytes of the
    experts actually touched over the copy bandwidth, for prefill the top-2 FLOPs over the
    matmul rate;
 4. a sweep of kernel tilings (block sizes, warps, stages, split-K, int8->bf16 conversion),
@@ -242,9 +243,16 @@ def kernel_layout(weights):
 
 def moe_fn(backend: str, block_m=None, configs=None):
     """The MoE layer (x, idx, gates, *weights): the release's algorithm takes the
-    checkpoint's layout, the kernels kernel_layout()'s."""
+    checkpoint's layout, the kernels kernel_layout()'s. "one-token": one token (M = 1)
+    through kernels.moe_one_token, its partial sums added."""
     if backend == "release":
         return jax.jit(release_layer)
+    if backend == "one-token":
+        def one_token(x, idx, gates, *weights):
+            parts = K.moe_one_token(x, gates[0], idx[0], *weights, backend=PALLAS, transposed=TRANSPOSED,
+                                    configs=configs)
+            return jnp.sum(parts, axis=0)  # [1, D] float32
+        return jax.jit(one_token)
     return jax.jit(functools.partial(K.sparse_moe, backend=backend, block_m=block_m, configs=configs,
                                      transposed=TRANSPOSED))
 
@@ -268,6 +276,8 @@ def layer_step(res, weights, kweights, bw, rate, ms, backends, tag, block_m=None
     for m in ms:
         x, idx, gates = make_tokens(m, seed=m)
         for be in backends:
+            if be == "one-token" and m != 1:
+                continue
             if res.left() < 20:
                 log("budget: skip layer", tag, m, be)
                 return
@@ -299,6 +309,12 @@ def correctness_step(res, weights, kweights, ms):
         if len(outs) == 2:
             check(res, f"layer M={m} pallas vs xla", outs[PALLAS], outs["xla"])
         del ref, outs
+    x, idx, gates = make_tokens(1, seed=1)  # one token: the model's batch-1 path
+    try:
+        check(res, "layer M=1 one-token vs float32", moe_fn("one-token")(x, idx, gates, *kweights),
+              reference_f32(x, idx, gates, *weights))
+    except Exception as exc:
+        res.error("check layer M=1 one-token", exc)
     # Dense int8 linear, [6144, 6144] with 8 scale blocks, M = 3 (leading dims kept).
     kw, ks, kx = jax.random.split(jax.random.key(7), 3)
     w = jax.random.randint(kw, (D, D), -127, 128, dtype=jnp.int8)
@@ -569,7 +585,7 @@ def main(argv: Optional[Sequence[str]], meters: Meters) -> None:
                     help="other widths: a dry run on a CPU, or one device's share on a GPU (6144 4096: of 8)")
     ap.add_argument("--pallas-backend", default="pallas", choices=("pallas", "interpret"))
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 32, 1024], help="token counts of the layer runs")
-    ap.add_argument("--layer-backends", nargs="+", default=["pallas", "release", "xla"],
+    ap.add_argument("--layer-backends", nargs="+", default=["pallas", "one-token", "release", "xla"],
                     help="backends for the first (default-tiling) layer timings")
     ap.add_argument("--checks", choices=("full", "quick", "none"), default="full",
                     help="float32-reference checks: full (M=8 and prefill), quick (M=8), none")
