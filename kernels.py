@@ -1117,6 +1117,20 @@ def attention_rows(heads_per_group: int, backend: str = "auto") -> int:
     return heads_per_group if _resolve_backend(backend) == "interpret" else max(heads_per_group, _ATTN_ROWS)
 
 
+def write_at_steps(cache: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
+    """cache [B, S, G, K] with new [B, T, G, K] written at positions [step[b], step[b] + T) of
+    each row b (as dynamic_update_slice: a start past S - T is moved back to S - T), in the
+    cache's dtype: the cache write of the XLA paths (the model's attention, decode_qkv's)."""
+    new = new.astype(cache.dtype)
+    if cache.shape[0] == 1:
+        # One row: a plain in-place update. Batched, the update is a scatter, and a GPU runs
+        # it as four kernels (a bounds test, a read of the old row and a select per write;
+        # BENCHMARKS.md session 9).
+        return lax.dynamic_update_slice_in_dim(cache, new, step[0], axis=1)
+    write = jax.vmap(lambda c, n, s: lax.dynamic_update_slice_in_dim(c, n, s, axis=0))
+    return write(cache, new, step)
+
+
 def decode_qkv(parts: jax.Array, keys: jax.Array, values: jax.Array, step: jax.Array, *, q_heads: int,
                base: float = 10000.0, backend: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """A decode step's q, k and v from their projection's partial sums: added, rotated (RoPE)
@@ -1154,9 +1168,8 @@ def decode_qkv(parts: jax.Array, keys: jax.Array, values: jax.Array, step: jax.A
         angles = step.astype(jnp.float32)[:, None, None] * freq  # [B, 1, K/2]
         q = rotate_half(total[:, :q_heads], angles).reshape(bsz, groups, hg, k_dim)
         key = rotate_half(total[:, q_heads:q_heads + groups], angles)  # [B, G, K]
-        write = jax.vmap(lambda c, n, p: lax.dynamic_update_slice_in_dim(c, n[None].astype(c.dtype), p, axis=0))
-        return (jnp.pad(q, ((0, 0), (0, 0), (0, rows - hg), (0, 0))), write(keys, key, step),
-                write(values, total[:, q_heads + groups:], step))
+        return (jnp.pad(q, ((0, 0), (0, 0), (0, rows - hg), (0, 0))), write_at_steps(keys, key[:, None], step),
+                write_at_steps(values, total[:, None, q_heads + groups:], step))
     return _decode_qkv_call(step, parts.reshape(n_parts * bsz, q_heads + 2 * groups, k_dim), jnp.asarray(freq),
                             keys, values, heads=q_heads, rows=rows,
                             interpret=resolved == "interpret")

@@ -669,19 +669,6 @@ def prefix_buckets(cache_len: int) -> list[int]:
     return sizes + [cache_len]
 
 
-def write_at_steps(cache: jax.Array, new: jax.Array, step: jax.Array) -> jax.Array:
-    """cache [B, S, G, K] with new [B, T, G, K] written at positions [step[b], step[b] + T) of
-    each row b (as dynamic_update_slice: a start past S - T is moved back to S - T)."""
-    new = new.astype(cache.dtype)
-    if cache.shape[0] == 1:
-        # One row: a plain in-place update. Batched, the update is a scatter, and a GPU runs
-        # it as four kernels (a bounds test, a read of the old row and a select per write;
-        # BENCHMARKS.md session 9).
-        return jax.lax.dynamic_update_slice_in_dim(cache, new, step[0], axis=1)
-    write = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0))
-    return write(cache, new, step)
-
-
 class MultiHeadAttention(hk.Module):
     """Grouped-query attention with RoPE, a capped float32 softmax and a per-sequence cache."""
 
@@ -708,8 +695,9 @@ class MultiHeadAttention(hk.Module):
         projections = [Linear(n, impl, self.mesh, qkv_spec, name=name, out_dtype=f32)
                        for name, n in (("query", h * k), ("key", g * k), ("value", g * k))]
         linear = Linear(cfg.emb_size, impl, self.mesh, out_spec, name="linear", out_dtype=f32)
-        if memory is not None and t == 1 and self._decodes_in_kernels(x, projections):
-            out, new_memory = self._decode_in_kernels(x, memory, input_mask, projections)
+        ws = [p.weight(x.shape[-1]) for p in projections]
+        if memory is not None and t == 1 and self._decodes_in_kernels(ws):
+            out, new_memory = self._decode_in_kernels(x, memory, input_mask, ws)
             out = out.reshape(b, t, h * k)
             return (linear.partial_sums(out) if output_parts else linear(out)), new_memory
         q, key, value = linears(x, projections)
@@ -726,8 +714,8 @@ class MultiHeadAttention(hk.Module):
         if memory is None:
             out, new_memory = self._attend(q, key, value, input_mask, step), None
         else:
-            keys = write_at_steps(memory.k, key, step)  # [B, S, G, K]
-            values = write_at_steps(memory.v, value, step)
+            keys = kernels.write_at_steps(memory.k, key, step)  # [B, S, G, K]
+            values = kernels.write_at_steps(memory.v, value, step)
             keys = constrain(keys, self.mesh, P(data, None, model))
             values = constrain(values, self.mesh, P(data, None, model))
             new_memory = KVMemory(k=keys, v=values, step=step)  # the step is advanced by the caller
@@ -750,12 +738,11 @@ class MultiHeadAttention(hk.Module):
         # float32 out: it goes through rms_norm_1 into the float32 residual stream.
         return (linear.partial_sums(out) if output_parts else linear(out)), new_memory
 
-    def _decodes_in_kernels(self, x: jax.Array, projections: Sequence[Linear]) -> bool:
+    def _decodes_in_kernels(self, ws: Sequence[Any]) -> bool:
         """Whether a decode step's attention runs as _decode_in_kernels: the fast mode on a
-        Pallas backend, int8 q, k and v of one layout, and per device whole rows of x and
+        Pallas backend, int8 q, k and v (ws) of one layout, and per device whole rows of x and
         whole KV heads (a data axis of 1, a model axis that divides the KV heads)."""
         cfg, mesh = self.config, self.mesh
-        ws = [p.weight(x.shape[-1]) for p in projections]
         if (cfg.moe_impl != "fast" or not kernels.uses_pallas()
                 or not all(isinstance(w, QuantizedWeight8bit) for w in ws) or len({is_transposed(w) for w in ws}) > 1):
             return False
@@ -764,16 +751,16 @@ class MultiHeadAttention(hk.Module):
         return _axis_size(mesh, cfg.data_axis) == 1 and cfg.num_kv_heads % _axis_size(mesh, cfg.model_axis) == 0
 
     def _decode_in_kernels(self, x: jax.Array, memory: KVMemory, input_mask: jax.Array,
-                           projections: Sequence[Linear]) -> tuple[jax.Array, KVMemory]:
+                           ws: Sequence[Any]) -> tuple[jax.Array, KVMemory]:
         """A decode step's attention in three kernels per device: q, k and v in one int8 launch
         whose partial sums kernels.decode_qkv adds, rotates and writes into the cache (in
         place), then kernels.decode_attention over each row's own keys, [0, step] (step itself
         only if this token is real), so the cost follows the tokens, not the capacity.
-        x [B, 1, D] -> ([B, 1, G, H/G, K] as _attend's dtype, the updated cache)."""
+        x [B, 1, D], ws the int8 q, k and v weights -> ([B, 1, G, H/G, K] as _attend's dtype,
+        the updated cache)."""
         cfg, mesh = self.config, self.mesh
         b, _, d = x.shape
         h, g = cfg.num_q_heads, cfg.num_kv_heads
-        ws = [p.weight(d) for p in projections]
         lengths = memory.step + input_mask[:, 0].astype(jnp.int32)  # [B]
 
         def attend(x, ws, keys, values, step, lengths):  # per device: its KV heads, their query heads

@@ -206,7 +206,7 @@ def test_cache_write_at_each_rows_step(batch):
     for b in range(batch):
         start = min(step[b], s - t)
         want[b, start : start + t] = new[b]
-    write = jax.jit(model.write_at_steps)
+    write = jax.jit(kernels.write_at_steps)
     got = write(jnp.asarray(cache, jnp.bfloat16), jnp.asarray(new), jnp.asarray(step))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), want.astype(jnp.bfloat16).astype(np.float32))
